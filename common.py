@@ -1,0 +1,1602 @@
+"""Plumbing shared by famix.py, rein.py and clouds.py.
+
+Nothing here is specific to one method: the six dataset readers and their label maps, a toy
+domain-shift dataset, joint image/label augmentation primitives, a deterministic (exactly
+resumable) training loader, confusion-matrix mIoU, whole-image and sliding-window inference,
+device / AMP / DDP / seed helpers, the shared command-line block, checkpoints, the run log,
+colourised predictions and a benchmark timer.
+
+Where the three official repositories disagree (GTA5 training list, Mapillary 66 -> 19 table,
+mIoU averaging rule, SYNTHIA 19/16/13 classes) each variant is a named option here and every
+method file picks its official one. Source tags: [FAMix file], [Rein file], [CLOUDS file],
+[csScripts labels.py], [mmseg file]; facts come from the dataset specification of this project.
+
+Run directly:
+    python common.py make-toy --data ./data   # write the toy domain-shift dataset
+    python common.py demo --data ./data       # tiny end-to-end check of the common pipeline
+    python common.py bench --data ./data      # reader + augmentation throughput (JSON lines)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_png, read_file
+from torchvision.transforms import InterpolationMode
+
+# =============================================================================================
+# 1. Classes, palettes, label maps
+# =============================================================================================
+
+NUM_CLASSES = 19
+IGNORE_INDEX = 255
+
+# [csScripts labels.py] the 19 evaluation classes in trainId order.
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+
+# [csScripts labels.py] RGB colour of each trainId; 255 (ignore) is drawn black.
+PALETTE = np.zeros((256, 3), dtype=np.uint8)
+PALETTE[:NUM_CLASSES] = [
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+]  # fmt: skip
+
+# Normalisation constants on the [0, 1] scale.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP [FAMix, CLOUDS (x255)]
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # [Rein configs: 123.675, 116.28, 103.53 on 0..255]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _lut(pairs: dict[int, int], size: int = 256) -> np.ndarray:
+    """A 256-entry lookup table: every id not listed maps to 255 (ignore)."""
+    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
+    for src, dst in pairs.items():
+        lut[src] = dst
+    return lut
+
+
+# [csScripts labels.py; FAMix gta5.py; Rein/CLOUDS tools/convert_datasets/gta.py]
+# Cityscapes labelId -> trainId. Also used for GTA5 (palette index = labelId) and ACDC labelIds.
+CITYSCAPES_ID_TO_TRAINID = _lut(
+    {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+)  # fmt: skip
+
+# [FAMix synthia.py = CLOUDS tools/convert_datasets/synthia.py] SYNTHIA class id (R channel of the
+# 16-bit label) -> trainId. Ids 0 void, 13 parking-slot, 14 road-work, 22 lanemarking -> ignore.
+SYNTHIA_ID_TO_TRAINID = _lut(
+    {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6,
+     16: 9, 17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
+)  # fmt: skip
+
+# Mapillary Vistas v1.2 (66 classes) -> 19. The repositories disagree on 11 ids:
+# "hrda" [FAMix datasets/mapillary.py = CLOUDS tools/convert_datasets/mapillary.py],
+# "rein" [Rein tools/convert_datasets/mapillary2cityscape.py name rules applied to v1.2 names].
+_MAPILLARY_COMMON = {
+    2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9, 27: 10, 19: 11,
+    20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18, 13: 0, 24: 0,
+}  # fmt: skip
+MAPILLARY_V12_TO_19 = {
+    "hrda": _lut({**_MAPILLARY_COMMON, 41: 0}),
+    # bike lane, crosswalk-plain, parking, service lane, lane-marking crosswalk -> road;
+    # curb cut, pedestrian area -> sidewalk; street light -> pole; sign back, sign frame -> sign.
+    "rein": _lut({**_MAPILLARY_COMMON, 7: 0, 8: 0, 10: 0, 14: 0, 23: 0, 9: 1, 11: 1, 44: 5,
+                  49: 7, 46: 7}),
+}  # fmt: skip
+
+# [CLOUDS datasets/gta_list/train_dict.json] the 62 GTA5 frames CLOUDS leaves out of training.
+GTA5_CLOUDS_EXCLUDED = frozenset([15188, 17705, *range(20801, 20861)])
+
+# SYNTHIA evaluation subsets (UDA/DG convention): 16 classes = 19 minus terrain, truck, train;
+# 13 classes = 16 minus wall, fence, pole. Computed from the same 19-class confusion matrix.
+SYNTHIA16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+SYNTHIA13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+
+
+# =============================================================================================
+# 2. Errors and the command-line wrapper
+# =============================================================================================
+
+
+class UsageError(Exception):
+    """Bad user input. The message is one line: what is wrong and how to fix it."""
+
+
+class DatasetLayoutError(UsageError):
+    pass
+
+
+class CheckpointError(UsageError):
+    pass
+
+
+def run_cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run `main(argv)`; a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        main(None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# =============================================================================================
+# 3. Reading images and labels
+# =============================================================================================
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """RGB uint8 (3, H, W). Decoded with Pillow, as FAMix and detectron2 do."""
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def read_id_png(path: str | Path) -> np.ndarray:
+    """Class ids of an 8-bit label PNG (mode L or P). Palette PNGs give their indices: never
+    convert("L"/"RGB") them, that would turn palette colours into luminance."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P"):
+            raise DatasetLayoutError(
+                f"{path}: label PNG has mode {im.mode}, expected an 8-bit id image (L or P); "
+                "colour visualisations (*_color.png, colormaps/) are not labels"
+            )
+        return np.asarray(im)
+
+
+def read_synthia_label(path: str | Path) -> np.ndarray:
+    """SYNTHIA GT/LABELS/*.png: 16-bit, 3-channel PNG, class id in the first (R) channel.
+    Pillow silently keeps only the high byte (all ids become 0), so decode with torchvision."""
+    raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+    if raw.dtype == torch.uint8:
+        raise DatasetLayoutError(
+            f"{path}: SYNTHIA label decoded as 8-bit; expected the 16-bit RAND-CITYSCAPES "
+            "GT/LABELS PNG (do not re-save the labels with another tool)"
+        )
+    return raw[0].to(torch.int64).numpy()  # (H, W) class ids
+
+
+def map_ids(ids: np.ndarray, lut: np.ndarray) -> torch.Tensor:
+    """Look up trainIds; ids outside the table (e.g. > 255) become 255."""
+    ids = ids.astype(np.int64)
+    out = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    inside = (ids >= 0) & (ids < len(lut))
+    out[inside] = lut[ids[inside]]
+    return torch.from_numpy(out)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) from the file header only."""
+    with Image.open(path) as im:
+        return im.size
+
+
+# =============================================================================================
+# 4. Dataset readers. Each returns (image uint8 (3,H,W), label int64 (H,W) trainIds, name).
+# =============================================================================================
+
+Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+_TREES = {
+    "gta": "gta5/\n  images/00001.png ...        (RGB)\n  labels/00001.png ...        (palette PNG, index = Cityscapes labelId)\n  gtav_split_{train,val}.txt  (only for --gta-list famix)",
+    "synthia": "synthia/\n  RGB/0000000.png ...\n  GT/LABELS/0000000.png ...   (16-bit RGB PNG, class id in R)\n  synthia_split_val.txt       (optional list of val names)\nor the split layout RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
+    "cityscapes": "cityscapes/\n  leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n  gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
+    "bdd": "bdd100k/\n  images/10k/{train,val}/<stem>.jpg\n  labels/sem_seg/masks/{train,val}/<stem>.png\nor seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
+    "mapillary": "mapillary/\n  validation/images/<id>.jpg\n  validation/labels/<id>.png  (v1.2 zip)  or  validation/v1.2/labels/<id>.png  (v2.0 zip)",
+    "acdc": "acdc/\n  rgb_anon/<fog|night|rain|snow>/val/<seq>/<seq>_frame_<n>_rgb_anon.png\n  gt/<cond>/val/<seq>/<seq>_frame_<n>_gt_labelTrainIds.png (or _gt_labelIds.png)",
+}
+
+
+def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
+    tree = _TREES[kind].replace("\n", " | ")
+    return DatasetLayoutError(f"{kind}: {missing} under {root}. Expected layout: {tree}")
+
+
+class _PairDataset(Dataset):
+    """A list of (image path, label path) pairs with a label decoder and an optional transform."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], decode: Callable[[Path], torch.Tensor],
+                 transform: Transform | None):
+        self.pairs = pairs
+        self.decode = decode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image_path, label_path = self.pairs[index]
+        return read_image(image_path), self.decode(label_path), image_path.stem
+
+    def __getitem__(self, index):
+        # The training loader passes (index, seed): augmentation draws come from that seed only.
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
+        image, label, name = self.load(index)
+        if self.transform is not None:
+            g = torch.Generator().manual_seed(seed if seed is not None else index)
+            image, label = self.transform(image, label, g)
+        return image, label, name
+
+
+def _pair(image: Path, candidates: Sequence[Path], kind: str) -> Path:
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DatasetLayoutError(
+        f"{kind}: image {image} has no label; looked for {', '.join(str(c) for c in candidates)}"
+    )
+
+
+class GTA5(_PairDataset):
+    """GTA5 (Playing for Data): images/NNNNN.png <-> labels/NNNNN.png (palette index = labelId).
+
+    `image_list` picks the official training list of each method:
+      "all"    every images/*.png (Rein: 24,966, folder scan)                  [Rein gta_512x512.py]
+      "clouds" all minus GTA5_CLOUDS_EXCLUDED (24,904)                          [CLOUDS gta_list]
+      "famix"  root/gtav_split_{split}.txt (12,382 train / 1,000 val; copy the two
+               files from the FAMix repository's datasets/gta5_list/ into the root) [FAMix]
+    4,826 frames are 1914x1046 instead of 1914x1052. Pairs whose image and label sizes differ are
+    skipped (header check) and reported: they cannot be cropped jointly.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
+                 transform: Transform | None = None, check_sizes: bool = True):
+        root = Path(root)
+        if not (root / "images").is_dir() or not (root / "labels").is_dir():
+            raise _layout_error("gta", root, "missing images/ or labels/")
+        if image_list == "famix":
+            list_file = root / f"gtav_split_{split}.txt"
+            if not list_file.is_file():
+                raise _layout_error("gta", root, f"missing {list_file.name} (needed by --gta-list famix; "
+                                    "copy it from the FAMix repository's datasets/gta5_list/)")
+            names = [Path(line.strip()).stem for line in list_file.read_text().split() if line.strip()]
+        elif image_list in ("all", "clouds"):
+            names = sorted(p.stem for p in (root / "images").glob("*.png"))
+            if image_list == "clouds":
+                names = [n for n in names if not (n.isdigit() and int(n) in GTA5_CLOUDS_EXCLUDED)]
+        else:
+            raise UsageError(f"unknown GTA5 image list {image_list!r}; use all, clouds or famix")
+        if not names:
+            raise _layout_error("gta", root, "no images/*.png")
+        pairs, self.skipped = [], []
+        for n in names:
+            image = root / "images" / f"{n}.png"
+            if not image.is_file():
+                raise DatasetLayoutError(f"gta: {image} is listed but missing")
+            label = _pair(image, [root / "labels" / f"{n}.png",
+                                  root / "labels" / f"{n}_labelTrainIds.png"], "gta")
+            if check_sizes and image_size(image) != image_size(label):
+                self.skipped.append(n)
+                continue
+            pairs.append((image, label))
+        if self.skipped:
+            print0(f"gta: skipped {len(self.skipped)} image/label pairs of different sizes "
+                   f"(first: {self.skipped[:5]})")
+        super().__init__(pairs, self._decode, transform)
+
+    @staticmethod
+    def _decode(path: Path) -> torch.Tensor:
+        ids = read_id_png(path)
+        if path.name.endswith("_labelTrainIds.png"):
+            return map_ids(ids, _lut({i: i for i in range(NUM_CLASSES)}))
+        return map_ids(ids, CITYSCAPES_ID_TO_TRAINID)
+
+
+class Synthia(_PairDataset):
+    """SYNTHIA-RAND-CITYSCAPES, 9,400 frames of 1280x760, 16-bit labels (class id in R).
+
+    Layouts: flat RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400) with an optional
+    root/synthia_split_val.txt holding the 2,820 val names of the RobustNet split (FAMix), or the
+    split layout RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820) [FAMix synthia.py].
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None):
+        root = Path(root)
+        if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
+            raise _layout_error("synthia", root, "missing RGB/ or GT/LABELS/")
+        if (root / "RGB" / "train").is_dir():
+            if split == "all":
+                images = sorted((root / "RGB").glob("*/*.png"))
+            else:
+                images = sorted((root / "RGB" / split).glob("*.png"))
+            rel = lambda p: p.relative_to(root / "RGB")  # noqa: E731
+        else:
+            images = sorted((root / "RGB").glob("*.png"))
+            val_file = root / "synthia_split_val.txt"
+            if split in ("train", "val") and val_file.is_file():
+                val = {Path(s).stem for s in val_file.read_text().split()}
+                images = [p for p in images if (p.stem in val) == (split == "val")]
+            elif split == "val":
+                raise _layout_error("synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)")
+            rel = lambda p: p.relative_to(root / "RGB")  # noqa: E731
+        if not images:
+            raise _layout_error("synthia", root, f"no RGB images for split {split!r}")
+        pairs = [(p, _pair(p, [root / "GT" / "LABELS" / rel(p)], "synthia")) for p in images]
+        super().__init__(pairs, lambda p: map_ids(read_synthia_label(p), SYNTHIA_ID_TO_TRAINID),
+                         transform)
+
+
+class Cityscapes(_PairDataset):
+    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png <-> gtFine/... _gtFine_labelIds.png,
+    mapped to trainIds on the fly (no createTrainIdLabelImgs step needed); falls back to a
+    _gtFine_labelTrainIds.png when the labelIds file is absent. 2,975 train / 500 val."""
+
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None):
+        root = Path(root)
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        if not image_dir.is_dir() or not label_dir.is_dir():
+            raise _layout_error("cityscapes", root, f"missing leftImg8bit/{split}/ or gtFine/{split}/")
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        if not images:
+            raise _layout_error("cityscapes", root, f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")
+        pairs = []
+        for p in images:
+            stem = p.name[: -len("_leftImg8bit.png")]
+            d = label_dir / p.parent.name
+            pairs.append((p, _pair(p, [d / f"{stem}_gtFine_labelIds.png",
+                                       d / f"{stem}_gtFine_labelTrainIds.png"], "cityscapes")))
+        super().__init__(pairs, self._decode, transform)
+
+    @staticmethod
+    def _decode(path: Path) -> torch.Tensor:
+        ids = read_id_png(path)
+        if path.name.endswith("_labelTrainIds.png"):
+            return map_ids(ids, _lut({i: i for i in range(NUM_CLASSES)}))
+        return map_ids(ids, CITYSCAPES_ID_TO_TRAINID)
+
+
+_TRAINID_IDENTITY = _lut({i: i for i in range(NUM_CLASSES)})
+
+
+class BDD100K(_PairDataset):
+    """BDD100K 10K semantic segmentation (labels are already trainIds, 255 = ignore).
+    Layouts: images/10k/<split>/<stem>.jpg + labels/sem_seg/masks/<split>/<stem>.png (current
+    release), seg/images/<split>/ + seg/labels/<split>/<stem>_train_id.png (old bdd100k_seg), or
+    the flattened images/<split>/ + labels/<split>/<stem>.png FAMix reads. 7,000 train / 1,000 val."""
+
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None):
+        root = Path(root)
+        layouts = [
+            (root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split),
+            (root / "seg" / "images" / split, root / "seg" / "labels" / split),
+            (root / "images" / split, root / "labels" / split),
+        ]
+        for image_dir, label_dir in layouts:
+            if image_dir.is_dir() and label_dir.is_dir():
+                break
+        else:
+            raise _layout_error("bdd", root, f"no image/label folders for split {split!r}")
+        images = sorted(image_dir.glob("*.jpg"))
+        if not images:
+            raise _layout_error("bdd", root, f"no {image_dir}/*.jpg")
+        pairs = [(p, _pair(p, [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"],
+                           "bdd")) for p in images]
+        super().__init__(pairs, lambda p: map_ids(read_id_png(p), _TRAINID_IDENTITY), transform)
+
+
+class Mapillary(_PairDataset):
+    """Mapillary Vistas, v1.2 labels (66 classes, palette PNG index = id), mapped to 19 classes
+    with `label_map` "hrda" (FAMix, CLOUDS) or "rein" (Rein; 11 ids differ, see the table above).
+    Accepts the v1.2 zip layout (validation/labels/) and the v2.0 zip (validation/v1.2/labels/)."""
+
+    def __init__(self, root: str | Path, split: str = "val", label_map: str = "hrda",
+                 transform: Transform | None = None):
+        root = Path(root)
+        if label_map not in MAPILLARY_V12_TO_19:
+            raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
+        folder = {"val": "validation", "train": "training"}.get(split, split)
+        image_dir = root / folder / "images"
+        label_dir = next((d for d in (root / folder / "labels", root / folder / "v1.2" / "labels")
+                          if d.is_dir()), None)
+        if not image_dir.is_dir() or label_dir is None:
+            raise _layout_error("mapillary", root, f"missing {folder}/images/ or {folder}/labels/")
+        images = sorted(image_dir.glob("*.jpg"))
+        if not images:
+            raise _layout_error("mapillary", root, f"no {folder}/images/*.jpg")
+        pairs = [(p, _pair(p, [label_dir / f"{p.stem}.png"], "mapillary")) for p in images]
+        lut = MAPILLARY_V12_TO_19[label_map]
+        super().__init__(pairs, lambda p: map_ids(read_id_png(p), lut), transform)
+
+
+class ACDC(_PairDataset):
+    """ACDC, one condition (fog / night / rain / snow): rgb_anon/<cond>/<split>/**/*_rgb_anon.png
+    (recursive, so the official <seq>/ sub-folders and CLOUDS' flattened copy both work;
+    <split>_ref folders are not read) <-> gt/<same path>_gt_labelTrainIds.png, falling back to
+    _gt_labelIds.png + the Cityscapes map. Val: fog 100, night 106, rain 100, snow 100."""
+
+    CONDITIONS = ("fog", "night", "rain", "snow")
+
+    def __init__(self, root: str | Path, condition: str, split: str = "val",
+                 transform: Transform | None = None):
+        root = Path(root)
+        if condition not in self.CONDITIONS:
+            raise UsageError(f"unknown ACDC condition {condition!r}; use one of {self.CONDITIONS}")
+        image_dir = root / "rgb_anon" / condition / split
+        if not image_dir.is_dir() or not (root / "gt").is_dir():
+            raise _layout_error("acdc", root, f"missing rgb_anon/{condition}/{split}/ or gt/")
+        images = sorted(image_dir.rglob("*_rgb_anon.png"))
+        if not images:
+            raise _layout_error("acdc", root, f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")
+        pairs = []
+        for p in images:
+            d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
+            stem = p.name[: -len("_rgb_anon.png")]
+            pairs.append((p, _pair(p, [d / f"{stem}_gt_labelTrainIds.png",
+                                       d / f"{stem}_gt_labelIds.png"], "acdc")))
+        super().__init__(pairs, self._decode, transform)
+
+    @staticmethod
+    def _decode(path: Path) -> torch.Tensor:
+        lut = _TRAINID_IDENTITY if path.name.endswith("_labelTrainIds.png") else CITYSCAPES_ID_TO_TRAINID
+        return map_ids(read_id_png(path), lut)
+
+
+# Folder of each dataset under --data.
+DATA_DIRS = {"gta": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "bdd": "bdd100k",
+             "mapillary": "mapillary", "acdc": "acdc", "toy": "toy"}
+TARGET_NAMES = ("cityscapes", "bdd", "mapillary", "acdc-fog", "acdc-night", "acdc-rain",
+                "acdc-snow", "synthia", "gta")
+
+
+def build_dataset(name: str, data_root: str | Path, split: str, *, gta_list: str = "all",
+                  mapillary_map: str = "hrda", transform: Transform | None = None) -> Dataset:
+    """The dataset called `name` (a --source or --targets value) under `data_root`.
+    Toy: "toy" is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout)."""
+    root = Path(data_root)
+    if name == "toy":
+        return GTA5(root / "toy" / "source", split, "famix", transform)
+    if name.startswith("toy-"):
+        domain = name[4:]
+        if domain not in TOY_DOMAINS[1:]:
+            raise UsageError(f"unknown toy target {name!r}; use one of {', '.join(TOY_TARGETS)}")
+        return Cityscapes(root / "toy" / domain, "val", transform)
+    if name == "gta":
+        return GTA5(root / DATA_DIRS["gta"], split, gta_list, transform)
+    if name == "synthia":
+        return Synthia(root / DATA_DIRS["synthia"], split, transform)
+    if name == "cityscapes":
+        return Cityscapes(root / DATA_DIRS["cityscapes"], split, transform)
+    if name == "bdd":
+        return BDD100K(root / DATA_DIRS["bdd"], split, transform)
+    if name == "mapillary":
+        return Mapillary(root / DATA_DIRS["mapillary"], split, mapillary_map, transform)
+    if name.startswith("acdc-"):
+        return ACDC(root / DATA_DIRS["acdc"], name[5:], split, transform)
+    raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
+                     f"{', '.join(TOY_TARGETS)}")
+
+
+# =============================================================================================
+# 5. Toy domain-shift dataset (runs without any download)
+# =============================================================================================
+#
+# What it is: procedurally drawn street scenes sharing one geometry distribution (sky, buildings
+# with windows, vegetation, sidewalks, a road in perspective with lane marks, poles, cars,
+# pedestrians; 8 of the 19 classes), in four appearance domains. "source" is a saturated,
+# flat-shaded "game" look written in the GTA5 layout (palette labelId PNGs + list files); "city"
+# (muted colours, textures, sensor noise), "fog" (haze growing with distance) and "night" (dark,
+# blue cast, lamp glow) are targets in the Cityscapes layout. Each class keeps its meaning
+# across domains while its colour and texture change, so a model fitted to the source loses
+# accuracy on the targets: a small, real domain gap.
+# What it is not: a benchmark. Numbers on it only show that a pipeline learns and generalises
+# somewhat; they say nothing about the papers' results.
+
+TOY_DOMAINS = ("source", "city", "fog", "night")
+TOY_TARGETS = tuple(f"toy-{d}" for d in TOY_DOMAINS[1:])
+TOY_SIZE_WH = (256, 128)
+TOY_COUNTS = {"source": (240, 48), "city": (0, 48), "fog": (0, 48), "night": (0, 48)}
+TOY_VERSION = 1
+_TOY_CLASSES = (0, 1, 2, 5, 8, 10, 11, 13)  # road sidewalk building pole vegetation sky person car
+
+# Base RGB per trainId and domain.
+_TOY_COLOURS = {
+    "source": {0: (120, 60, 140), 1: (250, 60, 230), 2: (90, 90, 90), 5: (200, 200, 60),
+               8: (40, 200, 40), 10: (60, 150, 250), 11: (250, 30, 30), 13: (30, 30, 250)},
+    "city": {0: (95, 92, 98), 1: (150, 140, 130), 2: (140, 110, 90), 5: (110, 110, 105),
+             8: (70, 100, 45), 10: (175, 195, 215), 11: (80, 60, 70), 13: (160, 40, 40)},
+}
+_TOY_COLOURS["fog"] = _TOY_COLOURS["city"]
+_TOY_COLOURS["night"] = _TOY_COLOURS["city"]
+
+
+def _toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """One street layout as trainIds (H, W)."""
+    y, x = np.mgrid[0:h, 0:w]
+    label = np.full((h, w), 10, np.int64)  # sky
+    horizon = int(h * rng.uniform(0.42, 0.55))
+    # Buildings: a skyline of blocks of random heights.
+    xs = np.sort(rng.choice(np.arange(8, w - 8), size=rng.integers(3, 7), replace=False))
+    edges = np.concatenate([[0], xs, [w]])
+    for a, b in zip(edges[:-1], edges[1:]):
+        top = int(horizon - rng.uniform(0.15, 0.4) * h)
+        label[max(top, 0):horizon, a:b] = 2
+    # Vegetation: a few blobs in front of the buildings.
+    for _ in range(rng.integers(1, 4)):
+        cx, cy = rng.uniform(0, w), horizon - rng.uniform(0, 0.12) * h
+        rx, ry = rng.uniform(0.05, 0.12) * w, rng.uniform(0.08, 0.16) * h
+        label[((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1] = 8
+    # Ground: road as a trapezoid to the vanishing point, sidewalks on both sides.
+    vx = w * rng.uniform(0.4, 0.6)
+    t = np.clip((y - horizon) / max(h - horizon, 1), 0, 1)
+    half_road = t * w * rng.uniform(0.45, 0.6)
+    half_walk = half_road + t * w * rng.uniform(0.15, 0.3)
+    ground = y >= horizon
+    label[ground] = 8
+    label[ground & (np.abs(x - vx) < half_walk)] = 1
+    label[ground & (np.abs(x - vx) < half_road)] = 0
+    # Poles on the sidewalks.
+    for side in (-1, 1):
+        for _ in range(rng.integers(0, 3)):
+            ty = rng.uniform(0.3, 1.0)
+            py = int(horizon + ty * (h - horizon)) - 1
+            px = int(vx + side * (ty * w * 0.5 + 2))
+            width = max(1, int(1 + 3 * ty))
+            top = int(py - (0.2 + 0.5 * ty) * h)
+            label[max(top, 0):py, max(px - width, 0):max(px, 1)] = 5
+    # Cars on the road and pedestrians on the sidewalks, scaled with distance.
+    for _ in range(rng.integers(1, 4)):
+        ty = rng.uniform(0.2, 0.9)
+        cy = int(horizon + ty * (h - horizon))
+        cw, ch = int(10 + 60 * ty), int(6 + 30 * ty)
+        cx = int(vx + rng.uniform(-0.6, 0.6) * ty * w * 0.45)
+        label[max(cy - ch, 0):cy, max(cx - cw // 2, 0):max(cx + cw // 2, 0)] = 13
+    for _ in range(rng.integers(0, 4)):
+        ty = rng.uniform(0.2, 0.9)
+        py = int(horizon + ty * (h - horizon))
+        side = rng.choice([-1, 1])
+        px = int(vx + side * ty * w * rng.uniform(0.5, 0.7))
+        pw, ph = int(2 + 5 * ty), int(8 + 30 * ty)
+        label[max(py - ph, 0):py, max(px - pw // 2, 0):max(px + pw // 2, 0)] = 11
+    return label
+
+
+def _toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
+    """Appearance of one scene in one domain, uint8 (H, W, 3)."""
+    h, w = label.shape
+    y, x = np.mgrid[0:h, 0:w]
+    colours = _TOY_COLOURS[domain]
+    lut = np.zeros((256, 3), np.float32)
+    for c, rgb in colours.items():
+        jitter = rng.normal(0, 8, 3) if domain == "source" else rng.normal(0, 14, 3)
+        lut[c] = np.asarray(rgb) + jitter
+    image = lut[label]
+    if domain == "source":
+        image += rng.normal(0, 3, image.shape)  # nearly flat shading
+    else:
+        # Textures: stripes on the road, window grid on buildings, leafy noise, sensor noise.
+        image[label == 2] *= (0.75 + 0.25 * ((x // 6 + y // 5) % 2))[label == 2, None]
+        image[label == 0] *= (0.9 + 0.1 * np.sin(x * 0.9 + y * 0.3))[label == 0, None]
+        leafy = rng.uniform(0.6, 1.3, (h, w))
+        image[label == 8] *= leafy[label == 8, None]
+        image += rng.normal(0, 10, image.shape)
+    # Lane marks belong to the road class.
+    image[(label == 0) & ((x + y // 2) % 24 < 2)] = 230 if domain != "night" else 140
+    depth = 1.0 - y / h  # far = 1 at the top
+    if domain == "fog":
+        haze = np.clip(0.25 + 0.75 * depth, 0, 1)[..., None] * rng.uniform(0.6, 0.85)
+        image = image * (1 - haze) + 200 * haze
+    elif domain == "night":
+        image = image * 0.28 + np.array([0, 5, 25])
+        for _ in range(rng.integers(2, 5)):  # street lamps
+            cx, cy = rng.uniform(0, w), rng.uniform(0.2, 0.6) * h
+            glow = np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * (0.06 * w) ** 2)))
+            image += glow[..., None] * np.array([120, 100, 50])
+        image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _save_palette_png(path: Path, ids: np.ndarray) -> None:
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    trainid = CITYSCAPES_ID_TO_TRAINID
+    for label_id in range(256):
+        if trainid[label_id] != IGNORE_INDEX:
+            palette[label_id] = PALETTE[trainid[label_id]]
+    im.putpalette(palette.flatten().tolist())
+    im.save(path)
+
+
+def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None = None) -> Path:
+    """Write <data_root>/toy (if missing or from another version/seed). Returns its path."""
+    root = Path(data_root) / "toy"
+    counts = counts or TOY_COUNTS
+    stamp = {"version": TOY_VERSION, "seed": seed, "counts": counts, "size_wh": TOY_SIZE_WH}
+    stamp_file = root / "toy.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
+        return root
+    w, h = TOY_SIZE_WH
+    trainid_to_id = {int(t): i for i, t in enumerate(CITYSCAPES_ID_TO_TRAINID) if t != IGNORE_INDEX}
+    id_lut = np.zeros(256, np.uint8)  # trainId -> labelId (ignore -> 0 = unlabeled)
+    for t, i in trainid_to_id.items():
+        id_lut[t] = i
+    for d, domain in enumerate(TOY_DOMAINS):
+        n_train, n_val = counts[domain]
+        for i in range(n_train + n_val):
+            rng = np.random.default_rng([seed, d, i])
+            label = _toy_scene(rng, w, h)
+            image = _toy_render(label, domain, rng)
+            ids = id_lut[label]
+            if domain == "source":
+                (root / "source" / "images").mkdir(parents=True, exist_ok=True)
+                (root / "source" / "labels").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / "source" / "images" / f"{i + 1:05d}.png", compress_level=1)
+                _save_palette_png(root / "source" / "labels" / f"{i + 1:05d}.png", ids)
+            else:
+                stem = f"toy_{i:06d}_000019"
+                img_dir = root / domain / "leftImg8bit" / "val" / "toy"
+                gt_dir = root / domain / "gtFine" / "val" / "toy"
+                img_dir.mkdir(parents=True, exist_ok=True)
+                gt_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
+                Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+        if domain == "source":
+            names = [f"{i + 1:05d}.png" for i in range(n_train + n_val)]
+            (root / "source" / "gtav_split_train.txt").write_text("\n".join(names[:n_train]) + "\n")
+            (root / "source" / "gtav_split_val.txt").write_text("\n".join(names[n_train:]) + "\n")
+    stamp_file.write_text(json.dumps(stamp))
+    return root
+
+
+# =============================================================================================
+# 6. Joint augmentation of (image uint8 (3,H,W), label int64 (H,W)); randomness only from `g`
+# =============================================================================================
+
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+           "nearest": InterpolationMode.NEAREST}
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int],
+                image_interp: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize image (antialiased, like Pillow) and label (nearest, pixel-centre rule)."""
+    size_hw = (int(size_hw[0]), int(size_hw[1]))
+    if tuple(image.shape[-2:]) != size_hw:
+        image = TF.resize(image, list(size_hw), interpolation=_INTERP[image_interp], antialias=True)
+    if label is not None and tuple(label.shape[-2:]) != size_hw:
+        label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest-exact")
+        label = label[0, 0].long()
+    return image, label
+
+
+def fit_size(h: int, w: int, long_side: int, short_side: int) -> tuple[int, int]:
+    """mmcv `rescale_size(keep_ratio=True)`: the largest size fitting (long, short), rounded
+    half up. E.g. 1224x1632 in (1024, 512) -> 512x683 [mmcv rescale_size]."""
+    factor = min(long_side / max(h, w), short_side / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """detectron2 ResizeShortestEdge without max size: 720x1280 -> 1024x1820."""
+    factor = short / min(h, w)
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def random_scale(image: torch.Tensor, label: torch.Tensor, scale_range: tuple[float, float],
+                 g: torch.Generator, image_interp: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale both by s ~ U(scale_range)."""
+    s = _uniform(g, *scale_range)
+    h, w = image.shape[-2:]
+    return resize_pair(image, label, (round(h * s), round(w * s)), image_interp)
+
+
+def random_short_side(image: torch.Tensor, label: torch.Tensor, short_sides: Sequence[int],
+                      max_long: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmseg RandomChoiceResize + ResizeShortestEdge: pick a short side, keep the ratio, long side
+    at most `max_long`."""
+    short = short_sides[int(torch.randint(len(short_sides), (), generator=g))]
+    h, w = image.shape[-2:]
+    return resize_pair(image, label, fit_size(h, w, max_long, short))
+
+
+def random_crop(image: torch.Tensor, label: torch.Tensor, crop_hw: tuple[int, int] | int,
+                g: torch.Generator, cat_max_ratio: float = 1.0, pad: bool = True,
+                max_tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop; with cat_max_ratio < 1, retry (up to 10 times, as mmseg RandomCrop) until no
+    class but ignore covers more than that share of the crop. Pads image with 0 and label with
+    255 on the bottom/right when smaller than the crop."""
+    ch, cw = (crop_hw, crop_hw) if isinstance(crop_hw, int) else crop_hw
+    h, w = image.shape[-2:]
+
+    def draw() -> tuple[int, int]:
+        top = int(torch.randint(max(h - ch, 0) + 1, (), generator=g))
+        left = int(torch.randint(max(w - cw, 0) + 1, (), generator=g))
+        return top, left
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(max_tries):
+            window = label[top:top + ch, left:left + cw]
+            counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
+                break
+            top, left = draw()
+    image = image[:, top:top + ch, left:left + cw]
+    label = label[top:top + ch, left:left + cw]
+    if pad:
+        image, label = pad_pair(image, label, (ch, cw))
+    return image, label
+
+
+def pad_pair(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pad bottom/right to at least size_hw: image with 0, label with 255."""
+    ph, pw = max(size_hw[0] - image.shape[-2], 0), max(size_hw[1] - image.shape[-1], 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0)
+        if label is not None:
+            label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+    return image, label
+
+
+def random_hflip(image: torch.Tensor, label: torch.Tensor, g: torch.Generator, p: float = 0.5
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.rand((), generator=g).item() < p:
+        return image.flip(-1), label.flip(-1)
+    return image, label
+
+
+def color_jitter(image: torch.Tensor, g: torch.Generator, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0) -> torch.Tensor:
+    """torchvision ColorJitter semantics (factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h), the
+    four operations in random order), drawing from `g`."""
+    ops = []
+    if brightness:
+        f = _uniform(g, max(0.0, 1 - brightness), 1 + brightness)
+        ops.append(lambda im, f=f: TF.adjust_brightness(im, f))
+    if contrast:
+        f = _uniform(g, max(0.0, 1 - contrast), 1 + contrast)
+        ops.append(lambda im, f=f: TF.adjust_contrast(im, f))
+    if saturation:
+        f = _uniform(g, max(0.0, 1 - saturation), 1 + saturation)
+        ops.append(lambda im, f=f: TF.adjust_saturation(im, f))
+    if hue:
+        f = _uniform(g, -hue, hue)
+        ops.append(lambda im, f=f: TF.adjust_hue(im, f))
+    for i in torch.randperm(len(ops), generator=g).tolist():
+        image = ops[i](image)
+    return image
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 or 0..255 float (B,3,H,W) -> float ((x / 255) - mean) / std; mean/std on [0, 1]."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+# =============================================================================================
+# 7. Deterministic training loader (exact resume)
+# =============================================================================================
+
+
+def _sample_seed(seed: int, position: int) -> int:
+    """A per-sample seed that depends only on (run seed, position in the sample stream)."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def epoch_indices(n: int, seed: int, epoch: int, repeat_factors: Sequence[float] | None
+                  ) -> list[int]:
+    """Shuffled indices of one epoch. With repeat factors r_i (detectron2 RepeatFactorTraining-
+    Sampler), index i appears floor(r_i) times plus once more with probability frac(r_i)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if repeat_factors is None:
+        return torch.randperm(n, generator=g).tolist()
+    r = torch.as_tensor(repeat_factors, dtype=torch.float64)
+    reps = r.floor() + (torch.rand(n, generator=g, dtype=torch.float64) < (r - r.floor())).double()
+    idx = torch.repeat_interleave(torch.arange(n), reps.long())
+    return idx[torch.randperm(len(idx), generator=g)].tolist()
+
+
+class _BatchPlan:
+    """Infinite iterable of per-rank batches of (index, sample_seed), starting at `start_iter`.
+    Global batch b of iteration t takes stream positions [t*B, (t+1)*B); rank r takes its slice."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int,
+                 start_iter: int, repeat_factors: Sequence[float] | None):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start_iter, self.repeat_factors = seed, start_iter, repeat_factors
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.global_batch // self.world
+        position = self.start_iter * self.global_batch
+        epoch, offset, order = 0, 0, epoch_indices(self.n, self.seed, 0, self.repeat_factors)
+        while offset + len(order) <= position:  # skip whole epochs before the start
+            offset += len(order)
+            epoch += 1
+            order = epoch_indices(self.n, self.seed, epoch, self.repeat_factors)
+        while True:
+            batch = []
+            for k in range(self.global_batch):
+                p = position + k
+                while p - offset >= len(order):
+                    offset += len(order)
+                    epoch += 1
+                    order = epoch_indices(self.n, self.seed, epoch, self.repeat_factors)
+                batch.append((order[p - offset], _sample_seed(self.seed, p)))
+            position += self.global_batch
+            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32)
+    random.seed(info.seed)
+
+
+class TrainLoader:
+    """`next(loader)` gives the next per-rank batch. Which samples, and every augmentation draw
+    (the dataset's transform gets a generator seeded per sample), depend only on
+    (seed, iteration, position), so a run resumed at iteration t sees the same batches."""
+
+    def __init__(self, dataset: Dataset, global_batch: int, dist: "Dist", seed: int, workers: int,
+                 start_iter: int = 0, repeat_factors: Sequence[float] | None = None,
+                 collate: Callable | None = None):
+        if global_batch % dist.world_size:
+            raise UsageError(f"--batch-size {global_batch} is not divisible by the "
+                             f"{dist.world_size} processes; use a multiple of {dist.world_size}")
+        if len(dataset) == 0:
+            raise UsageError("the training dataset is empty; check --data and --source")
+        plan = _BatchPlan(len(dataset), global_batch, dist.rank, dist.world_size, seed, start_iter,
+                          repeat_factors)
+        self.loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers,
+                                 collate_fn=collate, worker_init_fn=_seed_worker,
+                                 pin_memory=dist.device.type == "cuda",
+                                 persistent_workers=workers > 0)
+        self._it = iter(self.loader)
+
+    def __next__(self):
+        return next(self._it)
+
+    def __iter__(self):
+        return self
+
+
+# =============================================================================================
+# 8. Evaluation: confusion matrix, mIoU, inference, per-target resize
+# =============================================================================================
+
+
+class ConfusionMatrix:
+    """Dataset-level confusion matrix (rows = ground truth, columns = prediction); pixels whose
+    ground truth is 255 (or outside 0..C-1) are ignored, so predictions there never count.
+    IoU_c = TP / (TP + FP + FN)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu"):
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        label = label.to(self.mat.device).flatten().long()
+        pred = pred.to(self.mat.device).flatten().long()
+        valid = (label >= 0) & (label < self.num_classes)
+        idx = label[valid] * self.num_classes + pred[valid]
+        self.mat += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.mat)
+
+    def all_reduce(self) -> None:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(self.mat)
+
+    def ious(self) -> np.ndarray:
+        m = self.mat.double().cpu().numpy()
+        tp = np.diag(m)
+        union = m.sum(0) + m.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    def miou(self, mode: str = "nanmean", subset: Sequence[int] | None = None) -> float:
+        """Mean IoU in percent.
+        "nanmean"    [FAMix stream_metrics.py, mmseg iou_metric.py, cityscapesScripts]: classes with
+                     neither GT nor prediction are skipped; predicted-but-absent classes count as 0.
+        "present_gt" [CLOUDS semantic_evaluation.py]: mean over classes with >= 1 GT pixel.
+        `subset`: restrict to these classes (e.g. SYNTHIA16, SYNTHIA13)."""
+        keep = self._kept(mode, subset)
+        if not keep.any():
+            return float("nan")
+        return float(np.nanmean(self.ious()[keep]) * 100)
+
+    def _kept(self, mode: str, subset: Sequence[int] | None) -> np.ndarray:
+        ious = self.ious()
+        if mode == "nanmean":
+            keep = ~np.isnan(ious)
+        elif mode == "present_gt":
+            keep = self.mat.sum(1).cpu().numpy() > 0
+        else:
+            raise ValueError(f"unknown mIoU mode {mode!r}")
+        if subset is not None:
+            mask = np.zeros_like(keep)
+            mask[list(subset)] = True
+            keep &= mask
+        return keep
+
+    def per_class(self, mode: str = "nanmean") -> dict[str, float | None]:
+        """IoU (percent) per class name; None for the classes the mode leaves out."""
+        ious, keep = self.ious(), self._kept(mode, None)
+        return {n: (round(float(ious[i]) * 100, 4) if keep[i] else None)
+                for i, n in enumerate(CLASS_NAMES[: self.num_classes])}
+
+
+def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg slide_inference grid: n = max(L - crop + stride - 1, 0) // stride + 1 windows per
+    axis, start i*stride, shifted back so the last one ends at the border; an image smaller than
+    the crop gives one window covering it (no padding). Returns (y1, y2, x1, x2)."""
+    out = []
+    for i in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
+def slide_inference(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                    num_classes: int, crop: int, stride: int) -> torch.Tensor:
+    """Logits (B, C, H, W): window logits (same size as the window) summed, divided by the number
+    of windows covering each pixel [mmseg encoder_decoder.py::slide_inference]."""
+    b, _, h, w = image.shape
+    logits = image.new_zeros((b, num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for y1, y2, x1, x2 in slide_windows(h, w, crop, stride):
+        logits[:, :, y1:y2, x1:x2] += predict(image[:, :, y1:y2, x1:x2]).float()
+        count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResize:
+    """How a target image (and maybe its label) is resized before inference.
+    rule: ("none",) | ("fit", (long, short)) [mmseg Resize keep_ratio] | ("short", S)
+          [detectron2 ResizeShortestEdge] | ("height_crop", S) [FAMix Mapillary: height S, then a
+          centre S x S crop; narrower images are padded, label with 255].
+    pre_halve: first halve image (bicubic) and label (nearest), as Rein's Mapillary copies.
+    resize_gt: resize the label with the image (nearest); else score at the label's own size."""
+
+    rule: tuple = ("none",)
+    resize_gt: bool = False
+    pre_halve: bool = False
+    image_interp: str = "bilinear"
+
+
+def eval_resize(image: torch.Tensor, label: torch.Tensor, spec: EvalResize
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.pre_halve:
+        h, w = image.shape[-2:]
+        image, label = resize_pair(image, label, (h // 2, w // 2), "bicubic")
+    h, w = image.shape[-2:]
+    kind = spec.rule[0]
+    if kind == "none":
+        return image, label
+    if kind == "fit":
+        size = fit_size(h, w, *spec.rule[1])
+    elif kind in ("short", "height_crop"):
+        s = spec.rule[1]
+        size = short_side_size(h, w, s) if kind == "short" else (s, int(w / h * s))
+    else:
+        raise ValueError(f"unknown eval resize rule {spec.rule!r}")
+    image, new_label = resize_pair(image, label, size, spec.image_interp)
+    label = new_label if (spec.resize_gt or kind == "height_crop") else label
+    if kind == "height_crop":
+        s = spec.rule[1]
+        image, label = _center_crop_pad(image, label, s)
+    return image, label
+
+
+def _center_crop_pad(image: torch.Tensor, label: torch.Tensor, s: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central s x s window; a narrower image is centred and padded (image 0, label 255). FAMix's
+    own CenterCropPad pads labels with 0 (= road) and mis-centres portrait images: not copied."""
+    h, w = image.shape[-2:]
+    if w >= s:
+        x1 = (w - s) // 2
+        image, label = image[..., x1:x1 + s], label[..., x1:x1 + s]
+    else:
+        left = (s - w) // 2
+        image = F.pad(image, (left, s - w - left), value=0)
+        label = F.pad(label, (left, s - w - left), value=IGNORE_INDEX)
+    if h > s:
+        y1 = (h - s) // 2
+        image, label = image[..., y1:y1 + s, :], label[..., y1:y1 + s, :]
+    return image, label
+
+
+class _EvalView(Dataset):
+    """The rank's share of a target dataset, resized for evaluation in the loader workers."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], spec: EvalResize):
+        self.dataset, self.indices, self.spec = dataset, list(indices), spec
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label, name = self.dataset[self.indices[i]]
+        image, label = eval_resize(image, label, self.spec)
+        return image, label, name, self.indices[i]
+
+
+@torch.no_grad()
+def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, *,
+                     resize: EvalResize, dist: "Dist", miou_mode: str = "nanmean",
+                     align_corners: bool = False, workers: int = 2, save_preds: int = 0,
+                     save_dir: str | Path | None = None, subsets: dict | None = None,
+                     desc: str = "eval") -> dict:
+    """Score `predict` (uint8 (1,3,h,w) on the device -> logits (1,C,h',w')) on a dataset.
+    Logits are bilinearly resized to the label's size, then argmax. Returns {"miou",
+    "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16)."""
+    indices = range(dist.rank, len(dataset), dist.world_size)
+    view = _EvalView(dataset, indices, resize)
+    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=lambda b: b[0])
+    cm = ConfusionMatrix(NUM_CLASSES, dist.device)
+    for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
+        logits = predict(image[None].to(dist.device, non_blocking=True))
+        if logits.shape[-2:] != label.shape[-2:]:
+            logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
+                                   align_corners=align_corners)
+        pred = logits.argmax(1)[0]
+        cm.update(pred, label)
+        if save_dir is not None and index < save_preds:
+            save_prediction_strip(Path(save_dir) / f"{index:05d}_{name}.png", image, label, pred)
+    cm.all_reduce()
+    result = {"miou": round(cm.miou(miou_mode), 4), "per_class_iou": cm.per_class(miou_mode),
+              "num_images": len(dataset)}
+    for key, subset in (subsets or {}).items():
+        result[f"miou_{key}"] = round(cm.miou(miou_mode, subset), 4)
+    return result
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """A table: one row per target with mIoU, then the mean over targets."""
+    lines = [f"{'target':<14} {'mIoU':>7}"]
+    for name, r in results.items():
+        extra = "  ".join(f"{k}={v:.2f}" for k, v in r.items() if k.startswith("miou_"))
+        lines.append(f"{name:<14} {r['miou']:7.2f}  {extra}".rstrip())
+    if len(results) > 1:
+        lines.append(f"{'mean':<14} {np.mean([r['miou'] for r in results.values()]):7.2f}")
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# 9. Device, AMP, DDP, seeds
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str | None = None) -> Dist:
+    """One process by default; under torchrun (RANK/WORLD_SIZE in the environment) join the
+    process group (NCCL on GPUs, Gloo on CPU) and use cuda:LOCAL_RANK."""
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if want.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _state["rank"] = rank
+        return Dist(rank, world, local, device, True)
+    return Dist(device=torch.device(want))
+
+
+_state = {"rank": 0}
+
+
+def print0(*args, **kwargs) -> None:
+    if _state["rank"] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autocast(device: torch.device, enabled: bool
+             ) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
+    """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
+    (returns a null context and no scaler)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
+    return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def convert_sync_bn(model: nn.Module, dist: Dist) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm under multi-GPU DDP (frozen BNs in eval mode are unaffected)."""
+    if dist.enabled and dist.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_ddp(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
+    if not dist.enabled:
+        return model
+    ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                               find_unused_parameters=find_unused)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9,
+            min_lr: float = 0.0) -> float:
+    """Polynomial decay base * (1 - t/T)^power, floored at min_lr."""
+    return max(base_lr * (1 - iteration / max_iters) ** power, min_lr)
+
+
+# =============================================================================================
+# 10. The shared command-line block
+# =============================================================================================
+
+
+def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: str, iters: int,
+                     batch_size: int, crop: int, amp: bool, pretrained: str, eval_every: int,
+                     workers: int = 4, sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
+                     cite: dict[str, str] | None = None) -> None:
+    """The flags every method file has, with the method's paper defaults passed in (so they are
+    visible in the method file). `cite[name]` is appended to that flag's help, e.g.
+    cite={"iters": "paper: 40000 [C main.py]"}."""
+    cite = cite or {}
+
+    def h(text: str, name: str) -> str:
+        return f"{text} ({cite[name]})" if name in cite else text
+
+    g = parser.add_argument_group("shared")
+    g.add_argument("--source", default=source, choices=list(sources),
+                   help=h(f"training domain; toy = the built-in toy dataset (default {source})", "source"))
+    g.add_argument("--data", default="./data",
+                   help="root holding gta5/ synthia/ cityscapes/ bdd100k/ mapillary/ acdc/ toy/ (see README)")
+    g.add_argument("--targets", default=targets,
+                   help=h(f"comma-separated evaluation targets among {', '.join(TARGET_NAMES)} "
+                          f"(toy: {', '.join(TOY_TARGETS)}) (default {targets})", "targets"))
+    g.add_argument("--iters", type=int, default=iters, help=h(f"optimizer steps (default {iters})", "iters"))
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=h(f"global batch over all GPUs (default {batch_size})", "batch_size"))
+    g.add_argument("--crop", type=int, default=crop, help=h(f"training crop size (default {crop})", "crop"))
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=amp,
+                   help=h(f"mixed precision, bf16 where supported else fp16 (default {amp})", "amp"))
+    g.add_argument("--out", default="out", help="output folder: last.pt, log.jsonl, results.json")
+    g.add_argument("--resume", default=None, help="continue from this checkpoint (e.g. out/last.pt)")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; each process adds its rank")
+    g.add_argument("--pretrained", default=pretrained,
+                   help=h(f"pretrained weights: a name, a local file, or none for random init "
+                          f"(default {pretrained})", "pretrained"))
+    g.add_argument("--eval-only", action="store_true", help="evaluate the weights and exit")
+    g.add_argument("--eval-every", type=int, default=eval_every,
+                   help=h(f"evaluate on the targets every N iterations; 0 = only at the end "
+                          f"(default {eval_every})", "eval_every"))
+    g.add_argument("--workers", type=int, default=workers, help=f"loader workers per process (default {workers})")
+    g.add_argument("--save-preds", type=int, default=0,
+                   help="save colourised predictions (image | ground truth | prediction) of the first N images per target")
+    g.add_argument("--bench", action="store_true", help="run the benchmarks (JSON lines) and exit")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the flags written on the command line."""
+    given = set()
+    for token in argv:
+        if token.startswith("--"):
+            opt = token.split("=", 1)[0]
+            action = parser._option_string_actions.get(opt)
+            if action is None and opt.startswith("--no-"):
+                action = parser._option_string_actions.get("--" + opt[5:])
+            if action is not None:
+                given.add(action.dest)
+    return given
+
+
+def apply_toy_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       argv: Sequence[str] | None, **values: Any) -> None:
+    """With --source toy, replace the paper defaults by toy-sized ones, except the flags the
+    user wrote explicitly."""
+    if args.source != "toy":
+        return
+    given = explicit_flags(parser, sys.argv[1:] if argv is None else argv)
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def parse_targets(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in args.targets.split(",") if t.strip()]
+
+
+def args_to_primitives(args: argparse.Namespace | dict) -> dict:
+    d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
+
+
+# =============================================================================================
+# 11. Checkpoints
+# =============================================================================================
+
+
+def get_rng_state() -> dict:
+    """All random states as tensors/lists, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then os.replace: a crash or an error
+    while writing leaves the previous file untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: str | Path, *, method: str, iteration: int, model_state: dict,
+                    optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
+                    args: argparse.Namespace | dict, metrics: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """One plain dict (STYLE §8); loads with torch.load(weights_only=True)."""
+    ckpt = {
+        "method": method,
+        "iter": int(iteration),
+        "model": strip_prefixes(model_state),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "args": args_to_primitives(args),
+        "rng": get_rng_state(),
+        "metrics": metrics or {},
+    }
+    if extra:
+        ckpt.update(extra)
+    atomic_torch_save(ckpt, path)
+
+
+def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint; one clear error for a missing or unreadable
+    file, or a checkpoint of another method."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check the --resume/--init path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unsafe pickle
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint of this "
+                              f"project ({type(e).__name__}); use another file") from None
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project (no 'method' key)")
+    if method is not None and ckpt["method"] != method:
+        raise CheckpointError(f"{path} is a {ckpt['method']} checkpoint; {method}.py needs one of its own")
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
+                           scaler: torch.amp.GradScaler | None) -> int:
+    """Optimizer, scaler and RNG states from a checkpoint; returns the iteration to continue at.
+    (The model weights are the method's business: load ckpt["model"] yourself.)"""
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["iter"])
+
+
+# =============================================================================================
+# 12. Run log and progress
+# =============================================================================================
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunLog:
+    """out/log.jsonl: a header record (args, git commit, versions, device, + header_extra), then
+    one record per log step and evaluation. out/results.json: the last evaluation."""
+
+    def __init__(self, out_dir: str | Path, args: argparse.Namespace | dict, header_extra: dict,
+                 enabled: bool = True):
+        self.out_dir, self.enabled = Path(out_dir), enabled
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.log({"type": "header", "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "args": args_to_primitives(args), "git_commit": _git_commit(),
+                  "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
+                  **header_extra})
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def write_results(self, results: dict) -> None:
+        if self.enabled:
+            tmp = self.out_dir / ".results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2, default=float))
+            os.replace(tmp, self.out_dir / "results.json")
+
+
+def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> "_Progress":
+    """A tqdm bar (rank 0 only): `bar.update(1, loss=...)` in a loop, or `for x in bar(iterable)`."""
+    return _Progress(total, initial, enabled, desc)
+
+
+class _Progress:
+    """tqdm over a known number of steps; iterate it over an iterable or call update()."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
+                        dynamic_ncols=True, leave=False, file=sys.stderr, mininterval=1.0)
+
+    def __call__(self, iterable):
+        for item in iterable:
+            yield item
+            self.bar.update(1)
+        self.bar.close()
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# =============================================================================================
+# 13. Visualisation
+# =============================================================================================
+
+
+def colorize(label: torch.Tensor | np.ndarray) -> np.ndarray:
+    """trainIds (H, W) -> RGB uint8 (H, W, 3) in the Cityscapes palette (255 black)."""
+    label = label.cpu().numpy() if isinstance(label, torch.Tensor) else label
+    return PALETTE[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+def save_prediction_strip(path: str | Path, image: torch.Tensor, label: torch.Tensor,
+                          pred: torch.Tensor) -> None:
+    """image | ground truth | prediction side by side (prediction alone also saved as _pred)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+    gt, pr = colorize(label), colorize(pred)
+    h = max(img.shape[0], gt.shape[0], pr.shape[0])
+    tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0))) for t in (img, gt, pr)]
+    Image.fromarray(np.concatenate(tiles, 1)).save(path)
+    Image.fromarray(pr).save(path.with_name(path.stem + "_pred.png"))
+
+
+# =============================================================================================
+# 14. Benchmarks
+# =============================================================================================
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmup: int, steps: int,
+              images_per_step: int, extra: dict | None = None) -> dict:
+    """Time `step` over `steps` calls after `warmup` (CUDA-synchronised). Prints one JSON line."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / max(steps, 1)
+    record = {"bench": name, "device": str(device), "step_s": round(dt, 5),
+              "images_per_s": round(images_per_step / dt, 3), "steps": steps,
+              ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): round(peak_memory_mb(device), 1),
+              **(extra or {})}
+    print(json.dumps(record), flush=True)
+    return record
+
+
+# =============================================================================================
+# 15. `python common.py make-toy | demo | bench`
+# =============================================================================================
+
+
+class _TinyNet(nn.Module):
+    """A small fully convolutional net for the pipeline check (not any paper's model)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 2, dilation=2), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 4, dilation=4), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, NUM_CLASSES, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.body(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _toy_augment(image: torch.Tensor, label: torch.Tensor, g: torch.Generator):
+    image, label = random_scale(image, label, (0.75, 1.25), g)
+    image, label = random_crop(image, label, (96, 192), g)
+    image, label = random_hflip(image, label, g)
+    return color_jitter(image, g, 0.3, 0.3, 0.3), label
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Readers -> augmentation -> a tiny conv net -> mIoU on the toy targets."""
+    make_toy_dataset(args.data)
+    seed_everything(args.seed)
+    dist = setup_distributed("cpu")
+    train = build_dataset("toy", args.data, "train", transform=_toy_augment)
+    loader = TrainLoader(train, 8, dist, args.seed, workers=0)
+    model = _TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    total, trainable = count_parameters(model)
+    print0(f"tiny net: {total:,} parameters ({trainable:,} trainable); toy source {len(train)} images")
+    bar = progress(args.iters, 0, True)
+    for _ in range(args.iters):
+        images, labels, _ = next(loader)
+        loss = F.cross_entropy(model(normalize(images, IMAGENET_MEAN, IMAGENET_STD)), labels,
+                               ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1, loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    predict = lambda x: model(normalize(x, IMAGENET_MEAN, IMAGENET_STD))  # noqa: E731
+    results = {}
+    for name in ("toy",) + TOY_TARGETS:
+        ds = build_dataset(name, args.data, "val")
+        results[name] = evaluate_dataset(predict, ds, resize=EvalResize(), dist=dist, workers=0,
+                                         desc=name)
+    print(format_results(results))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """Reader + augmentation throughput on the toy data (all readers share the same code path
+    after their layout scan; the label decoders differ)."""
+    make_toy_dataset(args.data)
+    dist = setup_distributed("cpu")
+    for name, transform in (("toy-source-read", None), ("toy-source-augment", _toy_augment)):
+        ds = build_dataset("toy", args.data, "train", transform=transform)
+        loader = TrainLoader(ds, 8, dist, 0, workers=args.workers)
+        benchmark(f"loader/{name}", lambda: next(loader), device=dist.device, warmup=2,
+                  steps=args.steps, images_per_step=8,
+                  extra={"workers": args.workers, "size_wh": list(TOY_SIZE_WH)})
+    ds = build_dataset("toy-city", args.data, "val")
+    it = iter(range(10**9))
+    benchmark("reader/cityscapes-layout", lambda: ds[next(it) % len(ds)], device=dist.device,
+              warmup=2, steps=args.steps, images_per_step=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["make-toy", "demo", "bench"])
+    parser.add_argument("--data", default="./data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=150, help="demo training steps")
+    parser.add_argument("--steps", type=int, default=20, help="benchmark steps")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "make-toy":
+        print(f"toy dataset at {make_toy_dataset(args.data, args.seed)}")
+    elif args.command == "demo":
+        _demo(args)
+    else:
+        _bench(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
