@@ -1049,6 +1049,10 @@ class _EvalView(Dataset):
         return image, label, name, self.indices[i]
 
 
+def _single(batch: list) -> Any:
+    return batch[0]
+
+
 @torch.no_grad()
 def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, *,
                      resize: EvalResize, dist: "Dist", miou_mode: str = "nanmean",
@@ -1060,7 +1064,7 @@ def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: D
     "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16)."""
     indices = range(dist.rank, len(dataset), dist.world_size)
     view = _EvalView(dataset, indices, resize)
-    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=lambda b: b[0])
+    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=_single)
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
     for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
         logits = predict(image[None].to(dist.device, non_blocking=True))
