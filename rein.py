@@ -1,0 +1,1950 @@
+"""Rein: frozen vision foundation models steered by learnable low-rank tokens, for DGSS.
+
+Wei et al., "Stronger, Fewer, & Superior: Harnessing Vision Foundation Models for Domain
+Generalized Semantic Segmentation", CVPR 2024 (arXiv 2312.04265).
+Official code: https://github.com/w1oves/Rein (mmseg 1.x / mmdet 3.x / mmengine), followed at
+commit 7da85bc. This file is plain PyTorch + timm + scipy.
+
+What runs [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py]: DINOv2 ViT-L with its
+patch size changed to 16, frozen and in eval mode; after every one of its 24 blocks a "Rein"
+layer refines the patch tokens with 100 learnable tokens (low rank: A_i B_i, rank 16) through
+two layer-shared MLPs and a learnable scale; the tokens of all layers are pooled (max, mean, last)
+into 100 image-independent queries that replace the learned queries of a Mask2Former head. Only
+Rein (2.53M parameters, 2.99M with the query-linking layers) and the head are trained.
+
+Launch:
+  python rein.py --source gta --data ./data                          (1 GPU: the headline run,
+        GTA5 -> Cityscapes/BDD/Mapillary, 40k iterations, batch 4, crop 512, fp32)
+  torchrun --nproc_per_node 4 rein.py --source gta --data ./data     (DDP; global batch stays 4)
+  torchrun --nproc_per_node 4 rein.py --recipe citys2acdc --data ./data
+        (Cityscapes -> ACDC: crop 1024, lr 6e-5, 10k-iteration warm-up, global batch 8)
+  python rein.py --source toy --pretrained none                      (CPU smoke run, minutes)
+  python rein.py --bench                                             (benchmarks, JSON lines)
+Weights (nothing is downloaded; put the files in ./checkpoints or pass paths):
+  --pretrained auto   = checkpoints/dinov2_vitl14_pretrain.pth (facebookresearch/dinov2) for
+                        --backbone dinov2_l (the file named in VFM_SIZES for the others); the
+                        original (patch 14) or Rein-converted (patch 16) file, resampled here.
+  Evaluate a released Rein checkpoint (backbone.reins.* + decode_head.*, mmdet names):
+  python rein.py --eval-only --official-ckpt checkpoints/dinov2_rein_and_head.pth --data ./data
+        prints per-target mIoU; the release should give Cityscapes 66.7, BDD 60.0 (README).
+
+Paper -> code map (section numbers of the paper are [unverified]; the code is the reference):
+  frozen VFM, features after blocks [7, 11, 15, 23] + fixed rescaling  -> ReinsBackbone
+  Rein layer: token attention, layer-shared MLPs, scale                 -> Reins.forward
+  low-rank tokens T_i = A_i B_i                                          -> Reins.get_tokens
+  linking tokens to instances (queries)                                  -> Reins.link_queries
+  Mask2Former head with the linked queries                               -> ReinMask2FormerHead
+  training recipe                                                        -> param_groups, lr_at, train
+  sliding-window evaluation                                              -> slide_segment, evaluate
+  official weights                                                       -> load_vfm_weights,
+                                                                            load_official_rein
+
+Deviations from the official code (numbered; `DEVIATION:` in the code):
+  1. timm's VisionTransformer / Eva replace the official DINOv2 / EVA-02 copies: same layers,
+     weights loaded through an explicit key map; attention is PyTorch SDPA (official: xFormers
+     memory-efficient attention when installed) - the same function, other kernels.
+  2. EVA02-L: timm's Eva with the EVA02-L configuration (SwiGLU with sub-LN, RoPE on a 16x16
+     reference grid, no layer scale), drop_path 0 (official 0.2, inactive anyway: the frozen
+     backbone stays in eval mode). Whether timm's Eva equals the EVA-02 segmentation code Rein
+     uses (xattn, subln) was not checked; weights in timm or original EVA-02 naming.
+  3. Out indices of ViT-S/B/G ([3,5,8,11], [3,5,8,11], [9,19,29,39]) are [unverified]: their
+     configs are only in the GitHub releases. ViT-L and EVA02-L use [7, 11, 15, 23] [C configs].
+  4. Resizes (train RandomChoiceResize and the eval Resize) use bilinear interpolation without
+     antialiasing and nearest labels, as cv2 does (mmcv imresize); OpenCV's fixed-point rounding
+     may differ by one grey level.
+  5. PhotoMetricDistortion reimplemented in torch with OpenCV's 8-bit HSV formulas (fixed-point
+     RGB->HSV, float HSV->RGB); random draws from the loader's per-sample torch.Generator
+     (official: numpy's global RNG, not reproducible).
+  6. Sliding window: the windows of one image run as one batch (same result: no cross-sample
+     interaction in eval mode). A window whose side is not a multiple of the patch size (only
+     when an image is smaller than the crop, which the official per-target resizes never
+     produce) is zero-padded after normalisation and its logits cropped (official: assertion).
+  7. Position embeddings are interpolated the DINOv2 way (+0.1 trick, bicubic) for any grid
+     other than the trained 32x32, EVA02 included (official EVA2: fixed 32x32 only).
+  8. Checkpoints hold only the trained tensors (like the official `state_dict` override); the
+     frozen backbone is rebuilt from --pretrained and checked against a fingerprint on resume.
+  9. Evaluation during training restores the RNG state afterwards, so evaluating does not change
+     the training run (official: evaluation advances the global RNG).
+ 10. The poly schedule follows mmengine exactly: lr(t) = lr0 (1 - t/(T-1))^0.9, T = iterations
+     after the warm-up, and the warm-up factor runs from 1e-6 to 1 over its W-1 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+import common
+
+# ================================================================================================
+# CLI: the shared block with Rein's official defaults, then Rein's own flags
+# ================================================================================================
+
+# Recipes of the two official configs; `--recipe` swaps these defaults (explicit flags win).
+RECIPES = {
+    # [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py, configs/_base_/datasets/
+    # dg_gta_512x512.py, configs/_base_/models/rein_dinov2_mask2former.py]
+    "gta512": dict(source="gta", targets="cityscapes,bdd,mapillary", crop=512, batch_size=4,
+                   lr=1e-4, warmup_iters=0, find_unused=False),
+    # [C configs/dinov2/rein_dinov2_mask2former_1024x1024_bs4x2.py, dg_citys2acdc_1024x1024.py]
+    "citys2acdc": dict(source="cityscapes",
+                       targets="acdc-fog,acdc-night,acdc-rain,acdc-snow,cityscapes", crop=1024,
+                       batch_size=8, lr=6e-5, warmup_iters=10000, find_unused=True),
+}  # fmt: skip
+
+# Toy defaults (CPU, minutes): the smallest DINOv2 (ViT-S) and small crops, because ViT-L cannot
+# train on a CPU in minutes. Any flag written on the command line wins.
+TOY_DEFAULTS = dict(backbone="dinov2_s", crop=128, batch_size=2, iters=100, eval_every=0,
+                    workers=0, targets=",".join(common.TOY_TARGETS), log_every=10, num_points=1024)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    gta = RECIPES["gta512"]
+    common.add_shared_flags(
+        parser, source=gta["source"], targets=gta["targets"], iters=40000,
+        batch_size=gta["batch_size"], crop=gta["crop"], amp=False, pretrained="auto",
+        eval_every=10000, workers=2,
+        cite={
+            "source": "official: GTA5 [C dg_gta_512x512.py]; toy selects ViT-S (ViT-L cannot "
+                      "train on a CPU in minutes), crop 128, batch 2, 100 iterations, 1024 "
+                      "points, no workers, evaluation at the end",
+            "iters": "official: 40000 [C rein_dinov2_mask2former_512x512_bs1x4.py]",
+            "batch_size": "official: 4 on one GPU [C ..._512x512_bs1x4.py]",
+            "crop": "official: 512; must be a multiple of the patch size 16 [C configs]",
+            "amp": "official: fp32 OptimWrapper; tools/train.py --amp is optional [C]",
+            "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>",
+            "eval_every": "official: val_interval 10000 [C configs]",
+        },
+    )  # fmt: skip
+    g = parser.add_argument_group("rein")
+    g.add_argument("--recipe", choices=list(RECIPES), default="gta512",
+                   help="official recipe whose defaults to use: gta512 (GTA5 -> C/B/M, crop 512) "
+                        "or citys2acdc (Cityscapes -> ACDC, crop 1024, lr 6e-5, 10k warm-up, "
+                        "batch 8) (default gta512)")
+    g.add_argument("--backbone", choices=list(VFM_SIZES), default="dinov2_l",
+                   help="frozen VFM: dinov2_s/b/l/g (DINOv2 ViT-S/B/L/G), eva02_l (EVA02-L), "
+                        "test (tiny, tests only) (default dinov2_l [C rein_dinov2_mask2former.py])")
+    g.add_argument("--rein-tokens", type=int, default=REIN_TOKEN_LENGTH,
+                   help=f"tokens per layer = queries (default {REIN_TOKEN_LENGTH} [C configs])")
+    g.add_argument("--rein-rank", type=int, default=REIN_LORA_DIM,
+                   help=f"rank r of T_i = A_i B_i (default {REIN_LORA_DIM} [C configs: lora_dim])")
+    g.add_argument("--full-rank", action=argparse.BooleanOptionalAction, default=False,
+                   help="full-rank tokens T_i (official class Reins) instead of A_i B_i "
+                        "(default False: the headline LoRAReins)")
+    g.add_argument("--lr", type=float, default=gta["lr"],
+                   help="AdamW learning rate (default 1e-4; citys2acdc 6e-5 [C configs])")
+    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+                   help=f"AdamW weight decay (default {WEIGHT_DECAY} [C configs])")
+    g.add_argument("--warmup-iters", type=int, default=gta["warmup_iters"],
+                   help="linear warm-up iterations from lr x 1e-6 (default 0; citys2acdc 10000 "
+                        "[C configs])")
+    g.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride (default round(2/3 crop): 341 for 512, 683 for "
+                        "1024 [C configs test_cfg])")
+    g.add_argument("--inference", choices=["slide", "whole"], default="slide",
+                   help="slide (official, windows of --crop) or whole image (default slide)")
+    g.add_argument("--official-ckpt", default=None,
+                   help="load a released Rein checkpoint (backbone.reins.* + decode_head.*, "
+                        "mmdet names; optionally backbone.* DINOv2 keys) before training/eval")
+    g.add_argument("--mapillary-map", choices=["rein", "hrda"], default="rein",
+                   help="Mapillary 66->19 table (default rein [C mapillary2cityscape.py])")
+    g.add_argument("--num-points", type=int, default=MASK_POINTS,
+                   help=f"points per mask for the matcher and the mask losses (default "
+                        f"{MASK_POINTS} [C configs train_cfg.num_points]; toy 1024 = a 128 crop's "
+                        f"mask pixels)")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="log the losses every N iterations (default 50 [C default_runtime.py])")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # --recipe citys2acdc replaces the GTA defaults (flags written explicitly win), then toy.
+    given = common.explicit_flags(parser, sys.argv[1:] if argv is None else argv)
+    recipe = RECIPES[args.recipe]
+    for name in ("source", "targets", "crop", "batch_size", "lr", "warmup_iters"):
+        if name not in given:
+            setattr(args, name, recipe[name])
+    args.find_unused = recipe["find_unused"]
+    common.apply_toy_defaults(parser, args, argv, **TOY_DEFAULTS)
+    if args.stride is None:
+        args.stride = round(2 * args.crop / 3)
+    return args
+
+
+# ================================================================================================
+# 1. The frozen vision foundation model [C rein/models/backbones/dino_v2.py, reins_dinov2.py]
+# ================================================================================================
+
+# Every Rein config changes the VFM's patch size to 16 [C configs/_base_/models/*.py; spec §2].
+PATCH_SIZE = 16
+TRAIN_GRID = 32  # 512 / 16: the position-embedding grid the converted weights hold [C convert_*.py]
+
+# A literal table of the VFM sizes. out_indices: blocks whose outputs feed the head.
+VFM_SIZES: dict[str, dict] = {
+    "dinov2_s": dict(family="dinov2", embed_dim=384, depth=12, num_heads=6, swiglu=False,
+                     out_indices=(3, 5, 8, 11), weights="dinov2_vits14_pretrain.pth"),
+    "dinov2_b": dict(family="dinov2", embed_dim=768, depth=12, num_heads=12, swiglu=False,
+                     out_indices=(3, 5, 8, 11), weights="dinov2_vitb14_pretrain.pth"),
+    # [C configs/_base_/models/rein_dinov2_mask2former.py]
+    "dinov2_l": dict(family="dinov2", embed_dim=1024, depth=24, num_heads=16, swiglu=False,
+                     out_indices=(7, 11, 15, 23), weights="dinov2_vitl14_pretrain.pth"),
+    "dinov2_g": dict(family="dinov2", embed_dim=1536, depth=40, num_heads=24, swiglu=True,
+                     out_indices=(9, 19, 29, 39), weights="dinov2_vitg14_pretrain.pth"),
+    # [C configs/_base_/models/rein_eva02-L_mask2former.py]
+    "eva02_l": dict(family="eva02", embed_dim=1024, depth=24, num_heads=16, swiglu=True,
+                    out_indices=(7, 11, 15, 23), weights="eva02_L_pt_m38m_p14.pt"),
+    # tiny random-init model for tests
+    "test": dict(family="dinov2", embed_dim=32, depth=4, num_heads=2, swiglu=False,
+                 out_indices=(0, 1, 2, 3), weights=None),
+}  # fmt: skip
+DINOV2_LAYER_SCALE_INIT = 1e-5  # [C dino_v2 configs: init_values]
+EVA02_REF_GRID = 16  # RoPE reference grid, 224/14 [C rein_eva02-L_mask2former.py: pt_hw_seq_len]
+# Feature rescaling after the four out_indices: strides 16 -> 4, 8, 16, 32 [C dino_v2.py::forward]
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
+
+
+def build_vfm(size: str, img_size: int) -> nn.Module:
+    """The frozen VFM as a timm model with patch 16 (weights come later from load_vfm_weights)."""
+    from timm.layers import SwiGLUPacked
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = VFM_SIZES[size]
+    if cfg["family"] == "eva02":
+        # DEVIATION 2: timm's EVA02-L layout [timm eva.py::eva02_large_patch14_224] at patch 16.
+        return Eva(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                   depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4 * 2 / 3,
+                   qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                   ref_feat_shape=(EVA02_REF_GRID, EVA02_REF_GRID), num_classes=0,
+                   dynamic_img_size=True)  # fmt: skip
+    if cfg["swiglu"]:
+        # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
+        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                                 depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
+                                 mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, qkv_bias=True,
+                                 init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
+                                 dynamic_img_size=True)  # fmt: skip
+    return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                             depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4.0,
+                             qkv_bias=True, init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
+                             dynamic_img_size=True)  # fmt: skip
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """DINOv2's run-time rule: the stored square grid is used as is when the token grid is the same
+    square; otherwise bicubic with scale factors (h + 0.1)/g0, (w + 0.1)/g0 (the +0.1 avoids a
+    floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding]. pos_embed (1, 1+g0², C)."""
+    n = pos_embed.shape[1] - 1
+    h, w = grid_hw
+    if n == h * w and h == w:
+        return pos_embed
+    g0 = int(math.sqrt(n))
+    c = pos_embed.shape[-1]
+    patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+    patch = F.interpolate(patch, scale_factor=((h + 0.1) / g0, (w + 0.1) / g0), mode="bicubic",
+                          align_corners=False)  # fmt: skip
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, c)  # (1, h·w, C)
+    return torch.cat([pos_embed[:, :1], patch.to(pos_embed.dtype)], dim=1)
+
+
+class ReinsBackbone(nn.Module):
+    """Frozen VFM with a Rein layer after every block; returns the 4-level pyramid and the queries.
+
+    [C reins_dinov2.py::ReinsDinoVisionTransformer.forward_features, dino_v2.py::forward]:
+    tokens -> for each block i: x = block_i(x); x = Rein_i(x); keep x after the out_indices
+    blocks (patch tokens only, no final norm), reshape to (B, C, H/16, W/16) and rescale
+    bilinearly by x4, x2, x1, x0.5 -> strides 4, 8, 16, 32. No learned neck.
+    """
+
+    def __init__(self, size: str, img_size: int, reins: "Reins") -> None:
+        super().__init__()
+        cfg = VFM_SIZES[size]
+        self.is_eva = cfg["family"] == "eva02"
+        self.out_indices = tuple(cfg["out_indices"])
+        self.embed_dim = cfg["embed_dim"]
+        self.vfm = build_vfm(size, img_size)
+        self.reins = reins
+        # Frozen: every VFM parameter, always in eval mode [C utils.py::set_requires_grad, set_train]
+        self.vfm.requires_grad_(False)
+        self.vfm.eval()
+
+    def train(self, mode: bool = True) -> "ReinsBackbone":
+        """Only the Rein module follows train(); the VFM stays in eval mode (trap 10)."""
+        super().train(mode)
+        self.vfm.eval()
+        return self
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """images (B, 3, H, W), H and W multiples of 16 -> tokens (B, 1+N, C) with the class token
+        first and position embeddings added, the grid (h, w), the RoPE table (EVA02) or None."""
+        x = self.vfm.patch_embed(images)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)  # (B, N, C)
+        x = torch.cat([self.vfm.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1+N, C)
+        x = x + interpolate_pos_embed(self.vfm.pos_embed, (h, w))
+        rope = self.vfm.rope.get_embed(shape=(h, w)) if self.is_eva else None
+        return x, (h, w), rope
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """images (B, 3, H, W) normalised -> ([4 maps (B, C, H/4..H/32, ...)], queries (M, 256))."""
+        x, (h, w), rope = self.embed(images)
+        b = x.shape[0]
+        features = []
+        for i, block in enumerate(self.vfm.blocks):
+            x = block(x, rope=rope) if self.is_eva else block(x)
+            # [C reins_dinov2.py] trap 5: the Rein delta follows EVERY block, the last included
+            x = self.reins(x, i)
+            if i in self.out_indices:
+                # trap 2: block outputs before the VFM's final norm
+                features.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
+        features = [
+            f if s == 1.0 else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
+            for f, s in zip(features, PYRAMID_SCALES)
+        ]  # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
+        return features, self.reins.link_queries()
+
+
+# ================================================================================================
+# 2. Rein: learnable tokens refining every layer's features [C rein/models/backbones/reins.py]
+# ================================================================================================
+
+REIN_TOKEN_LENGTH = 100  # m tokens per layer [C configs: token_length]
+REIN_LORA_DIM = 16  # rank r [C configs: lora_dim]
+REIN_SCALE_INIT = 1e-3  # [C reins.py: scale_init]
+REIN_QUERY_DIMS = 256  # Mask2Former hidden size [C reins.py: query_dims]
+
+
+class Reins(nn.Module):
+    """Per-layer tokens T_i (m x C), two layer-shared MLPs, a learnable scale, the linking layers.
+
+    Rein_i(f) = f + s · MLP_delta( Softmax(f T_i^T / sqrt(C))[:, 1:] · MLP_token(T_i[1:]) + f ),
+    applied to the patch tokens f of layer i; the class token passes unchanged
+    [C reins.py::Reins.forward, forward_delta_feat]. Low rank: T_i = A_i B_i (A_i m x r,
+    B_i r x C) [C reins.py::LoRAReins]; full rank (lora_dim=None): T_i stored directly [C Reins].
+    """
+
+    def __init__(self, num_layers: int, embed_dims: int, patch_size: int = PATCH_SIZE,
+                 token_length: int = REIN_TOKEN_LENGTH, lora_dim: int | None = REIN_LORA_DIM,
+                 query_dims: int = REIN_QUERY_DIMS, scale_init: float = REIN_SCALE_INIT) -> None:
+        super().__init__()
+        self.num_layers, self.embed_dims, self.lora_dim = num_layers, embed_dims, lora_dim
+        # [C reins.py::create_model] an init bound borrowed from VPT: sqrt(6 / (3·p² + d)),
+        # d = C for full rank and sqrt(C·r) for the low-rank factors
+        d = embed_dims if lora_dim is None else math.sqrt(embed_dims * lora_dim)
+        bound = math.sqrt(6.0 / (3 * patch_size * patch_size + d))
+        if lora_dim is None:
+            self.learnable_tokens = nn.Parameter(torch.empty(num_layers, token_length, embed_dims))
+            nn.init.uniform_(self.learnable_tokens, -bound, bound)
+        else:
+            self.learnable_tokens_a = nn.Parameter(torch.empty(num_layers, token_length, lora_dim))
+            self.learnable_tokens_b = nn.Parameter(torch.empty(num_layers, lora_dim, embed_dims))
+            nn.init.uniform_(self.learnable_tokens_a, -bound, bound)
+            nn.init.uniform_(self.learnable_tokens_b, -bound, bound)
+        self.scale = nn.Parameter(torch.tensor(scale_init))
+        # [P Fig. 2] MLPs shared by all layers; kaiming_uniform(a=√5) = PyTorch's Linear default
+        self.mlp_token2feat = nn.Linear(embed_dims, embed_dims)
+        self.mlp_delta_f = nn.Linear(embed_dims, embed_dims)
+        # linking tokens to queries [C reins.py::return_auto]
+        self.transform = nn.Linear(embed_dims, query_dims)
+        self.merge = nn.Linear(query_dims * 3, query_dims)
+
+    def get_tokens(self, layer: int | None = None) -> torch.Tensor:
+        """T_i (m, C) of one layer, or all layers (L, m, C) when layer is None."""
+        if self.lora_dim is None:
+            return self.learnable_tokens if layer is None else self.learnable_tokens[layer]
+        if layer is None:
+            return self.learnable_tokens_a @ self.learnable_tokens_b  # (L, m, C)
+        return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]  # (m, C)
+
+    def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x (B, 1+N, C) after block `layer`, class token first -> same shape."""
+        cls_token, f = x[:, :1], x[:, 1:]  # (B, 1, C), (B, N, C)
+        tokens = self.get_tokens(layer)  # (m, C)
+        # S_i = Softmax(f T_i^T / sqrt(C)) over the m tokens
+        attn = torch.softmax(f @ tokens.t() * self.embed_dims**-0.5, dim=-1)  # (B, N, m)
+        # trap 3: token 0 is in the softmax's normaliser but contributes no value
+        delta = attn[..., 1:] @ self.mlp_token2feat(tokens[1:])  # (B, N, C)
+        # trap 4: the residual f goes inside the second MLP, then scale·Δ is added outside
+        delta = self.mlp_delta_f(delta + f)
+        return torch.cat([cls_token, f + self.scale * delta], dim=1)
+
+    def link_queries(self) -> torch.Tensor:
+        """Queries (m, 256) from the tokens of all layers, independent of the image:
+        Q_i = transform(T_i); Q = merge([max_i Q_i, mean_i Q_i, Q_L]) [C reins.py::return_auto]."""
+        q = self.transform(self.get_tokens()).permute(1, 2, 0)  # (m, 256, L)
+        pooled = torch.stack([q.amax(-1), q.mean(-1), q[..., -1]], dim=-1)  # (m, 256, 3)
+        return self.merge(pooled.flatten(1))  # (m, 768) -> (m, 256), channel-major like the code
+
+
+def rein_parameter_counts(reins: Reins) -> dict[str, int]:
+    """Rein proper (tokens, two MLPs, scale: the paper's 2.53M for ViT-L) and the linking layers."""
+    link = sum(p.numel() for m in (reins.transform, reins.merge) for p in m.parameters())
+    total = sum(p.numel() for p in reins.parameters())
+    return {"rein": total - link, "linking": link, "rein_with_linking": total}
+
+
+# ================================================================================================
+# 3. Mask2Former (declared copy, identical in clouds.py; do not edit between the markers)
+# ================================================================================================
+
+# ---- BEGIN Mask2Former (declared copy: identical in rein.py and clouds.py) ----
+# Host-file imports: import math; from collections.abc import Sequence; import torch;
+# import torch.nn.functional as F; from scipy.optimize import linear_sum_assignment;
+# from torch import nn
+#
+# Mask2Former (Cheng et al., "Masked-attention Mask Transformer for Universal Image Segmentation",
+# CVPR 2022, arXiv 2112.01527) as both methods run it: deformable-attention pixel decoder + 9-layer
+# masked-attention transformer decoder + Hungarian set criterion with point-sampled mask losses.
+# [C mask2former/...] = facebookresearch/Mask2Former on detectron2 (detectron2 inits);
+# [C mmdet/...] = mmdetection 3.x Mask2Former (same computation, other inits: see `init`).
+# The compiled CUDA deformable-attention op is replaced by its pure-PyTorch grid_sample form, which
+# the official file ships as the reference implementation of the same computation.
+
+# Fixed architecture values, identical in both official configs.
+M2F_DIM = 256  # conv_dim = mask_dim = hidden_dim [C mask2former/config.py]
+# GroupNorm(32) in the pixel decoder [C mask2former/modeling/pixel_decoder/msdeformattn.py]
+M2F_GN_GROUPS = 32
+# deformable attention over res3, res4, res5 [C msdeformattn.py::MSDeformAttnPixelDecoder]
+M2F_ENC_LEVELS = 3
+M2F_ENC_LAYERS = 6  # TRANSFORMER_ENC_LAYERS [C mask2former/config.py]
+M2F_ENC_HEADS = 8
+M2F_ENC_POINTS = 4  # sampling points per head per level
+M2F_ENC_FFN_DIM = 1024  # hard-coded in MSDeformAttnPixelDecoder [C msdeformattn.py]
+# DEC_LAYERS 10 minus the prediction on the initial queries [C mask2former_transformer_decoder.py]
+M2F_DEC_LAYERS = 9
+M2F_DEC_HEADS = 8  # NHEADS
+M2F_DEC_FFN_DIM = 2048  # DIM_FEEDFORWARD
+M2F_POS_TEMPERATURE = 10000.0  # [C mask2former/modeling/transformer_decoder/position_encoding.py]
+# detectron2 / mmdet weight-matrix inits, see `init_transformer_weights`
+M2F_INITS = ("xavier_uniform", "xavier_normal")
+
+
+def init_transformer_weights(module: nn.Module, init: str) -> None:
+    """Xavier init of every parameter with dim > 1 (weight matrices) of a transformer block.
+
+    detectron2 uses the uniform form [C mask2former_transformer_decoder.py::
+    SelfAttentionLayer._reset_parameters, msdeformattn.py::MSDeformAttnTransformerEncoderOnly.
+    _reset_parameters]; mmdet uses the normal form for the decoder layers
+    [C mmdet/models/dense_heads/mask2former_head.py::init_weights] and for the deformable encoder
+    [C mmdet/models/layers/msdeformattn_pixel_decoder.py::init_weights].
+    """
+    if init not in M2F_INITS:
+        raise ValueError(f"init must be one of {M2F_INITS}, got {init!r}")
+    fill = nn.init.xavier_uniform_ if init == "xavier_uniform" else nn.init.xavier_normal_
+    for p in module.parameters():
+        if p.dim() > 1:
+            fill(p)
+
+
+def c2_xavier_fill(conv: nn.Conv2d) -> None:
+    """Caffe2 'xavier': Kaiming-uniform a=1, bias 0 [C fvcore/nn/weight_init.py::c2_xavier_fill]."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Fixed 2-D sine code: num_feats channels for y, then num_feats for x.
+
+    Coordinates are the 1-based row/column index normalised by the map size and scaled to (0, 2π];
+    channel 2k holds sin(c / T^(2k/F)), channel 2k+1 cos(c / T^(2k/F))
+    [C mask2former/modeling/transformer_decoder/position_encoding.py::PositionEmbeddingSine].
+    """
+
+    def __init__(
+        self,
+        num_feats: int = M2F_DIM // 2,
+        temperature: float = M2F_POS_TEMPERATURE,
+        scale: float = 2 * math.pi,
+    ) -> None:
+        super().__init__()
+        self.num_feats = num_feats
+        self.temperature = temperature
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), only its size is used -> (1, 2·num_feats, H, W) fp32, broadcast on B."""
+        h, w = x.shape[-2:]
+        eps = 1e-6  # [C position_encoding.py]
+        y_embed = (
+            torch.arange(1, h + 1, dtype=torch.float32, device=x.device) / (h + eps) * self.scale
+        )
+        x_embed = (
+            torch.arange(1, w + 1, dtype=torch.float32, device=x.device) / (w + eps) * self.scale
+        )
+        k = torch.arange(self.num_feats, dtype=torch.float32, device=x.device)
+        dim_t = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_feats)
+        pos_y = y_embed[:, None] / dim_t  # (H, F)
+        pos_x = x_embed[:, None] / dim_t  # (W, F)
+        # interleave sin (even channels) and cos (odd channels): (H, F/2, 2) -> (H, F)
+        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
+        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
+        pos = torch.cat(
+            (pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=2
+        )  # (H, W, 2F)
+        return pos.permute(2, 0, 1)[None]  # (1, 2F, H, W)
+
+
+# ---------------------------------------------------------------- multi-scale deformable attention
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_l Σ_p A[b,q,m,l,p] · bilinear(V_l[b,:,m], loc[b,q,m,l,p]) for every head m.
+
+    value (B, S, M, D) with S = Σ_l H_l·W_l (levels in `spatial_shapes` order); sampling_locations
+    (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (B, Lq, M, L, P) -> (B, Lq, M·D).
+    Bilinear reads with grid_sample(align_corners=False, zero padding) at 2·loc − 1
+    [C mask2former/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py::
+    ms_deform_attn_core_pytorch]. Levels have different sizes, so one grid_sample per level; each
+    level's weighted sum is accumulated instead of stacking all samples, which keeps peak memory at
+    one level's samples.
+    """
+    b, _, m, d = value.shape
+    _, lq, _, _, p, _ = sampling_locations.shape
+    grids = 2 * sampling_locations - 1
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    out = value.new_zeros(b * m, d, lq)
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        value_l = values[lvl].permute(0, 2, 3, 1).reshape(b * m, d, h, w)  # (B·M, D, H_l, W_l)
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(b * m, lq, p, 2)  # (B·M, Lq, P, 2)
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (B·M, D, Lq, P)
+        weight_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(b * m, 1, lq, p)
+        out = out + (sampled * weight_l).sum(-1)  # (B·M, D, Lq)
+    return out.view(b, m * d, lq).transpose(1, 2)  # (B, Lq, M·D), head-major channels
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR) as used in the pixel decoder.
+
+    Always computes in fp32 with autocast off: the official pixel decoder disables autocast because
+    the deformable op does not support half precision
+    [C msdeformattn.py::MSDeformAttnPixelDecoder.forward_features].
+    """
+
+    def __init__(
+        self,
+        dim: int = M2F_DIM,
+        num_heads: int = M2F_ENC_HEADS,
+        num_levels: int = M2F_ENC_LEVELS,
+        num_points: int = M2F_ENC_POINTS,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Offsets start on a star: head h looks along θ_h = 2πh/M, the direction scaled so its
+        largest component is 1, and point k (0-based) sits k+1 steps out, on every level; attention
+        starts uniform [C mask2former/modeling/pixel_decoder/ops/modules/ms_deform_attn.py::
+        MSDeformAttn._reset_parameters].
+        """
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        direction = torch.stack([theta.cos(), theta.sin()], dim=-1)  # (M, 2)
+        direction = direction / direction.abs().max(dim=-1, keepdim=True).values
+        step = torch.arange(1, self.num_points + 1, dtype=torch.float32)  # (P,)
+        grid = direction[:, None, None, :] * step[None, None, :, None]  # (M, 1, P, 2)
+        grid = grid.expand(-1, self.num_levels, -1, -1)  # (M, L, P, 2)
+        self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value_in: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """query (B, Lq, C), reference_points (B or 1, Lq, L, 2) as (x, y) in [0, 1],
+        value_in (B, S, C) -> (B, Lq, C)."""
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            query, value_in = query.float(), value_in.float()
+            b, lq, _ = query.shape
+            m, lv, p = self.num_heads, self.num_levels, self.num_points
+            value = self.value_proj(value_in)
+            value = value.view(b, value.shape[1], m, -1)  # (B, S, M, D)
+            offsets = self.sampling_offsets(query).view(b, lq, m, lv, p, 2)
+            # softmax over the L·P samples of each head
+            weights = self.attention_weights(query).view(b, lq, m, lv * p).softmax(-1)
+            weights = weights.view(b, lq, m, lv, p)
+            # offsets are in pixels of each level: divide by that level's (W, H)
+            normalizer = torch.tensor(
+                [[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device
+            )  # (L, 2)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )  # (B, Lq, M, L, P, 2)
+            out = ms_deform_attn(value, spatial_shapes, locations, weights)
+            return self.output_proj(out)
+
+
+# ---------------------------------------------------------------- pixel decoder
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: x = LN(x + MSDeformAttn(x + pos)); x = LN(x + FFN(x)); dropout 0 so omitted
+    [C msdeformattn.py::MSDeformAttnTransformerEncoderLayer]."""
+
+    def __init__(self, dim: int = M2F_DIM, ffn_dim: int = M2F_ENC_FFN_DIM) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+def encoder_reference_points(
+    spatial_shapes: Sequence[tuple[int, int]], device: torch.device
+) -> torch.Tensor:
+    """Pixel centres ((j + 0.5)/W, (i + 0.5)/H) of every level's tokens -> (1, S, L, 2).
+
+    No padding masks, so every valid ratio is 1 and each token uses the same point on all levels
+    [C msdeformattn.py::MSDeformAttnTransformerEncoder.get_reference_points].
+    """
+    points = []
+    for h, w in spatial_shapes:
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+        points.append(torch.stack((grid_x, grid_y), dim=-1).reshape(-1, 2))  # (H·W, 2)
+    points = torch.cat(points, dim=0)  # (S, 2)
+    return points[None, :, None, :].expand(1, -1, len(spatial_shapes), -1)  # (1, S, L, 2)
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """res2..res5 -> mask_features (B, 256, H/4, W/4) and [1/32, 1/16, 1/8] maps of 256 channels.
+
+    [C mask2former/modeling/pixel_decoder/msdeformattn.py::MSDeformAttnPixelDecoder]:
+    1×1 conv + GN projections of res5, res4, res3; 6 deformable encoder layers over the 3 flattened
+    levels with sine position + learned level embedding; one FPN step onto res2; 1×1 mask-feature
+    conv.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], dim: int = M2F_DIM, init: str = "xavier_uniform"
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(
+                f"in_channels must list res2..res5 (4 values), got {list(in_channels)}"
+            )
+        # input_proj[0] is res5, [1] res4, [2] res3: low to high resolution
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(M2F_GN_GROUPS, dim))
+            for c in reversed(in_channels[1:])
+        )
+        self.pos_embed = PositionEmbeddingSine(dim // 2)
+        self.level_embed = nn.Parameter(torch.empty(M2F_ENC_LEVELS, dim))
+        self.encoder_layers = nn.ModuleList(
+            DeformableEncoderLayer(dim) for _ in range(M2F_ENC_LAYERS)
+        )
+        self.lateral_conv = nn.Sequential(
+            nn.Conv2d(in_channels[0], dim, kernel_size=1, bias=False),
+            nn.GroupNorm(M2F_GN_GROUPS, dim),
+        )
+        self.output_conv = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(M2F_GN_GROUPS, dim),
+            nn.ReLU(),
+        )
+        self.mask_features = nn.Conv2d(dim, dim, kernel_size=1)
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        # encoder: Xavier on all matrices, then the deformable-attention init on top
+        # [C msdeformattn.py::MSDeformAttnTransformerEncoderOnly._reset_parameters]
+        init_transformer_weights(self.encoder_layers, init)
+        for layer in self.encoder_layers:
+            layer.self_attn.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        c2_xavier_fill(self.lateral_conv[0])
+        c2_xavier_fill(self.output_conv[0])
+        c2_xavier_fill(self.mask_features)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features: [res2, res3, res4, res5], each (B, C_i, H/2^(i+2), W/2^(i+2))."""
+        res2 = features[0]
+        srcs, poss, shapes = [], [], []
+        for lvl, (proj, x) in enumerate(zip(self.input_proj, reversed(features[1:]))):
+            src = proj(x)  # (B, C, h, w)
+            shapes.append((src.shape[-2], src.shape[-1]))
+            srcs.append(src.flatten(2).transpose(1, 2))  # (B, h·w, C)
+            pos = self.pos_embed(src).flatten(2).transpose(1, 2)  # (1, h·w, C)
+            poss.append(pos + self.level_embed[lvl])
+        src = torch.cat(srcs, dim=1)  # (B, S, C), S = Σ h·w, levels 1/32, 1/16, 1/8
+        pos = torch.cat(poss, dim=1)  # (1, S, C)
+        reference_points = encoder_reference_points(shapes, src.device)
+        for layer in self.encoder_layers:
+            src = layer(src, pos, reference_points, shapes)
+        b, _, c = src.shape
+        multi_scale_features = [
+            tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
+            for tokens, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
+        # FPN step onto the stride-4 level [C msdeformattn.py::forward_features]
+        y = self.lateral_conv(res2)
+        y = y + F.interpolate(
+            multi_scale_features[-1], size=y.shape[-2:], mode="bilinear", align_corners=False
+        )
+        y = self.output_conv(y)
+        return self.mask_features(y), multi_scale_features
+
+
+# ---------------------------------------------------------------- masked-attention decoder
+
+
+def masked_attention_mask(
+    mask_logits: torch.Tensor, size: tuple[int, int], num_heads: int
+) -> torch.Tensor:
+    """Masked attention: a query only sees memory positions its current mask covers.
+
+    mask_logits (B, Q, H, W) -> bool (B·heads, Q, h·w), True = blocked: sigmoid of the logits
+    resized bilinearly to the memory size is < 0.5. A query blocked everywhere is unblocked entirely
+    (else its softmax is empty) [C mask2former/modeling/transformer_decoder/
+    mask2former_transformer_decoder.py::MultiScaleMaskedTransformerDecoder.forward,
+    forward_prediction_heads].
+    """
+    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    blocked = (resized.sigmoid() < 0.5).flatten(2)  # (B, Q, h·w)
+    blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+    # batch-major head layout, as nn.MultiheadAttention expects for a 3-D mask
+    return blocked.detach().repeat_interleave(num_heads, dim=0)  # (B·heads, Q, h·w)
+
+
+class MaskedDecoderLayer(nn.Module):
+    """Masked cross-attention -> self-attention -> FFN, each post-norm with dropout 0
+    [C mask2former_transformer_decoder.py::CrossAttentionLayer, SelfAttentionLayer, FFNLayer]."""
+
+    def __init__(
+        self, dim: int = M2F_DIM, num_heads: int = M2F_DEC_HEADS, ffn_dim: int = M2F_DEC_FFN_DIM
+    ) -> None:
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_self = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_key: torch.Tensor,
+        attn_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """query, query_pos (B, Q, C); memory (B, S, C); memory_key = memory + pos (B, S, C);
+        attn_mask (B·heads, Q, S) bool, True = blocked."""
+        attended = self.cross_attn(
+            query + query_pos, memory_key, memory, attn_mask=attn_mask, need_weights=False
+        )[0]
+        query = self.norm_cross(query + attended)
+        q_k = query + query_pos
+        query = self.norm_self(query + self.self_attn(q_k, q_k, query, need_weights=False)[0])
+        return self.norm_ffn(query + self.linear2(F.relu(self.linear1(query))))
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """9 masked-attention layers cycling over the 1/32, 1/16, 1/8 memories; a class + mask
+    prediction after the initial queries and after every layer [C mask2former/modeling/
+    transformer_decoder/mask2former_transformer_decoder.py::MultiScaleMaskedTransformerDecoder].
+
+    learned_queries=True: nn.Embedding query_feat (content) and query_embed (position), as in
+    Mask2Former. learned_queries=False: the caller passes query_feat and query_pos (B, Q, C).
+    init: "xavier_uniform" (detectron2) or "xavier_normal" (mmdet) for the layers' weight matrices.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 19,
+        num_queries: int = 100,
+        dim: int = M2F_DIM,
+        learned_queries: bool = True,
+        init: str = "xavier_uniform",
+    ) -> None:
+        super().__init__()
+        self.num_heads = M2F_DEC_HEADS
+        self.learned_queries = learned_queries
+        self.pos_embed = PositionEmbeddingSine(dim // 2)
+        self.level_embed = nn.Embedding(M2F_ENC_LEVELS, dim)
+        if learned_queries:
+            self.query_feat = nn.Embedding(num_queries, dim)
+            self.query_embed = nn.Embedding(num_queries, dim)
+        self.layers = nn.ModuleList(MaskedDecoderLayer(dim) for _ in range(M2F_DEC_LAYERS))
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.class_embed = nn.Linear(dim, num_classes + 1)  # last logit = no-object
+        self.mask_embed = nn.Sequential(
+            nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)
+        )
+        init_transformer_weights(self.layers, init)
+
+    def predict(
+        self, query: torch.Tensor, mask_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, Q, C) -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)."""
+        query = self.decoder_norm(query)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(query), mask_features)
+        return self.class_embed(query), mask_logits
+
+    def forward(
+        self,
+        mask_features: torch.Tensor,
+        multi_scale_features: Sequence[torch.Tensor],
+        query_feat: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+    ) -> dict:
+        b = mask_features.shape[0]
+        if self.learned_queries:
+            if query_feat is not None or query_pos is not None:
+                raise ValueError(
+                    "this decoder has learned queries; do not pass query_feat/query_pos"
+                )
+            query_feat = self.query_feat.weight[None].expand(b, -1, -1)  # (B, Q, C)
+            query_pos = self.query_embed.weight[None].expand(b, -1, -1)  # (B, Q, C)
+        elif query_feat is None or query_pos is None:
+            raise ValueError("learned_queries=False: pass query_feat and query_pos, each (B, Q, C)")
+
+        memories, keys, sizes = [], [], []
+        for lvl, x in enumerate(multi_scale_features):
+            sizes.append((x.shape[-2], x.shape[-1]))
+            memory = x.flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]  # (B, h·w, C)
+            memories.append(memory)
+            keys.append(memory + self.pos_embed(x).flatten(2).transpose(1, 2))  # (B, h·w, C)
+
+        query = query_feat
+        logits, masks = self.predict(query, mask_features)
+        predictions = [(logits, masks)]
+        for i, layer in enumerate(self.layers):
+            lvl = i % len(memories)
+            attn_mask = masked_attention_mask(masks, sizes[lvl], self.num_heads)
+            query = layer(query, query_pos, memories[lvl], keys[lvl], attn_mask)
+            logits, masks = self.predict(query, mask_features)
+            predictions.append((logits, masks))
+        return {
+            "pred_logits": predictions[-1][0],  # (B, Q, K+1)
+            "pred_masks": predictions[-1][1],  # (B, Q, H/4, W/4)
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]],
+        }
+
+
+class Mask2FormerHead(nn.Module):
+    """Pixel decoder + masked-attention decoder; in_channels are those of res2..res5."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = 19,
+        num_queries: int = 100,
+        learned_queries: bool = True,
+        init: str = "xavier_uniform",
+    ) -> None:
+        super().__init__()
+        self.pixel_decoder = MSDeformAttnPixelDecoder(in_channels, init=init)
+        self.transformer_decoder = MaskedAttentionDecoder(
+            num_classes, num_queries, learned_queries=learned_queries, init=init
+        )
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        query_feat: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+    ) -> dict:
+        """features [res2, res3, res4, res5] -> {pred_logits, pred_masks, aux_outputs (9 dicts)}."""
+        mask_features, multi_scale_features = self.pixel_decoder(features)
+        return self.transformer_decoder(mask_features, multi_scale_features, query_feat, query_pos)
+
+
+def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """score[c] = Σ_q softmax(class logits_q)[c] · sigmoid(mask_q), no-object column dropped
+    [C mask2former/maskformer_model.py::MaskFormer.semantic_inference].
+
+    pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> (B, K, h, w).
+    """
+    class_prob = pred_logits.softmax(-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", class_prob, pred_masks.sigmoid())
+
+
+# ---------------------------------------------------------------- targets, matcher, losses
+
+
+def semantic_to_targets(
+    labels: torch.Tensor, num_classes: int = 19, ignore_index: int = 255
+) -> list[dict[str, torch.Tensor]]:
+    """(B, H, W) int64 train ids -> per image {labels (K,), masks (K, H, W) float}: one binary mask
+    per class present, ascending, ignore label excluded [C mask2former/data/dataset_mappers/
+    mask_former_semantic_dataset_mapper.py::__call__]."""
+    targets = []
+    for label in labels:
+        classes = torch.unique(label)  # sorted
+        classes = classes[classes != ignore_index]
+        if len(classes) and int(classes[-1]) >= num_classes:
+            bad = int(classes[-1])
+            raise ValueError(
+                f"label {bad} is neither a train id < {num_classes} nor {ignore_index}"
+            )
+        masks = (label[None] == classes[:, None, None]).float()  # (K, H, W)
+        targets.append({"labels": classes, "masks": masks})
+    return targets
+
+
+def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear read of inputs (N, C, H, W) at coords (N, P, 2) as (x, y) in [0, 1]² -> (N, C, P)
+    [C detectron2/projects/PointRend/point_rend/point_features.py::point_sample]."""
+    grid = 2.0 * coords[:, :, None, :] - 1.0  # (N, P, 1, 2)
+    return F.grid_sample(inputs, grid, mode="bilinear", align_corners=False).squeeze(3)
+
+
+def uncertain_point_coords(
+    logits: torch.Tensor, num_points: int, oversample: float, importance: float
+) -> torch.Tensor:
+    """PointRend importance sampling: of num_points·oversample uniform candidates keep the
+    importance·num_points with the smallest |logit|, then add fresh uniform points to num_points.
+
+    logits (N, 1, H, W) -> coords (N, num_points, 2) in [0, 1]², uncertain points first
+    [C point_features.py::get_uncertain_point_coords_with_randomness], uncertainty = −|logit|.
+    """
+    n = logits.shape[0]
+    num_candidates = int(num_points * oversample)
+    num_uncertain = int(importance * num_points)
+    candidates = torch.rand(n, num_candidates, 2, device=logits.device)
+    uncertainty = -point_sample(logits, candidates).abs()[:, 0]  # (N, num_candidates)
+    idx = uncertainty.topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
+    coords = candidates.gather(1, idx[:, :, None].expand(-1, -1, 2))  # (N, num_uncertain, 2)
+    num_random = num_points - num_uncertain
+    if num_random > 0:
+        coords = torch.cat([coords, torch.rand(n, num_random, 2, device=logits.device)], dim=1)
+    return coords
+
+
+def pairwise_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over points for every (prediction, target) pair: (Q, P), (K, P) -> (Q, K).
+    BCE(x, t) = t·BCE(x, 1) + (1 − t)·BCE(x, 0), so two matrix products cover all pairs
+    [C mask2former/modeling/matcher.py::batch_sigmoid_ce_loss]."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    cost = torch.einsum("qp,kp->qk", pos, targets) + torch.einsum("qp,kp->qk", neg, 1 - targets)
+    return cost / logits.shape[1]
+
+
+def pairwise_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 − (2·Σσ(x)·t + 1) / (Σσ(x) + Σt + 1) for every pair: (Q, P), (K, P) -> (Q, K)
+    [C matcher.py::batch_dice_loss]."""
+    probs = logits.sigmoid()
+    numerator = 2 * torch.einsum("qp,kp->qk", probs, targets)
+    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """BCE averaged over the P points of each matched mask, summed over masks, / num_masks;
+    (N, P) inputs [C mask2former/modeling/criterion.py::sigmoid_ce_loss]."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return loss.mean(1).sum() / num_masks
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """Σ_masks [1 − (2·Σσ(x)·t + 1) / (Σσ(x) + Σt + 1)] / num_masks; (N, P) inputs
+    [C criterion.py::dice_loss]."""
+    probs = logits.sigmoid()
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+class HungarianMatcher:
+    """One-to-one matching of queries to target masks per image, minimising
+    cost_class·(−p[class]) + cost_mask·BCE + cost_dice·dice on num_points uniform random points
+    shared by all queries and targets of an image
+    [C mask2former/modeling/matcher.py::HungarianMatcher.memory_efficient_forward]."""
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        num_points: int = 12544,
+    ) -> None:
+        self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> per image
+        (query indices, target indices), int64 on the CPU."""
+        b, q = pred_logits.shape[:2]
+        probs = pred_logits.float().softmax(-1)  # (B, Q, K+1)
+        # one coordinate set per image, read for all Q predictions at once (queries as channels)
+        coords = torch.rand(b, self.num_points, 2, device=pred_masks.device)
+        pred_points = point_sample(pred_masks.float(), coords)  # (B, Q, P)
+        costs = []
+        for i, target in enumerate(targets):
+            labels, masks = target["labels"], target["masks"]
+            if len(labels) == 0:
+                continue
+            target_points = point_sample(masks[None].float(), coords[i : i + 1])[0]  # (K, P)
+            cost = (
+                self.cost_class * -probs[i][:, labels]
+                + self.cost_mask * pairwise_bce_cost(pred_points[i], target_points)
+                + self.cost_dice * pairwise_dice_cost(pred_points[i], target_points)
+            )  # (Q, K)
+            costs.append(cost)
+        # one device -> host copy for the whole batch, then scipy per image
+        costs = torch.cat(costs, dim=1).cpu() if costs else torch.zeros(q, 0)
+        costs = costs.split([len(t["labels"]) for t in targets], dim=1)
+        indices = []
+        for cost in costs:
+            rows, cols = linear_sum_assignment(cost.numpy())
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
+        return indices
+
+
+def count_masks(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Target masks in the global batch / world size, ≥ 1 [C criterion.py::SetCriterion.forward]."""
+    num_masks = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(num_masks)
+        world_size = torch.distributed.get_world_size()
+    return max(num_masks.item() / world_size, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Mask2Former loss with deep supervision: for the final and each of the 9 auxiliary
+    predictions, Hungarian matching then weight_ce·CE + weight_mask·BCE + weight_dice·dice
+    [C mask2former/modeling/criterion.py::SetCriterion].
+
+    Returns 30 already-weighted terms (loss_ce, loss_mask, loss_dice, then each with _0.._8 for
+    aux_outputs[0..8]); the training loss is their sum.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 19,
+        eos_coef: float = 0.1,
+        weight_ce: float = 2.0,
+        weight_mask: float = 5.0,
+        weight_dice: float = 5.0,
+        num_points: int = 12544,
+        oversample: float = 3.0,
+        importance: float = 0.75,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.weight_ce, self.weight_mask, self.weight_dice = weight_ce, weight_mask, weight_dice
+        self.num_points, self.oversample, self.importance = num_points, oversample, importance
+        self.matcher = HungarianMatcher(weight_ce, weight_mask, weight_dice, num_points)
+        # CE class weights: 1 for real classes, eos_coef for no-object (last index)
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("class_weight", class_weight, persistent=False)
+
+    @staticmethod
+    def matched_queries(
+        indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch index, query index) of every matched prediction, image by image."""
+        batch_idx = torch.cat([torch.full_like(rows, i) for i, (rows, _) in enumerate(indices)])
+        query_idx = torch.cat([rows for rows, _ in indices])
+        return batch_idx, query_idx
+
+    def loss_labels(
+        self,
+        pred_logits: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+        indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Weighted-mean CE over all B·Q queries; unmatched ones target no-object (num_classes)."""
+        logits = pred_logits.float()  # (B, Q, K+1)
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )  # (B, Q)
+        batch_idx, query_idx = self.matched_queries(indices)
+        matched_labels = torch.cat(
+            [t["labels"][cols.to(t["labels"].device)] for t, (_, cols) in zip(targets, indices)]
+        )
+        target_classes[batch_idx.to(logits.device), query_idx.to(logits.device)] = (
+            matched_labels.to(logits.device)
+        )
+        class_weight = self.class_weight.to(logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight)
+
+    def loss_masks(
+        self,
+        pred_masks: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]],
+        indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        num_masks: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point-sampled BCE and dice of each matched (prediction, target) pair, / num_masks."""
+        batch_idx, query_idx = self.matched_queries(indices)
+        if len(batch_idx) == 0:  # no targets in the batch: zero, but still part of the graph
+            zero = pred_masks.sum() * 0.0
+            return zero, zero
+        pred = pred_masks[batch_idx.to(pred_masks.device), query_idx.to(pred_masks.device)]
+        pred = pred.float()[:, None]  # (N, 1, h, w)
+        target = torch.cat(
+            [t["masks"][cols.to(t["masks"].device)] for t, (_, cols) in zip(targets, indices)]
+        )
+        target = target.to(pred)[:, None]  # (N, 1, H, W)
+        with torch.no_grad():
+            coords = uncertain_point_coords(pred, self.num_points, self.oversample, self.importance)
+            target_points = point_sample(target, coords)[:, 0]  # (N, P)
+        pred_points = point_sample(pred, coords)[:, 0]  # (N, P)
+        return (
+            sigmoid_bce_loss(pred_points, target_points, num_masks),
+            dice_loss(pred_points, target_points, num_masks),
+        )
+
+    def forward(
+        self, outputs: dict, targets: Sequence[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        num_masks = count_masks(targets, outputs["pred_logits"].device)
+        predictions = [("", outputs)] + [
+            (f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])
+        ]
+        losses = {}
+        for suffix, out in predictions:
+            indices = self.matcher(out["pred_logits"], out["pred_masks"], targets)
+            loss_mask, loss_dice = self.loss_masks(out["pred_masks"], targets, indices, num_masks)
+            losses["loss_ce" + suffix] = self.weight_ce * self.loss_labels(
+                out["pred_logits"], targets, indices
+            )
+            losses["loss_mask" + suffix] = self.weight_mask * loss_mask
+            losses["loss_dice" + suffix] = self.weight_dice * loss_dice
+        return losses
+
+
+# ---- END Mask2Former ----
+
+
+# ================================================================================================
+# 4. The Rein segmentor: linked queries into Mask2Former [C rein/models/heads/rein_mask2former.py]
+# ================================================================================================
+
+
+class ReinMask2FormerHead(nn.Module):
+    """Mask2Former whose learned query embeddings are deleted; with the Rein queries Q (m, 256):
+    query_pos = Q and query_feat = querys2feat(Q) (trap 6) [C ReinMask2FormerHead.forward].
+    Inits as mmdet: xavier_normal for the transformer layers [C mmdet mask2former_head.py]."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int = common.NUM_CLASSES,
+                 num_queries: int = REIN_TOKEN_LENGTH) -> None:
+        super().__init__()
+        self.m2f = Mask2FormerHead(in_channels, num_classes, num_queries, learned_queries=False,
+                                   init="xavier_normal")
+        self.querys2feat = nn.Linear(REIN_QUERY_DIMS, REIN_QUERY_DIMS)
+
+    def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor) -> dict:
+        q = queries[None].expand(features[0].shape[0], -1, -1)  # (B, m, 256)
+        return self.m2f(features, query_feat=self.querys2feat(q), query_pos=q)
+
+
+class ReinSegmentor(nn.Module):
+    """Frozen VFM + Rein -> (pyramid, queries) -> Mask2Former. The module names follow the
+    official ones (backbone.reins.*, decode_head.*) so the key map stays short."""
+
+    def __init__(self, backbone: str = "dinov2_l", img_size: int = 512,
+                 token_length: int = REIN_TOKEN_LENGTH, lora_dim: int | None = REIN_LORA_DIM,
+                 num_classes: int = common.NUM_CLASSES) -> None:
+        super().__init__()
+        cfg = VFM_SIZES[backbone]
+        reins = Reins(cfg["depth"], cfg["embed_dim"], PATCH_SIZE, token_length, lora_dim)
+        self.backbone = ReinsBackbone(backbone, img_size, reins)
+        self.decode_head = ReinMask2FormerHead([cfg["embed_dim"]] * 4, num_classes, token_length)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, 3, H, W) normalised, H and W multiples of 16 -> Mask2Former outputs."""
+        features, queries = self.backbone(images)
+        return self.decode_head(features, queries)
+
+
+@torch.no_grad()
+def segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class scores (B, K, H, W) of normalised images: mask logits upsampled to the input size,
+    then Σ_q softmax(class_q)[:K] · sigmoid(mask_q) [C mmseg mask2former_head.py::predict].
+    DEVIATION 6: sides that are not multiples of 16 are zero-padded and the scores cropped."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % PATCH_SIZE, -w % PATCH_SIZE
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    out = model(images)
+    masks = F.interpolate(out["pred_masks"].float(), size=images.shape[-2:], mode="bilinear",
+                          align_corners=False)  # fmt: skip
+    return semantic_inference(out["pred_logits"].float(), masks)[..., :h, :w]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors only (Rein + head); the frozen VFM is rebuilt from --pretrained
+    (the official checkpoints hold the same subset [C reins_dinov2.py::state_dict])."""
+    model = common.unwrap(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def frozen_fingerprint(model: nn.Module) -> float:
+    """A cheap checksum of the frozen VFM, stored in checkpoints to catch a resume with other
+    --pretrained / --backbone weights."""
+    vfm = common.unwrap(model).backbone.vfm
+    return float(sum(p.double().abs().sum() for p in vfm.parameters()))
+
+
+# ================================================================================================
+# 5. Official weights: DINOv2 / EVA02 into the timm model, released Rein checkpoints
+# ================================================================================================
+
+# Keys of the original DINOv2 checkpoints that no segmentation path uses [C dino_v2.py: mask_token
+# is only used by masked pre-training].
+DINOV2_UNUSED_KEYS = ("mask_token",)
+
+
+def _read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise common.UsageError(f"{what} not found: {path} ({hint})")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or unsafe pickle content
+        raise common.UsageError(f"cannot read {what} {path} ({type(e).__name__}): expected a "
+                                f"torch state dict ({hint})") from None
+    for key in ("state_dict", "model", "module"):  # mmengine / EVA wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise common.UsageError(f"{path} is not a state dict of tensors ({hint})")
+    return sd
+
+
+def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, 3, 14, 14) -> (C, 3, 16, 16) bicubic, values not rescaled [C convert_dinov2_large_512x512.py]."""
+    if weight.shape[-1] == patch_size and weight.shape[-2] == patch_size:
+        return weight
+    return F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic",
+                         align_corners=False)  # fmt: skip
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1+g0², C) -> (1, 1+grid², C): patch part bicubic to grid x grid by size, class part
+    kept (37x37 -> 32x32 for 512, 64x64 for 1024) [C convert_dinov2_large_512x512.py]."""
+    n, c = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    g0 = int(math.sqrt(n))
+    if g0 == grid:
+        return pos_embed
+    patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, c)], 1)
+
+
+def convert_dinov2_state(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """Original (or Rein-converted) DINOv2 names/shapes -> timm VisionTransformer at patch 16.
+    Names are the same except ViT-G's SwiGLU (w12 -> fc1, w3 -> fc2); mask_token is dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k in DINOV2_UNUSED_KEYS:
+            continue
+        k = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", k)
+        k = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", k)
+        if k == "patch_embed.proj.weight":
+            v = resample_patch_embed(v, PATCH_SIZE)
+        elif k == "pos_embed":
+            v = resample_pos_embed(v, grid)
+        out[k] = v
+    return out
+
+
+def convert_eva02_state(sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int
+                        ) -> dict[str, torch.Tensor]:
+    """EVA02 (timm or original EVA-02 names): the same resampling as Rein's converter
+    [C convert_eva2_512x512.py], then timm's own renaming of the EVA-02 layer names."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    sd = dict(sd)
+    if "patch_embed.proj.weight" in sd:
+        sd["patch_embed.proj.weight"] = resample_patch_embed(sd["patch_embed.proj.weight"], PATCH_SIZE)
+    if "pos_embed" in sd:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid)
+    return checkpoint_filter_fn(sd, vfm)
+
+
+def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
+    """Load the frozen VFM's weights: exactly the VFM's keys, none missing, none left over."""
+    hint = (f"download {VFM_SIZES[backbone]['weights']} into checkpoints/, pass --pretrained "
+            "PATH, or --pretrained none for random init")
+    sd = _read_state_dict(path, f"{backbone} weight file", hint)
+    if any(k.startswith("backbone.") for k in sd):  # a full segmentor file: take its VFM part
+        sd = {k[9:]: v for k, v in sd.items()
+              if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
+    vfm = model.backbone.vfm
+    grid = img_size // PATCH_SIZE
+    if model.backbone.is_eva:
+        sd = convert_eva02_state(sd, vfm, grid)
+    else:
+        sd = convert_dinov2_state(sd, grid)
+    own = vfm.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        raise common.UsageError(
+            f"{path} does not fit --backbone {backbone}: {len(missing)} missing (e.g. "
+            f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:3]}); check --backbone"
+        )
+    vfm.load_state_dict(sd)
+
+
+# Our decode_head names -> mmdet Mask2FormerHead names [mmdet mask2former_head.py,
+# msdeformattn_pixel_decoder.py; ConvModule keeps its conv as `.conv` and GroupNorm as `.gn`;
+# mmcv MultiheadAttention wraps nn.MultiheadAttention as `.attn`; FFN = layers.0.0 / layers.1].
+_HEAD_KEY_RULES = [
+    (r"m2f\.pixel_decoder\.input_proj\.(\d)\.0\.", r"pixel_decoder.input_convs.\1.conv."),
+    (r"m2f\.pixel_decoder\.input_proj\.(\d)\.1\.", r"pixel_decoder.input_convs.\1.gn."),
+    (r"m2f\.pixel_decoder\.level_embed$", r"pixel_decoder.level_encoding.weight"),
+    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.", r"pixel_decoder.encoder.layers.\1.self_attn."),
+    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
+    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
+    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.linear1\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
+    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.linear2\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
+    (r"m2f\.pixel_decoder\.lateral_conv\.0\.", r"pixel_decoder.lateral_convs.0.conv."),
+    (r"m2f\.pixel_decoder\.lateral_conv\.1\.", r"pixel_decoder.lateral_convs.0.gn."),
+    (r"m2f\.pixel_decoder\.output_conv\.0\.", r"pixel_decoder.output_convs.0.conv."),
+    (r"m2f\.pixel_decoder\.output_conv\.1\.", r"pixel_decoder.output_convs.0.gn."),
+    (r"m2f\.pixel_decoder\.mask_features\.", r"pixel_decoder.mask_feature."),
+    (r"m2f\.transformer_decoder\.level_embed\.", r"level_embed."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.cross_attn\.", r"transformer_decoder.layers.\1.cross_attn.attn."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.self_attn\.", r"transformer_decoder.layers.\1.self_attn.attn."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_cross\.", r"transformer_decoder.layers.\1.norms.0."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_self\.", r"transformer_decoder.layers.\1.norms.1."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_ffn\.", r"transformer_decoder.layers.\1.norms.2."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.linear1\.", r"transformer_decoder.layers.\1.ffn.layers.0.0."),
+    (r"m2f\.transformer_decoder\.layers\.(\d+)\.linear2\.", r"transformer_decoder.layers.\1.ffn.layers.1."),
+    (r"m2f\.transformer_decoder\.decoder_norm\.", r"transformer_decoder.post_norm."),
+    (r"m2f\.transformer_decoder\.class_embed\.", r"cls_embed."),
+    (r"m2f\.transformer_decoder\.mask_embed\.", r"mask_embed."),
+    (r"querys2feat\.", r"querys2feat."),
+]  # fmt: skip
+
+
+def official_name(name: str) -> str:
+    """Our parameter name -> the official (mmseg/mmdet) one; raises if no rule covers it."""
+    if name.startswith("backbone.reins."):
+        return name
+    if name.startswith("decode_head."):
+        rest = name[len("decode_head."):]
+        for pattern, template in _HEAD_KEY_RULES:
+            new, n = re.subn("^" + pattern, template, rest)
+            if n:
+                return "decode_head." + new
+    raise KeyError(f"no official name for {name}")
+
+
+def official_key_map(model: nn.Module) -> dict[str, str]:
+    """{our key: official key} for every trained tensor (Rein + head)."""
+    return {k: official_name(k) for k in trainable_state(model)}
+
+
+def load_official_rein(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
+    """A released Rein checkpoint ({'state_dict': backbone.reins.* + decode_head.*}, optionally
+    with the DINOv2 keys as backbone.*): every trained tensor must be present, nothing unknown."""
+    hint = "a released Rein file such as dinov2_rein_and_head.pth or iter_40000_published.pth"
+    sd = _read_state_dict(path, "Rein checkpoint", hint)
+    if any(k.startswith("backbone.") and not k.startswith("backbone.reins.") for k in sd):
+        load_vfm_weights(model, path, backbone, img_size)  # full weights (generate_full_weights.py)
+        sd = {k: v for k, v in sd.items()
+              if k.startswith(("backbone.reins.", "decode_head."))}
+    to_ours = {v: k for k, v in official_key_map(model).items()}
+    missing = sorted(set(to_ours) - set(sd))
+    unexpected = sorted(set(sd) - set(to_ours))
+    own = model.state_dict()
+    wrong = sorted(k for k in set(sd) & set(to_ours) if own[to_ours[k]].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        raise common.UsageError(
+            f"{path} does not fit this Rein model (--backbone {backbone}, --rein-tokens/--rein-rank/"
+            f"--full-rank): {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})"
+        )
+    model.load_state_dict({to_ours[k]: v for k, v in sd.items()}, strict=False)
+
+
+# ================================================================================================
+# 6. Augmentation [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py: train_pipeline]
+# ================================================================================================
+
+# [C configs] RandomChoiceResize short sides int(crop · x · 0.1), x = 5..20, long side <= 4·crop
+SCALE_STEPS = range(5, 21)
+MAX_LONG_FACTOR = 4  # max_size 2048 for crop 512, 4096 for crop 1024
+CAT_MAX_RATIO = 0.75  # [C configs: RandomCrop cat_max_ratio]
+FLIP_PROB = 0.5
+# [C mmseg transforms.py::PhotoMetricDistortion defaults]
+PMD_BRIGHTNESS_DELTA = 32
+PMD_CONTRAST_RANGE = (0.5, 1.5)
+PMD_SATURATION_RANGE = (0.5, 1.5)
+PMD_HUE_DELTA = 18
+HSV_SHIFT = 12  # OpenCV's fixed-point precision in RGB2HSV_b
+HUE_RANGE = 180  # OpenCV 8-bit hue range
+
+
+def mmcv_resize(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cv2-style resize (mmcv imresize): bilinear without antialiasing (rounded to uint8), label
+    nearest with OpenCV's floor(dst · scale) rule. DEVIATION 4 (fixed-point rounding aside)."""
+    if tuple(image.shape[-2:]) != tuple(size_hw):
+        image = F.interpolate(image[None].float(), size=size_hw, mode="bilinear",
+                              align_corners=False, antialias=False)[0]  # fmt: skip
+        image = image.round().clamp(0, 255).to(torch.uint8)
+        if label is not None:
+            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[0, 0].long()
+    return image, label
+
+
+def rgb_to_hsv_cv2(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (3, H, W) -> int64 (h in [0,180), s, v in [0,255]) with OpenCV's fixed-point
+    formulas [OpenCV color_hsv.simd.hpp::RGB2HSV_b]."""
+    r, g, b = image.long()
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    one = 1 << (HSV_SHIFT - 1)
+    sdiv = torch.where(v > 0, torch.round((255 << HSV_SHIFT) / v.clamp(min=1).double()), 0).long()
+    s = (diff * sdiv + one) >> HSV_SHIFT
+    hdiv = torch.where(diff > 0, torch.round((HUE_RANGE << HSV_SHIFT) / (6.0 * diff.clamp(min=1).double())), 0).long()
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * hdiv + one) >> HSV_SHIFT
+    h = torch.where(h < 0, h + HUE_RANGE, h)
+    return torch.stack([h, s, v])
+
+
+def hsv_to_rgb_cv2(hsv: torch.Tensor) -> torch.Tensor:
+    """int (h, s, v) (3, H, W) -> uint8 RGB with OpenCV's float formulas [OpenCV
+    color_hsv.simd.hpp::HSV2RGB_native]: sector = floor(6h/180), then the v·(1-s·...) table."""
+    h = hsv[0].float() * (6.0 / HUE_RANGE)
+    s, v = hsv[1].float() / 255.0, hsv[2].float() / 255.0
+    h = torch.remainder(h, 6.0)
+    sector = h.floor()
+    frac = h - sector
+    sector = sector.long().clamp(0, 5)
+    tab = torch.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))])  # (4, H, W)
+    # rows: (b, g, r) indices into tab per sector [OpenCV sector_data]
+    sector_data = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
+    idx = sector_data[sector].permute(2, 0, 1)  # (3, H, W) as (b, g, r)
+    bgr = torch.gather(tab, 0, idx)
+    bgr = torch.where(s[None] == 0, v[None].expand(3, -1, -1), bgr)
+    return torch.round(bgr.flip(0) * 255).clamp(0, 255).to(torch.uint8)  # (r, g, b)
+
+
+def _pmd_convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """mmseg's convert: float · alpha + beta, clip to [0, 255], cast to uint8 (truncation)."""
+    return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+
+
+def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """mmseg PhotoMetricDistortion on uint8 RGB (3, H, W): brightness ±32, contrast 0.5-1.5 (before
+    or after the HSV ops, at random), saturation 0.5-1.5, hue ±18 (of 180), each with p = 0.5,
+    every step rounding to uint8 [C mmseg/datasets/transforms/transforms.py::PhotoMetricDistortion].
+    DEVIATION 5: draws come from `g`."""
+
+    def coin() -> bool:
+        return bool(torch.randint(2, (), generator=g))
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return _pmd_convert(x, alpha=uniform(*PMD_CONTRAST_RANGE)) if coin() else x
+
+    x = image
+    if coin():
+        x = _pmd_convert(x, beta=uniform(-PMD_BRIGHTNESS_DELTA, PMD_BRIGHTNESS_DELTA))
+    contrast_first = coin()
+    if contrast_first:
+        x = contrast(x)
+    if coin():
+        hsv = rgb_to_hsv_cv2(x)
+        hsv[1] = _pmd_convert(hsv[1], alpha=uniform(*PMD_SATURATION_RANGE)).long()
+        x = hsv_to_rgb_cv2(hsv)
+    if coin():
+        hsv = rgb_to_hsv_cv2(x)
+        # numpy randint(-18, 18): high exclusive
+        shift = int(torch.randint(-PMD_HUE_DELTA, PMD_HUE_DELTA, (), generator=g))
+        hsv[0] = torch.remainder(hsv[0] + shift, HUE_RANGE)
+        x = hsv_to_rgb_cv2(hsv)
+    if not contrast_first:
+        x = contrast(x)
+    return x
+
+
+class ReinTrainTransform:
+    """Resize (random short side) -> RandomCrop (cat_max_ratio 0.75) -> flip -> photometric
+    distortion -> ImageNet normalisation -> pad to crop (image 0 after normalisation, label 255),
+    the order of the official pipeline and SegDataPreProcessor [C configs, mmseg
+    data_preprocessor.py]. Returns (float (3, crop, crop), int64 (crop, crop))."""
+
+    def __init__(self, crop: int) -> None:
+        self.crop = crop
+        self.short_sides = [int(crop * x * 0.1) for x in SCALE_STEPS]
+        self.max_long = MAX_LONG_FACTOR * crop
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        # [C RandomChoiceResize + ResizeShortestEdge(max_size)] a short side from the list
+        short = self.short_sides[int(torch.randint(len(self.short_sides), (), generator=g))]
+        h, w = image.shape[-2:]
+        image, label = mmcv_resize(image, label, common.fit_size(h, w, self.max_long, short))
+        image, label = common.random_crop(image, label, self.crop, g, cat_max_ratio=CAT_MAX_RATIO,
+                                          pad=False)  # fmt: skip
+        image, label = common.random_hflip(image, label, g, p=FLIP_PROB)
+        image = photometric_distortion(image, g)
+        x = common.normalize(image[None], common.IMAGENET_MEAN, common.IMAGENET_STD)[0]
+        # the official preprocessor pads after normalising: padded pixels are 0 = the mean colour
+        return common.pad_pair(x, label, (self.crop, self.crop))
+
+
+# ================================================================================================
+# 7. Losses, parameter groups, schedule [C configs; mmengine optim + param_scheduler]
+# ================================================================================================
+
+WEIGHT_DECAY = 0.05  # [C configs: AdamW weight_decay]
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+POLY_POWER = 0.9  # [C configs: PolyLR power, eta_min 0]
+WARMUP_START_FACTOR = 1e-6  # [C 1024 config: LinearLR start_factor]
+# [C configs: paramwise_cfg.custom_keys] substrings of the official names with decay_mult 0
+# (all lr_mult 1); norm layers also get decay 0 through norm_decay_mult=0.
+NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "reins.scale")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups, decided on the official parameter names exactly as mmengine's
+    DefaultOptimWrapperConstructor does: a name containing one of NO_DECAY_KEYS, or a parameter of
+    a norm layer, gets no weight decay. Frozen parameters are left out [C PEFTOptimWrapperConstructor].
+    (So the head's level_embed has no decay, the pixel decoder's level_encoding has.)"""
+    model = common.unwrap(model)
+    norm_params = {id(p) for m in model.modules()
+                   if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        official = official_name(name)
+        if id(p) in norm_params or any(key in official for key in NO_DECAY_KEYS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(iteration: int, base_lr: float, total_iters: int, warmup_iters: int) -> float:
+    """mmengine LinearLR(start 1e-6, end at warm-up) then PolyLR(power 0.9, eta_min 0) in closed
+    form; mmengine counts T = end - begin - 1 steps, so the last iteration gets lr 0 (DEVIATION 10:
+    spec §9 writes t/40000) [C mmengine param_scheduler.py::LinearParamScheduler, PolyParamScheduler]."""
+    if iteration < warmup_iters:
+        steps = max(warmup_iters - 1, 1)
+        return base_lr * (WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * iteration / steps)
+    steps = max(total_iters - warmup_iters - 1, 1)
+    t = min(iteration - warmup_iters, steps)
+    return base_lr * (1 - t / steps) ** POLY_POWER
+
+
+MASK_POINTS = 12544  # [C configs: train_cfg.num_points]
+
+
+def build_criterion(num_points: int = MASK_POINTS) -> "SetCriterion":
+    """[C configs/_base_/models/rein_dinov2_mask2former.py: loss_cls 2.0 with class_weight
+    [1]*19+[0.1], loss_mask 5.0, loss_dice 5.0, 12544 points, oversample 3, importance 0.75;
+    HungarianAssigner ClassificationCost 2, CrossEntropyLossCost 5, DiceCost 5]."""
+    return SetCriterion(num_classes=common.NUM_CLASSES, eos_coef=0.1, weight_ce=2.0,
+                        weight_mask=5.0, weight_dice=5.0, num_points=num_points, oversample=3.0,
+                        importance=0.75)  # fmt: skip
+
+
+# ================================================================================================
+# 8. Evaluation [C configs test_cfg mode="slide"; mmseg encoder_decoder.py::slide_inference]
+# ================================================================================================
+
+# Per-target Resize(scale, keep_ratio=True) before sliding; labels stay at their stored size
+# [C configs/_base_/datasets/*.py; datasets spec §9]. Mapillary uses pre-halved files.
+EVAL_SCALES = {
+    "gta512": {"cityscapes": (1024, 512), "mapillary": (1024, 512), "bdd": (1280, 720),
+               "gta": (1280, 720), "acdc": (960, 540), "synthia": (1280, 760)},
+    "citys2acdc": {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "bdd": (1280, 720),
+                   "mapillary": (2048, 1024), "gta": (1280, 720), "synthia": (1280, 760)},
+}  # fmt: skip
+
+
+class _RescaledTarget(torch.utils.data.Dataset):
+    """A target dataset with the official test-time resize: optional halving (Rein's Mapillary
+    copies: image PIL-bicubic, label nearest [C tools/convert_datasets/mapillary_resize.py]), then
+    mmcv Resize keep_ratio of the image only (cv2 bilinear)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None,
+                 pre_halve: bool) -> None:
+        self.dataset, self.scale, self.pre_halve = dataset, scale, pre_halve
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label, name = self.dataset[i]
+        if self.pre_halve:
+            h, w = image.shape[-2:]
+            image, label = common.resize_pair(image, label, (h // 2, w // 2), "bicubic")
+        if self.scale is not None:
+            h, w = image.shape[-2:]
+            image, _ = mmcv_resize(image, None, common.fit_size(h, w, *self.scale))
+        return image, label, name
+
+
+def eval_dataset(target: str, args: argparse.Namespace) -> torch.utils.data.Dataset:
+    ds = common.build_dataset(target, args.data, "val", mapillary_map=args.mapillary_map)
+    if target.startswith("toy"):
+        return ds  # toy targets are scored at their own size
+    family = "acdc" if target.startswith("acdc-") else target
+    return _RescaledTarget(ds, EVAL_SCALES[args.recipe][family], pre_halve=target == "mapillary")
+
+
+@torch.no_grad()
+def slide_segment(model: nn.Module, image: torch.Tensor, crop: int, stride: int,
+                  window_batch: int = 8) -> torch.Tensor:
+    """Sliding-window scores (B, K, H, W): windows of crop x crop on the mmseg grid
+    (common.slide_windows), summed and divided by the per-pixel window count. DEVIATION 6: the
+    windows of an image run in batches of `window_batch`."""
+    b, _, h, w = image.shape
+    windows = common.slide_windows(h, w, crop, stride)
+    scores = image.new_zeros((b, common.NUM_CLASSES, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for start in range(0, len(windows), window_batch):
+        chunk = windows[start:start + window_batch]
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, ch, cw)
+        out = segment(model, crops).view(len(chunk), b, common.NUM_CLASSES, *crops.shape[-2:])
+        for (y1, y2, x1, x2), s in zip(chunk, out):
+            scores[:, :, y1:y2, x1:x2] += s
+            count[:, :, y1:y2, x1:x2] += 1
+    return scores / count
+
+
+def make_predictor(model: nn.Module, args: argparse.Namespace, autocast_ctx):
+    """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
+
+    def predict(image: torch.Tensor) -> torch.Tensor:
+        x = common.normalize(image, common.IMAGENET_MEAN, common.IMAGENET_STD)
+        with autocast_ctx():
+            if args.inference == "whole":
+                return segment(model, x)
+            return slide_segment(model, x, args.crop, args.stride)
+
+    return predict
+
+
+def evaluate(model: nn.Module, args: argparse.Namespace, dist: common.Dist, autocast_ctx
+             ) -> dict[str, dict]:
+    """Per target: mIoU (nanmean over the 19 classes, one confusion matrix) and per-class IoU;
+    scores bilinearly resized to the label size, then argmax [C rein/dg_metrics.py::DGIoUMetric]."""
+    net = common.unwrap(model)
+    was_training = net.training
+    net.eval()
+    predict = make_predictor(net, args, autocast_ctx)
+    results = {}
+    for target in common.parse_targets(args):
+        results[target] = common.evaluate_dataset(
+            predict, eval_dataset(target, args), resize=common.EvalResize(), dist=dist,
+            miou_mode="nanmean", workers=args.workers, save_preds=args.save_preds,
+            save_dir=Path(args.out) / "preds" / target, desc=target,
+        )
+    net.train(was_training)
+    return results
+
+
+# ================================================================================================
+# 9. Training [C tools/train.py with the configs above]
+# ================================================================================================
+
+
+def build_model(args: argparse.Namespace) -> ReinSegmentor:
+    """The segmentor with its frozen VFM's weights. Built from a fixed seed so every process
+    (and a resumed run) starts from the same random init."""
+    if args.crop % PATCH_SIZE:
+        raise common.UsageError(f"--crop {args.crop} is not a multiple of the patch size "
+                                f"{PATCH_SIZE}; use e.g. {args.crop // PATCH_SIZE * PATCH_SIZE or 16}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = ReinSegmentor(args.backbone, args.crop, args.rein_tokens,
+                              None if args.full_rank else args.rein_rank)
+    if args.pretrained != "none":
+        path = args.pretrained
+        if path == "auto":
+            if VFM_SIZES[args.backbone]["weights"] is None:
+                raise common.UsageError("--backbone test has no weights; use --pretrained none")
+            path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
+        load_vfm_weights(model, path, args.backbone, args.crop)
+    if args.official_ckpt:
+        load_official_rein(model, args.official_ckpt, args.backbone, args.crop)
+    return model
+
+
+def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
+    total, trainable = common.count_parameters(model)
+    rein = rein_parameter_counts(model.backbone.reins)
+    head = sum(p.numel() for p in model.decode_head.parameters())
+    vfm = sum(p.numel() for p in model.backbone.vfm.parameters())
+    return {"total": total, "trainable": trainable, "frozen_vfm": vfm, "head": head, **rein}
+
+
+def train(args: argparse.Namespace, dist: common.Dist) -> None:
+    # PLUMBING: seeds, model, output folder, log header
+    common.seed_everything(args.seed, dist.rank)
+    model = build_model(args).to(dist.device)
+    counts = describe_parameters(model)
+    common.print0(f"args: {json.dumps(common.args_to_primitives(args), sort_keys=True)}")
+    common.print0(
+        f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} = Rein "
+        f"{counts['rein']:,} (tokens, MLPs, scale) + query linking {counts['linking']:,} "
+        f"(Rein with linking {counts['rein_with_linking']:,}) + head {counts['head']:,} | "
+        f"frozen VFM {counts['frozen_vfm']:,}"
+    )
+    log = common.RunLog(args.out, args, {"parameters": counts}, enabled=dist.is_main)
+    autocast_ctx, scaler = common.autocast(dist.device, args.amp)
+
+    if args.eval_only:
+        # PLUMBING: evaluate the given weights and stop
+        if args.resume:
+            ckpt = common.load_checkpoint(args.resume, "rein")
+            model.load_state_dict(ckpt["model"], strict=False)
+        results = evaluate(model, args, dist, autocast_ctx)
+        report(results, log, dist)
+        return
+
+    # METHOD: AdamW over Rein + head with the official no-decay groups [C configs optim_wrapper]
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=ADAMW_BETAS, eps=ADAMW_EPS)  # fmt: skip
+    criterion = build_criterion(args.num_points).to(dist.device)
+
+    # PLUMBING: resume, data, DDP
+    start_iter = 0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume, "rein")
+        check_resume(ckpt, model, args)
+        model.load_state_dict(ckpt["model"], strict=False)
+        start_iter = common.restore_training_state(ckpt, optimizer, scaler)
+    dataset = common.build_dataset(args.source, args.data, "train", gta_list="all",
+                                   transform=ReinTrainTransform(args.crop))  # fmt: skip
+    common.print0(f"source {args.source}: {len(dataset)} images; global batch {args.batch_size} "
+                  f"({args.batch_size // dist.world_size} per process x {dist.world_size})")
+    loader = common.TrainLoader(dataset, args.batch_size, dist, args.seed, args.workers, start_iter)
+    ddp_model = common.wrap_ddp(model, dist, find_unused=args.find_unused)
+    ddp_model.train()  # the VFM stays in eval mode (ReinsBackbone.train)
+
+    bar = common.progress(args.iters, start_iter, dist.is_main)
+    results, t0 = {}, time.perf_counter()
+    for it in range(start_iter, args.iters):
+        images, labels, _ = next(loader)
+        images = images.to(dist.device, non_blocking=True)
+        labels = labels.to(dist.device, non_blocking=True)
+        # METHOD: poly schedule (with the optional linear warm-up of the 1024 recipe)
+        lr = lr_at(it, args.lr, args.iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # METHOD: frozen VFM + Rein -> Mask2Former; 30 weighted set-prediction loss terms
+        with autocast_ctx():
+            outputs = ddp_model(images)
+        losses = criterion(outputs, semantic_to_targets(labels, common.NUM_CLASSES))
+        loss = sum(losses.values())
+        # PLUMBING: step (GradScaler only for fp16)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        # PLUMBING: log, evaluate, checkpoint
+        bar.update(1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
+            log.log({"type": "train", "iter": it + 1, "lr": lr, "loss": loss.item(),
+                     "loss_ce": losses["loss_ce"].item(), "loss_mask": losses["loss_mask"].item(),
+                     "loss_dice": losses["loss_dice"].item(), "scale": model.backbone.reins.scale.item(),
+                     "sec_per_iter": (time.perf_counter() - t0) / (it + 1 - start_iter)})  # fmt: skip
+        last = it + 1 == args.iters
+        if last or (args.eval_every and (it + 1) % args.eval_every == 0):
+            rng = common.get_rng_state()  # DEVIATION 9: evaluation leaves the RNG untouched
+            results = evaluate(ddp_model, args, dist, autocast_ctx)
+            common.set_rng_state(rng)
+            report(results, log, dist, iteration=it + 1)
+            if dist.is_main:
+                common.save_checkpoint(
+                    Path(args.out) / "last.pt", method="rein", iteration=it + 1,
+                    model_state=trainable_state(model), optimizer=optimizer, scaler=scaler,
+                    args=args, metrics=results,
+                    extra={"frozen_fingerprint": frozen_fingerprint(model),
+                           "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)"},
+                )
+    bar.close()
+
+
+def check_resume(ckpt: dict, model: nn.Module, args: argparse.Namespace) -> None:
+    """A resumed run needs the same model and the same frozen VFM weights."""
+    for name in ("backbone", "rein_tokens", "rein_rank", "full_rank"):
+        if name in ckpt["args"] and ckpt["args"][name] != getattr(args, name):
+            raise common.UsageError(
+                f"--resume {args.resume} was trained with --{name.replace('_', '-')} "
+                f"{ckpt['args'][name]}, this run has {getattr(args, name)}; use the same value"
+            )
+    fp = ckpt.get("frozen_fingerprint")
+    if fp is not None and not math.isclose(fp, frozen_fingerprint(model), rel_tol=1e-9):
+        raise common.UsageError(
+            f"--resume {args.resume}: the frozen VFM differs from the one it was trained with; "
+            f"pass the same --pretrained ({ckpt['args'].get('pretrained')}) and --seed"
+        )
+
+
+def report(results: dict[str, dict], log: common.RunLog, dist: common.Dist,
+           iteration: int | None = None) -> None:
+    if not dist.is_main:
+        return
+    common.print0(("" if iteration is None else f"iteration {iteration}\n")
+                  + common.format_results(results))
+    for target, r in results.items():
+        per_class = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
+        common.print0(f"  {target}: {per_class}")
+    log.log({"type": "eval", "iter": iteration, "results": results})
+    log.write_results(results)
+
+
+# ================================================================================================
+# 10. Benchmarks (--bench): JSON lines, not timed tests
+# ================================================================================================
+
+
+def bench(args: argparse.Namespace, dist: common.Dist) -> None:
+    """Training step (images/s, peak memory), sliding-window eval images/s, MSDeformAttn
+    forward+backward. GPU: ViT-L, batch 4, crop 512 (the paper setting). CPU: ViT-S, batch 2,
+    crop 128."""
+    device = dist.device
+    gpu = device.type == "cuda"
+    backbone, batch, crop = ("dinov2_l", 4, 512) if gpu else ("dinov2_s", 2, 128)
+    autocast_ctx, scaler = common.autocast(device, args.amp)
+    torch.manual_seed(0)
+    model = ReinSegmentor(backbone, crop).to(device).train()
+    counts = describe_parameters(model)
+    criterion = build_criterion().to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4)
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    labels = torch.randint(0, 8, (batch, crop, crop), device=device)
+    targets = semantic_to_targets(labels)
+
+    def train_step() -> None:
+        with autocast_ctx():
+            outputs = model(images)
+        loss = sum(criterion(outputs, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    extra = {"backbone": backbone, "batch": batch, "crop": crop, "amp": args.amp,
+             "trainable_params": counts["trainable"], "total_params": counts["total"]}
+    common.benchmark("rein/train_step", train_step, device=device, warmup=2, steps=5 if gpu else 3,
+                     images_per_step=batch, extra=extra)  # fmt: skip
+
+    model.eval()
+    h, w = (512, 1024) if gpu else (128, 256)  # Cityscapes at the eval scale; toy size on CPU
+    image = torch.randn(1, 3, h, w, device=device)
+
+    def eval_step() -> None:
+        with autocast_ctx():
+            slide_segment(model, image, crop, round(2 * crop / 3))
+
+    common.benchmark("rein/slide_eval", eval_step, device=device, warmup=1, steps=5 if gpu else 3,
+                     images_per_step=1, extra={"backbone": backbone, "image_hw": [h, w], "crop": crop,
+                                               "windows": len(common.slide_windows(h, w, crop, round(2 * crop / 3)))})  # fmt: skip
+
+    attn = MSDeformAttn().to(device)
+    shapes = [(crop // 32, crop // 32), (crop // 16, crop // 16), (crop // 8, crop // 8)]
+    tokens = sum(a * b for a, b in shapes)
+    src = torch.randn(batch, tokens, M2F_DIM, device=device, requires_grad=True)
+    ref = encoder_reference_points(shapes, device)
+
+    def deform_step() -> None:
+        attn(src, ref, src, shapes).sum().backward()
+
+    common.benchmark("rein/msdeformattn_fwd_bwd", deform_step, device=device, warmup=2, steps=10,
+                     images_per_step=batch, extra={"tokens": tokens, "batch": batch})  # fmt: skip
+
+
+# ================================================================================================
+# 11. main
+# ================================================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist = common.setup_distributed(args.device)
+    if args.bench:
+        bench(args, dist)
+        return
+    uses_toy = args.source == "toy" or any(t.startswith("toy") for t in common.parse_targets(args))
+    if uses_toy and not (Path(args.data) / "toy" / "toy.json").is_file():
+        common.make_toy_dataset(args.data)  # written once; `make data-toy` does the same
+    train(args, dist)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

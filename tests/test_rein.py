@@ -1,0 +1,1027 @@
+"""Tests of rein.py: Rein layer equations, parameter counts, query linking, backbone, official key
+maps, augmentation, schedule, sliding window, the CLI end to end, and the Mask2Former block.
+CPU only, random weights, tiny sizes except where a full-size module is cheap to build."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import rein  # noqa: E402
+
+m2f = rein  # the Mask2Former block lives in rein.py's namespace
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def tiny_model(seed: int = 0, **kw) -> rein.ReinSegmentor:
+    torch.manual_seed(seed)
+    return rein.ReinSegmentor("test", 64, **kw)
+
+
+# ================================================================================================
+# Rein module: counts, init, equations
+# ================================================================================================
+
+
+def test_rein_parameter_counts_match_the_paper_and_official_module():
+    # [spec §1.1, verified on the official module] ViT-L: 2.53M (paper Fig. 5) / 2,990,081
+    counts = rein.rein_parameter_counts(rein.Reins(24, 1024))
+    assert counts == {"rein": 2_530_817, "linking": 262_400 + 196_864, "rein_with_linking": 2_990_081}
+    assert rein.rein_parameter_counts(rein.Reins(12, 384))["rein_with_linking"] == 684_033
+    assert rein.rein_parameter_counts(rein.Reins(12, 384, lora_dim=None))["rein_with_linking"] == 1_051_905
+    # ViT-B by hand: A 12·100·16 + B 12·16·768 + 2 MLPs (768² + 768) + scale; linking 768·256+256 + 768·256+256
+    vit_b = 12 * 100 * 16 + 12 * 16 * 768 + 2 * (768 * 768 + 768) + 1
+    counts_b = rein.rein_parameter_counts(rein.Reins(12, 768))
+    assert counts_b["rein"] == vit_b == 1_347_841
+    assert counts_b["linking"] == (768 * 256 + 256) + (768 * 256 + 256)
+
+
+def test_segmentor_counts_and_freezing_on_meta_device():
+    with torch.device("meta"):
+        model = rein.ReinSegmentor("dinov2_l", 512)
+    counts = rein.describe_parameters(model)
+    assert counts["rein"] == 2_530_817 and counts["rein_with_linking"] == 2_990_081
+    assert counts["frozen_vfm"] == 304_198_656  # ViT-L/16 at 512 (no mask_token)
+    assert counts["trainable"] == counts["rein_with_linking"] + counts["head"]
+    assert counts["total"] == counts["trainable"] + counts["frozen_vfm"]
+    assert all(not p.requires_grad for p in model.backbone.vfm.parameters())
+    # no learned query embeddings in the head; querys2feat instead [C rein_mask2former.py]
+    assert not hasattr(model.decode_head.m2f.transformer_decoder, "query_feat")
+    assert count(model.decode_head.querys2feat) == 256 * 256 + 256
+
+
+def test_initial_values_scale_and_token_bounds():
+    torch.manual_seed(0)
+    low = rein.Reins(24, 1024)
+    assert low.scale.item() == pytest.approx(1e-3)
+    bound = math.sqrt(6 / (3 * 16 * 16 + math.sqrt(1024 * 16)))  # 0.0818 [spec §9]
+    assert bound == pytest.approx(0.0818, abs=1e-4)
+    for t in (low.learnable_tokens_a, low.learnable_tokens_b):
+        assert t.abs().max() <= bound
+        assert t.abs().max() > 0.99 * bound  # uniform over the whole interval
+    full = rein.Reins(24, 1024, lora_dim=None)
+    bound_full = math.sqrt(6 / (3 * 16 * 16 + 1024))  # 0.0579
+    assert bound_full == pytest.approx(0.0579, abs=1e-4)
+    assert bound_full * 0.99 < full.learnable_tokens.abs().max() <= bound_full
+    assert full.learnable_tokens.shape == (24, 100, 1024)
+
+
+def test_low_rank_tokens_equal_a_times_b():
+    torch.manual_seed(0)
+    r = rein.Reins(3, 8, token_length=5, lora_dim=2)
+    assert r.learnable_tokens_a.shape == (3, 5, 2) and r.learnable_tokens_b.shape == (3, 2, 8)
+    for i in range(3):
+        assert torch.allclose(r.get_tokens(i), r.learnable_tokens_a[i] @ r.learnable_tokens_b[i])
+        assert torch.allclose(r.get_tokens()[i], r.get_tokens(i))
+
+
+def test_rein_layer_hand_computed_small_case():
+    """C = 2, m = 3 tokens, N = 2 patch tokens: Δ uses tokens 1..2 only, token 0 only normalises."""
+    r = rein.Reins(1, 2, token_length=3, lora_dim=None, query_dims=4)
+    with torch.no_grad():
+        r.learnable_tokens.copy_(torch.tensor([[[3.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
+        r.mlp_token2feat.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        r.mlp_token2feat.bias.copy_(torch.tensor([0.5, 0.0]))
+        r.mlp_delta_f.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+        r.mlp_delta_f.bias.copy_(torch.tensor([0.0, -1.0]))
+        r.scale.fill_(0.1)
+    cls = torch.tensor([[7.0, -7.0]])
+    f = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    x = torch.cat([cls, f])[None]  # (1, 3, 2)
+    out = r(x, 0)[0]
+    assert torch.equal(out[0], cls[0])  # class token untouched
+    tokens = [(3.0, 0.0), (1.0, 0.0), (0.0, 1.0)]
+    for n, (a, b) in enumerate(f.tolist()):
+        logits = [(a * t0 + b * t1) / math.sqrt(2) for t0, t1 in tokens]
+        z = sum(math.exp(v) for v in logits)  # token 0 in the normaliser
+        s = [math.exp(v) / z for v in logits]
+        # value of token k: mlp_token2feat(T_k) = (2 T_k0 + 0.5, T_k1); token 0 dropped
+        v1, v2 = (2 * 1.0 + 0.5, 0.0), (2 * 0.0 + 0.5, 1.0)
+        d = (s[1] * v1[0] + s[2] * v2[0] + a, s[1] * v1[1] + s[2] * v2[1] + b)  # + f inside
+        delta = (d[0] + d[1], d[1] - 1.0)  # mlp_delta_f
+        expected = (a + 0.1 * delta[0], b + 0.1 * delta[1])
+        assert out[1 + n].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_link_queries_pooling_on_hand_built_tokens():
+    """transform = identity on 256-d tokens; merge picks max / mean / last of channel j from the
+    channel-major flattening [(c0 max, c0 mean, c0 last), (c1 max, ...), ...] of the code."""
+    torch.manual_seed(0)
+    r = rein.Reins(4, 256, token_length=6, lora_dim=None)
+    tokens = torch.randn(4, 6, 256)
+    with torch.no_grad():
+        r.learnable_tokens.copy_(tokens)
+        r.transform.weight.copy_(torch.eye(256))
+        r.transform.bias.zero_()
+        r.merge.bias.zero_()
+        expected = {0: tokens.amax(0), 1: tokens.mean(0), 2: tokens[-1]}
+        for which, want in expected.items():
+            r.merge.weight.zero_()
+            r.merge.weight[torch.arange(256), torch.arange(256) * 3 + which] = 1.0
+            q = r.link_queries()
+            assert q.shape == (6, 256)
+            assert torch.allclose(q, want, atol=1e-6)
+
+
+def test_queries_are_image_independent_and_shaped():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        f1, q1 = model.backbone(torch.randn(1, 3, 64, 64))
+        f3, q3 = model.backbone(torch.randn(3, 3, 64, 96))
+    assert q1.shape == (100, 256) and torch.equal(q1, q3)
+    assert [tuple(f.shape) for f in f1] == [(1, 32, 16, 16), (1, 32, 8, 8), (1, 32, 4, 4), (1, 32, 2, 2)]
+    assert [tuple(f.shape) for f in f3] == [(3, 32, 16, 24), (3, 32, 8, 12), (3, 32, 4, 6), (3, 32, 2, 3)]
+
+
+def test_vit_l_pyramid_shapes_on_meta_device():
+    with torch.device("meta"):
+        model = rein.ReinSegmentor("dinov2_l", 512)
+        features, queries = model.backbone(torch.empty(2, 3, 512, 512))
+    assert [tuple(f.shape) for f in features] == [(2, 1024, 128, 128), (2, 1024, 64, 64),
+                                                  (2, 1024, 32, 32), (2, 1024, 16, 16)]
+    assert queries.shape == (100, 256)
+
+
+def manual_frozen_features(model: rein.ReinSegmentor, images: torch.Tensor) -> list[torch.Tensor]:
+    """The VFM alone: same tokens, blocks without any Rein layer, same taps and rescaling."""
+    bb = model.backbone
+    x, (h, w), _ = bb.embed(images)
+    out = []
+    for i, block in enumerate(bb.vfm.blocks):
+        x = block(x)
+        if i in bb.out_indices:
+            out.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
+    return [F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else f
+            for f, s in zip(out, rein.PYRAMID_SCALES)]
+
+
+def test_zeroed_delta_mlp_gives_the_frozen_backbone_and_rein_changes_it_otherwise():
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        reference = manual_frozen_features(model, images)
+        changed, _ = model.backbone(images)
+        assert not torch.allclose(changed[0], reference[0])
+        model.backbone.reins.mlp_delta_f.weight.zero_()
+        model.backbone.reins.mlp_delta_f.bias.zero_()
+        same, _ = model.backbone(images)
+    for a, b in zip(same, reference):
+        assert torch.equal(a, b)
+
+
+def test_gradients_reach_only_rein_and_head_and_vfm_stays_in_eval():
+    model = tiny_model().train()
+    assert not model.backbone.vfm.training and model.backbone.reins.training
+    assert model.decode_head.training
+    out = model(torch.randn(2, 3, 64, 64))
+    targets = rein.semantic_to_targets(torch.randint(0, 5, (2, 64, 64)))
+    sum(rein.build_criterion(64)(out, targets).values()).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.vfm."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+    assert model.backbone.reins.learnable_tokens_a.grad.abs().sum() > 0
+    assert model.backbone.reins.scale.grad.abs() > 0
+
+
+def test_pos_embed_interpolation_rule():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 4 * 4, 8)
+    assert rein.interpolate_pos_embed(pos, (4, 4)) is pos  # trained grid: used as is
+    out = rein.interpolate_pos_embed(pos, (3, 6))
+    grid = pos[:, 1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, scale_factor=(3.1 / 4, 6.1 / 4), mode="bicubic", align_corners=False)
+    assert out.shape == (1, 1 + 18, 8)
+    assert torch.equal(out[:, 0], pos[:, 0])
+    assert torch.allclose(out[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 18, 8))
+    # same token count but not square (4x4 = 2x8) is interpolated too, as in DINOv2
+    assert rein.interpolate_pos_embed(pos, (2, 8)).shape == (1, 17, 8)
+    assert not torch.equal(rein.interpolate_pos_embed(pos, (2, 8)), pos)
+
+
+# ================================================================================================
+# Official weights: DINOv2 / EVA02 into timm, released Rein checkpoints (mmdet names)
+# ================================================================================================
+
+
+def dinov2_original_state(dim: int, depth: int, grid: int, swiglu: bool = False,
+                          hidden: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict in facebookresearch/dinov2 naming and shapes (patch 14, 1 + grid² positions)."""
+    g = torch.Generator().manual_seed(1)
+    sd = {"cls_token": torch.randn(1, 1, dim, generator=g),
+          "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
+          "mask_token": torch.randn(1, dim, generator=g),
+          "patch_embed.proj.weight": torch.randn(dim, 3, 14, 14, generator=g),
+          "patch_embed.proj.bias": torch.randn(dim, generator=g),
+          "norm.weight": torch.randn(dim, generator=g), "norm.bias": torch.randn(dim, generator=g)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        for n in ("norm1", "norm2"):
+            sd[p + n + ".weight"] = torch.randn(dim, generator=g)
+            sd[p + n + ".bias"] = torch.randn(dim, generator=g)
+        sd[p + "attn.qkv.weight"] = torch.randn(3 * dim, dim, generator=g)
+        sd[p + "attn.qkv.bias"] = torch.randn(3 * dim, generator=g)
+        sd[p + "attn.proj.weight"] = torch.randn(dim, dim, generator=g)
+        sd[p + "attn.proj.bias"] = torch.randn(dim, generator=g)
+        sd[p + "ls1.gamma"] = torch.randn(dim, generator=g)
+        sd[p + "ls2.gamma"] = torch.randn(dim, generator=g)
+        if swiglu:  # SwiGLUFFNFused: w12 (2·hidden, dim), w3 (dim, hidden)
+            sd[p + "mlp.w12.weight"] = torch.randn(2 * hidden, dim, generator=g)
+            sd[p + "mlp.w12.bias"] = torch.randn(2 * hidden, generator=g)
+            sd[p + "mlp.w3.weight"] = torch.randn(dim, hidden, generator=g)
+            sd[p + "mlp.w3.bias"] = torch.randn(dim, generator=g)
+        else:
+            sd[p + "mlp.fc1.weight"] = torch.randn(4 * dim, dim, generator=g)
+            sd[p + "mlp.fc1.bias"] = torch.randn(4 * dim, generator=g)
+            sd[p + "mlp.fc2.weight"] = torch.randn(dim, 4 * dim, generator=g)
+            sd[p + "mlp.fc2.bias"] = torch.randn(dim, generator=g)
+    return sd
+
+
+def test_load_original_dinov2_weights_resamples_patch_and_positions(tmp_path):
+    sd = dinov2_original_state(32, 4, grid=5)
+    path = tmp_path / "dinov2_test.pth"
+    torch.save(sd, path)
+    model = tiny_model()
+    rein.load_vfm_weights(model, path, "test", 64)
+    vfm = model.backbone.vfm.state_dict()
+    want_patch = F.interpolate(sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic",
+                               align_corners=False)
+    assert torch.equal(vfm["patch_embed.proj.weight"], want_patch)
+    grid = sd["pos_embed"][:, 1:].reshape(1, 5, 5, 32).permute(0, 3, 1, 2)
+    want_pos = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    assert torch.equal(vfm["pos_embed"][:, 0], sd["pos_embed"][:, 0])
+    assert torch.equal(vfm["pos_embed"][:, 1:], want_pos.permute(0, 2, 3, 1).reshape(1, 16, 32))
+    for k, v in sd.items():
+        if k not in ("patch_embed.proj.weight", "pos_embed", "mask_token"):
+            assert torch.equal(vfm[k], v), k
+    # a Rein-converted file (already patch 16, 4x4 positions) loads unchanged
+    converted = {k: vfm[k].clone() for k in vfm}
+    torch.save(converted, tmp_path / "converted.pth")
+    other = tiny_model(seed=5)
+    rein.load_vfm_weights(other, tmp_path / "converted.pth", "test", 64)
+    assert all(torch.equal(other.backbone.vfm.state_dict()[k], v) for k, v in converted.items())
+
+
+def test_load_dinov2_giant_style_swiglu_names(tmp_path, monkeypatch):
+    monkeypatch.setitem(rein.VFM_SIZES, "tiny_g", dict(family="dinov2", embed_dim=48, depth=2,
+                        num_heads=2, swiglu=True, out_indices=(0, 1), weights=None))
+    model = rein.ReinSegmentor("tiny_g", 64)
+    hidden = model.backbone.vfm.blocks[0].mlp.fc2.weight.shape[1]
+    sd = dinov2_original_state(48, 2, grid=5, swiglu=True, hidden=hidden)
+    torch.save(sd, tmp_path / "g.pth")
+    rein.load_vfm_weights(model, tmp_path / "g.pth", "tiny_g", 64)
+    assert torch.equal(model.backbone.vfm.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.w12.weight"])
+    assert torch.equal(model.backbone.vfm.blocks[1].mlp.fc2.bias, sd["blocks.1.mlp.w3.bias"])
+
+
+def test_load_eva02_weights_in_timm_naming(tmp_path, monkeypatch):
+    from timm.models.eva import Eva
+
+    monkeypatch.setitem(rein.VFM_SIZES, "tiny_eva", dict(family="eva02", embed_dim=32, depth=4,
+                        num_heads=2, swiglu=True, out_indices=(0, 1, 2, 3), weights=None))
+    torch.manual_seed(3)
+    source = Eva(img_size=70, patch_size=14, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4 * 2 / 3,
+                 qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                 ref_feat_shape=(16, 16), num_classes=0)
+    sd = {k: v for k, v in source.state_dict().items() if "rope" not in k}
+    torch.save(sd, tmp_path / "eva.pth")
+    model = rein.ReinSegmentor("tiny_eva", 64)
+    rein.load_vfm_weights(model, tmp_path / "eva.pth", "tiny_eva", 64)
+    vfm = model.backbone.vfm
+    assert torch.equal(vfm.blocks[1].attn.q_proj.weight, sd["blocks.1.attn.q_proj.weight"])
+    assert vfm.patch_embed.proj.weight.shape[-1] == 16 and vfm.pos_embed.shape[1] == 17
+    with torch.no_grad():
+        features, _ = model.backbone(torch.randn(1, 3, 64, 80))  # RoPE on a 4x5 grid
+    assert features[2].shape == (1, 32, 4, 5)
+
+
+def mmdet_head_names(in_channels: int) -> dict[str, tuple[int, ...]]:
+    """The decode_head keys of a released Rein checkpoint, written from mmdet's classes
+    (Mask2FormerHead, MSDeformAttnPixelDecoder with ConvModule(.conv/.gn), mmcv
+    MultiheadAttention (.attn), FFN (layers.0.0 / layers.1)) plus Rein's querys2feat."""
+    d, names = 256, {}
+    for i in range(3):
+        names[f"pixel_decoder.input_convs.{i}.conv.weight"] = (d, in_channels, 1, 1)
+        names[f"pixel_decoder.input_convs.{i}.conv.bias"] = (d,)
+        names[f"pixel_decoder.input_convs.{i}.gn.weight"] = (d,)
+        names[f"pixel_decoder.input_convs.{i}.gn.bias"] = (d,)
+    for i in range(6):
+        p = f"pixel_decoder.encoder.layers.{i}."
+        for n, shape in (("sampling_offsets", 192), ("attention_weights", 96), ("value_proj", d),
+                         ("output_proj", d)):
+            names[p + f"self_attn.{n}.weight"] = (shape, d)
+            names[p + f"self_attn.{n}.bias"] = (shape,)
+        names[p + "ffn.layers.0.0.weight"], names[p + "ffn.layers.0.0.bias"] = (1024, d), (1024,)
+        names[p + "ffn.layers.1.weight"], names[p + "ffn.layers.1.bias"] = (d, 1024), (d,)
+        for k in range(2):
+            names[p + f"norms.{k}.weight"] = names[p + f"norms.{k}.bias"] = (d,)
+    names["pixel_decoder.level_encoding.weight"] = (3, d)
+    names["pixel_decoder.lateral_convs.0.conv.weight"] = (d, in_channels, 1, 1)
+    names["pixel_decoder.output_convs.0.conv.weight"] = (d, d, 3, 3)
+    for n in ("lateral_convs", "output_convs"):
+        names[f"pixel_decoder.{n}.0.gn.weight"] = names[f"pixel_decoder.{n}.0.gn.bias"] = (d,)
+    names["pixel_decoder.mask_feature.weight"], names["pixel_decoder.mask_feature.bias"] = (d, d, 1, 1), (d,)
+    for i in range(9):
+        p = f"transformer_decoder.layers.{i}."
+        for a in ("self_attn", "cross_attn"):
+            names[p + f"{a}.attn.in_proj_weight"] = (3 * d, d)
+            names[p + f"{a}.attn.in_proj_bias"] = (3 * d,)
+            names[p + f"{a}.attn.out_proj.weight"], names[p + f"{a}.attn.out_proj.bias"] = (d, d), (d,)
+        names[p + "ffn.layers.0.0.weight"], names[p + "ffn.layers.0.0.bias"] = (2048, d), (2048,)
+        names[p + "ffn.layers.1.weight"], names[p + "ffn.layers.1.bias"] = (d, 2048), (d,)
+        for k in range(3):
+            names[p + f"norms.{k}.weight"] = names[p + f"norms.{k}.bias"] = (d,)
+    names["transformer_decoder.post_norm.weight"] = names["transformer_decoder.post_norm.bias"] = (d,)
+    names["level_embed.weight"] = (3, d)
+    names["querys2feat.weight"], names["querys2feat.bias"] = (d, d), (d,)
+    names["cls_embed.weight"], names["cls_embed.bias"] = (20, d), (20,)
+    for k in (0, 2, 4):
+        names[f"mask_embed.{k}.weight"], names[f"mask_embed.{k}.bias"] = (d, d), (d,)
+    return {"decode_head." + k: v for k, v in names.items()}
+
+
+def rein_names(layers: int, dim: int) -> dict[str, tuple[int, ...]]:
+    p = "backbone.reins."
+    return {p + "learnable_tokens_a": (layers, 100, 16), p + "learnable_tokens_b": (layers, 16, dim),
+            p + "scale": (), p + "mlp_token2feat.weight": (dim, dim), p + "mlp_token2feat.bias": (dim,),
+            p + "mlp_delta_f.weight": (dim, dim), p + "mlp_delta_f.bias": (dim,),
+            p + "transform.weight": (256, dim), p + "transform.bias": (256,),
+            p + "merge.weight": (256, 768), p + "merge.bias": (256,)}
+
+
+def test_official_key_map_covers_exactly_the_released_names():
+    model = tiny_model()
+    mapped = rein.official_key_map(model)
+    shapes = model.state_dict()
+    expected = {**mmdet_head_names(32), **rein_names(4, 32)}
+    assert set(mapped.values()) == set(expected)
+    for ours, official in mapped.items():
+        assert tuple(shapes[ours].shape) == expected[official], (ours, official)
+
+
+def test_released_checkpoint_loads_with_no_missing_keys_and_same_outputs(tmp_path):
+    source = tiny_model(seed=1).eval()
+    official = {v: source.state_dict()[k] for k, v in rein.official_key_map(source).items()}
+    torch.save({"meta": {"iter": 40000}, "state_dict": official}, tmp_path / "release.pth")
+    target = tiny_model(seed=2).eval()  # same frozen VFM (seed-independent below), other Rein/head
+    target.backbone.vfm.load_state_dict(source.backbone.vfm.state_dict())
+    rein.load_official_rein(target, tmp_path / "release.pth", "test", 64)
+    images = torch.randn(1, 3, 64, 64)
+    assert torch.equal(rein.segment(source, images), rein.segment(target, images))
+    # full weights (generate_full_weights.py): DINOv2 keys as backbone.* load too
+    full = dict(official)
+    full.update({f"backbone.{k}": v for k, v in source.backbone.vfm.state_dict().items()})
+    full["backbone.mask_token"] = torch.zeros(1, 32)
+    torch.save({"state_dict": full}, tmp_path / "full.pth")
+    third = tiny_model(seed=3).eval()
+    rein.load_official_rein(third, tmp_path / "full.pth", "test", 64)
+    assert torch.equal(rein.segment(source, images), rein.segment(third, images))
+    # a missing key or a wrong shape is one clear error
+    broken = dict(official)
+    broken.pop("decode_head.querys2feat.bias")
+    torch.save({"state_dict": broken}, tmp_path / "broken.pth")
+    with pytest.raises(common.UsageError, match="1 missing"):
+        rein.load_official_rein(third, tmp_path / "broken.pth", "test", 64)
+    with pytest.raises(common.UsageError, match="another shape"):
+        rein.load_official_rein(rein.ReinSegmentor("test", 64, lora_dim=8), tmp_path / "release.pth", "test", 64)
+
+
+def test_param_groups_follow_the_official_no_decay_keys():
+    model = tiny_model()
+    decay, no_decay = rein.param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert {"backbone.reins.learnable_tokens_a", "backbone.reins.learnable_tokens_b",
+            "backbone.reins.scale", "decode_head.m2f.transformer_decoder.level_embed.weight",
+            "decode_head.m2f.pixel_decoder.input_proj.0.1.weight",  # GroupNorm
+            "decode_head.m2f.transformer_decoder.decoder_norm.bias"} <= nd
+    assert {"backbone.reins.mlp_delta_f.weight", "backbone.reins.mlp_delta_f.bias",
+            "decode_head.querys2feat.weight", "decode_head.m2f.pixel_decoder.level_embed",
+            "decode_head.m2f.transformer_decoder.class_embed.bias"} <= d
+    assert not any(n.startswith("backbone.vfm.") for n in nd | d)
+    assert len(nd) + len(d) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_lr_schedule_values():
+    # GTA5 512: PolyLR power 0.9 over 40k, mmengine T = end - begin - 1
+    assert rein.lr_at(0, 1e-4, 40000, 0) == pytest.approx(1e-4)
+    assert rein.lr_at(20000, 1e-4, 40000, 0) == pytest.approx(1e-4 * (1 - 20000 / 39999) ** 0.9)
+    assert rein.lr_at(39999, 1e-4, 40000, 0) == 0.0
+    # Cityscapes -> ACDC: LinearLR 1e-6 -> 1 over iterations 0..9999, then poly over 10000..39999
+    assert rein.lr_at(0, 6e-5, 40000, 10000) == pytest.approx(6e-11)
+    assert rein.lr_at(5000, 6e-5, 40000, 10000) == pytest.approx(6e-5 * (1e-6 + (1 - 1e-6) * 5000 / 9999))
+    assert rein.lr_at(9999, 6e-5, 40000, 10000) == pytest.approx(6e-5)
+    assert rein.lr_at(10000, 6e-5, 40000, 10000) == pytest.approx(6e-5)
+    assert rein.lr_at(25000, 6e-5, 40000, 10000) == pytest.approx(6e-5 * (1 - 15000 / 29999) ** 0.9)
+
+
+# ================================================================================================
+# Augmentation
+# ================================================================================================
+
+
+def test_cv2_hsv_conversion_hand_values():
+    pixels = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0],
+                           [0, 0, 0]], dtype=torch.uint8).T[:, None, :]  # (3, 1, 6)
+    hsv = rein.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
+    assert hsv == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128], [30, 255, 255], [0, 0, 0]]
+    assert torch.equal(rein.hsv_to_rgb_cv2(rein.rgb_to_hsv_cv2(pixels)), pixels)
+    # (200, 100, 50): v 200, s = round(255·150/200) = 191, h = round(30·(100-50)/150) = 10
+    assert rein.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[:, 0, 0].tolist() == [10, 191, 200]
+    shifted = rein.rgb_to_hsv_cv2(pixels)
+    shifted[0] = (shifted[0] + 60) % 180
+    assert rein.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
+
+
+def test_pmd_convert_truncates_and_clips_like_numpy():
+    x = torch.tensor([10, 100, 250], dtype=torch.uint8)
+    assert rein._pmd_convert(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
+    assert rein._pmd_convert(x, alpha=1.5).tolist() == [15, 150, 255]
+    assert rein._pmd_convert(x, beta=-20.5).tolist() == [0, 79, 229]
+
+
+def test_photometric_distortion_is_seeded_and_keeps_shape():
+    image = torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8)
+    outs = [rein.photometric_distortion(image, torch.Generator().manual_seed(s)) for s in range(12)]
+    assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outs)
+    again = rein.photometric_distortion(image, torch.Generator().manual_seed(3))
+    assert torch.equal(again, outs[3])
+    assert any(not torch.equal(o, image) for o in outs) and len({o.sum().item() for o in outs}) > 3
+
+
+def test_train_transform_shapes_padding_and_scales():
+    t = rein.ReinTrainTransform(64)
+    assert t.short_sides == [int(64 * x * 0.1) for x in range(5, 21)] and t.max_long == 256
+    assert rein.ReinTrainTransform(512).short_sides == [256, 307, 358, 409, 460, 512, 563, 614, 665,
+                                                       716, 768, 819, 870, 921, 972, 1024]
+    image = torch.randint(0, 256, (3, 10, 10), dtype=torch.uint8)
+    label = torch.randint(0, 19, (10, 10))
+    padded = 0
+    for seed in range(8):
+        x, y = t(image, label, torch.Generator().manual_seed(seed))
+        assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y.shape == (64, 64)
+        pad = y == 255  # only padding is 255 here
+        padded += int(pad.any())
+        assert torch.all(x[:, pad] == 0)  # padded after normalisation: 0 = mean colour
+    assert padded > 0
+
+
+# ================================================================================================
+# Sliding window
+# ================================================================================================
+
+
+def test_slide_windows_arithmetic():
+    windows = common.slide_windows(512, 1024, 512, 341)  # Cityscapes at 1024x512 [spec §9]
+    assert [(x1, x2) for _, _, x1, x2 in windows] == [(0, 512), (341, 853), (512, 1024)]
+    assert all((y1, y2) == (0, 512) for y1, y2, _, _ in windows)
+    bdd = common.slide_windows(720, 1280, 512, 341)
+    assert len(bdd) == 8 and {(y1, y2) for y1, y2, _, _ in bdd} == {(0, 512), (208, 720)}
+    odd = common.slide_windows(515, 700, 512, 341)
+    assert {(y1, y2) for y1, y2, _, _ in odd} == {(0, 512), (3, 515)}
+    assert {(x1, x2) for _, _, x1, x2 in odd} == {(0, 512), (188, 700)}
+
+
+class PixelwiseModel(torch.nn.Module):
+    """Position-independent stand-in: per-pixel mask logits (a 1x1 conv at full resolution) and
+    constant class logits, in the output format of the Rein segmentor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 5, 1)
+        self.logits = torch.nn.Parameter(torch.randn(5, 20))
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return {"pred_logits": self.logits[None].expand(images.shape[0], -1, -1),
+                "pred_masks": self.conv(images)}
+
+
+def test_slide_equals_whole_for_a_position_independent_model():
+    model = PixelwiseModel()
+    image = torch.randn(2, 3, 80, 144)
+    whole = rein.segment(model, image)
+    for window_batch in (1, 8):
+        slide = rein.slide_segment(model, image, 64, 43, window_batch=window_batch)
+        assert slide.shape == (2, 19, 80, 144)
+        assert torch.allclose(slide, whole, atol=1e-6)
+
+
+def test_segment_pads_sides_that_are_not_patch_multiples():
+    model = tiny_model().eval()
+    out = rein.segment(model, torch.randn(1, 3, 40, 70))
+    assert out.shape == (1, 19, 40, 70) and torch.isfinite(out).all()
+
+
+# ================================================================================================
+# The script end to end (toy data, subprocess + in-process), resume, bad inputs
+# ================================================================================================
+
+TOY_COUNTS = {"source": (6, 1), "city": (0, 2), "fog": (0, 1), "night": (0, 1)}
+FAST = ["--source", "toy", "--pretrained", "none", "--device", "cpu", "--backbone", "test",
+        "--crop", "64", "--batch-size", "2", "--num-points", "64", "--workers", "0",
+        "--targets", "toy-city"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("rein_data")
+    common.make_toy_dataset(root, counts=TOY_COUNTS)
+    return root
+
+
+def run_script(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "rein.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def trained(path: pathlib.Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_script_trains_evaluates_and_resumes_exactly(toy_root, tmp_path):
+    full = run_script([*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "a")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "Rein 388,609" not in full.stdout  # the test backbone, not ViT-S
+    assert "trainable" in full.stdout and "toy-city" in full.stdout
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(results) == {"toy-city"}
+    assert 0 <= results["toy-city"]["miou"] <= 100
+    assert set(results["toy-city"]["per_class_iou"]) == set(common.CLASS_NAMES)
+    header = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
+    assert header["parameters"]["rein"] == rein.rein_parameter_counts(rein.Reins(4, 32))["rein"]
+    ckpt_a = trained(tmp_path / "a" / "last.pt")
+    assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 2
+    assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
+    # 1 iteration, then resume to 2 (in-process): bit-identical to the straight run
+    torch.set_num_threads(1)
+    rein.main([*FAST, "--data", str(toy_root), "--iters", "1", "--out", str(tmp_path / "b")])
+    rein.main([*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "b"),
+               "--resume", str(tmp_path / "b" / "last.pt")])
+    ckpt_b = trained(tmp_path / "b" / "last.pt")
+    assert ckpt_b["iter"] == 2 and set(ckpt_b["model"]) == set(ckpt_a["model"])
+    for k, v in ckpt_a["model"].items():
+        assert torch.equal(v, ckpt_b["model"][k]), k
+    # resuming with another frozen VFM is refused
+    with pytest.raises(common.UsageError, match="frozen VFM differs"):
+        rein.main([*FAST, "--data", str(toy_root), "--iters", "3", "--seed", "1",
+                   "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")])
+
+
+def test_bad_inputs_give_one_clear_message(toy_root, tmp_path):
+    missing = run_script([*FAST, "--data", str(toy_root), "--backbone", "dinov2_s",
+                          "--pretrained", str(tmp_path / "nope.pth"), "--iters", "1"])
+    assert missing.returncode == 2
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dinov2_s weight file not found")
+    assert "--pretrained none" in lines[0]
+    with pytest.raises(common.UsageError, match="not a multiple of the patch size 16"):
+        rein.main([*FAST, "--data", str(toy_root), "--crop", "100"])
+    torch.save({"method": "famix", "iter": 1}, tmp_path / "famix.pt")
+    with pytest.raises(common.UsageError, match="famix checkpoint"):
+        rein.main([*FAST, "--data", str(toy_root), "--resume", str(tmp_path / "famix.pt")])
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UsageError, match="cannot read Rein checkpoint"):
+        rein.main([*FAST, "--data", str(toy_root), "--official-ckpt", str(tmp_path / "garbage.pth")])
+
+
+def test_recipe_and_toy_defaults():
+    args = rein.parse_args(["--source", "gta"])
+    assert (args.crop, args.batch_size, args.lr, args.warmup_iters, args.stride) == (512, 4, 1e-4, 0, 341)
+    assert args.targets == "cityscapes,bdd,mapillary" and args.backbone == "dinov2_l"
+    assert args.iters == 40000 and args.num_points == 12544 and not args.amp
+    acdc = rein.parse_args(["--recipe", "citys2acdc"])
+    assert (acdc.source, acdc.crop, acdc.batch_size, acdc.lr, acdc.warmup_iters, acdc.stride) == (
+        "cityscapes", 1024, 8, 6e-5, 10000, 683)
+    assert acdc.find_unused and acdc.targets.startswith("acdc-fog")
+    assert rein.parse_args(["--recipe", "citys2acdc", "--crop", "512"]).stride == 341
+    toy = rein.parse_args(["--source", "toy", "--iters", "7"])
+    assert (toy.backbone, toy.crop, toy.iters, toy.num_points) == ("dinov2_s", 128, 7, 1024)
+
+
+# ================================================================================================
+# Mask2Former block (declared copy; same tests as the block's own, run on rein.py's copy)
+# ================================================================================================
+
+CONVNEXT_L = [192, 384, 768, 1536]
+RESNET = [256, 512, 1024, 2048]
+
+
+def small_features(batch: int = 2, size: int = 64, channels=(8, 16, 32, 64)) -> list[torch.Tensor]:
+    return [torch.randn(batch, c, size // s, size // s) for c, s in zip(channels, (4, 8, 16, 32))]
+
+
+def test_block_markers_and_method_neutral():
+    text = (ROOT / "rein.py").read_text()
+    begin = "# ---- BEGIN Mask2Former (declared copy: identical in rein.py and clouds.py) ----"
+    end = "# ---- END Mask2Former ----"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    block = text[text.index(begin) + len(begin) : text.index(end)]
+    lines = block.splitlines()
+    assert lines[1].startswith("# Host-file imports:")
+    assert not any(line.startswith(("import ", "from ")) for line in lines)
+    assert "rein" not in block.lower() and "clouds" not in block.lower()
+
+
+def test_parameter_counts_convnext_l():
+    head = m2f.Mask2FormerHead(CONVNEXT_L)
+    assert count(head) == 20_253_908  # trainable head of the official ConvNeXt-L model
+    assert count(head.pixel_decoder) == 5_790_144
+    assert count(head.pixel_decoder.encoder_layers[0]) == 732_192
+    assert count(head.transformer_decoder) == 14_463_764
+    layer = head.transformer_decoder.layers[0]
+    assert count(layer.cross_attn) + count(layer.norm_cross) == 263_680
+    assert count(layer.linear1) + count(layer.linear2) + count(layer.norm_ffn) == 1_051_392
+
+
+def test_parameter_counts_resnet_and_external_queries():
+    head = m2f.Mask2FormerHead(RESNET)
+    assert count(head) == 20_499_668
+    assert count(head.pixel_decoder) == 6_035_904
+    no_queries = m2f.Mask2FormerHead(CONVNEXT_L, learned_queries=False, init="xavier_normal")
+    assert count(no_queries) == 20_253_908 - 2 * 100 * 256
+    assert not hasattr(no_queries.transformer_decoder, "query_feat")
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="init must be one of"):
+        m2f.Mask2FormerHead(CONVNEXT_L, init="kaiming")
+    with pytest.raises(ValueError, match="res2..res5"):
+        m2f.MSDeformAttnPixelDecoder([192, 384, 768])
+
+
+def test_output_shapes_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    head = m2f.Mask2FormerHead([8, 16, 32, 64], num_classes=19)
+    features = small_features()
+    mask_features, multi_scale = head.pixel_decoder(features)
+    assert mask_features.shape == (2, 256, 16, 16)
+    assert [tuple(x.shape) for x in multi_scale] == [(2, 256, 2, 2), (2, 256, 4, 4), (2, 256, 8, 8)]
+    out = head(features)
+    assert out["pred_logits"].shape == (2, 100, 20)
+    assert out["pred_masks"].shape == (2, 100, 16, 16)
+    assert len(out["aux_outputs"]) == 9
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == (2, 100, 20)
+        assert aux["pred_masks"].shape == (2, 100, 16, 16)
+    labels = torch.randint(0, 19, (2, 64, 64))
+    criterion = m2f.SetCriterion(num_points=64)
+    sum(criterion(out, m2f.semantic_to_targets(labels)).values()).backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_head_and_criterion_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = m2f.Mask2FormerHead([8, 16, 32, 64])
+    features = small_features(batch=1, size=32)
+    targets = m2f.semantic_to_targets(torch.randint(0, 19, (1, 32, 32)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(features)
+        losses = m2f.SetCriterion(num_points=32)(out, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_external_queries():
+    torch.manual_seed(0)
+    head = m2f.Mask2FormerHead([8, 16, 32, 64], learned_queries=False)
+    features = small_features(batch=1)
+    query_feat, query_pos = torch.randn(1, 7, 256), torch.randn(1, 7, 256)
+    out = head(features, query_feat=query_feat, query_pos=query_pos)
+    assert out["pred_logits"].shape == (1, 7, 20) and out["pred_masks"].shape == (1, 7, 16, 16)
+    with pytest.raises(ValueError, match="pass query_feat and query_pos"):
+        head(features)
+    with pytest.raises(ValueError, match="learned queries"):
+        m2f.Mask2FormerHead([8, 16, 32, 64])(features, query_feat, query_pos)
+
+
+def test_msdeformattn_init_values():
+    attn = m2f.MSDeformAttn()
+    bias = attn.sampling_offsets.bias.detach().view(8, 3, 4, 2)  # (heads, levels, points, xy)
+    k = torch.arange(1, 5, dtype=torch.float32)[:, None]
+    for level in range(3):
+        assert torch.allclose(bias[0, level], k * torch.tensor([1.0, 0.0]), atol=1e-6)
+        assert torch.allclose(bias[1, level], k * torch.tensor([1.0, 1.0]), atol=1e-6)
+        assert torch.allclose(bias[2, level], k * torch.tensor([0.0, 1.0]), atol=1e-6)
+        assert torch.allclose(bias[4, level], k * torch.tensor([-1.0, 0.0]), atol=1e-6)
+    assert torch.all(attn.sampling_offsets.weight == 0)
+    assert torch.all(attn.attention_weights.weight == 0) and torch.all(attn.attention_weights.bias == 0)
+    assert torch.all(attn.value_proj.bias == 0) and torch.all(attn.output_proj.bias == 0)
+    decoder = m2f.MSDeformAttnPixelDecoder([8, 16, 32, 64])
+    assert torch.equal(decoder.encoder_layers[3].self_attn.sampling_offsets.bias, attn.sampling_offsets.bias)
+    assert torch.all(decoder.encoder_layers[3].self_attn.sampling_offsets.weight == 0)
+
+
+def bilinear_zero_padded(image: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """image (D, H, W); (x, y) in [0, 1] with pixel centres at (j + 0.5)/W; outside pixels are 0."""
+    _, h, w = image.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(image.shape[0], dtype=torch.float64)
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < h and 0 <= xx < w:
+                out += wy * wx * image[:, yy, xx].double()
+    return out
+
+
+def test_ms_deform_attn_matches_per_point_bilinear_reference():
+    torch.manual_seed(0)
+    shapes = [(3, 4), (2, 5)]
+    b, m, d, lq, p = 2, 2, 3, 4, 2
+    value = torch.randn(b, sum(h * w for h, w in shapes), m, d)
+    locations = torch.rand(b, lq, m, len(shapes), p, 2) * 1.4 - 0.2  # some points outside the map
+    weights = torch.rand(b, lq, m, len(shapes), p)
+    out = m2f.ms_deform_attn(value, shapes, locations, weights)
+    assert out.shape == (b, lq, m * d)
+    starts = [0, shapes[0][0] * shapes[0][1]]
+    for bi in range(b):
+        for qi in range(lq):
+            for mi in range(m):
+                expected = torch.zeros(d, dtype=torch.float64)
+                for li, (h, w) in enumerate(shapes):
+                    level = value[bi, starts[li] : starts[li] + h * w, mi].T.reshape(d, h, w)
+                    for pi in range(p):
+                        x, y = locations[bi, qi, mi, li, pi].tolist()
+                        expected += weights[bi, qi, mi, li, pi].item() * bilinear_zero_padded(level, x, y)
+                got = out[bi, qi, mi * d : (mi + 1) * d].double()
+                assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_msdeformattn_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    attn = m2f.MSDeformAttn(dim=32, num_heads=2, num_levels=1, num_points=2)
+    shapes = [(4, 4)]
+    ref = m2f.encoder_reference_points(shapes, torch.device("cpu"))
+    x = torch.randn(1, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, ref, x, shapes)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, attn(x, ref, x, shapes))
+
+
+def test_encoder_reference_points_are_pixel_centres():
+    ref = m2f.encoder_reference_points([(1, 2), (2, 1)], torch.device("cpu"))
+    assert ref.shape == (1, 4, 2, 2)
+    expected = torch.tensor([[0.25, 0.5], [0.75, 0.5], [0.5, 0.25], [0.5, 0.75]])  # (x, y)
+    assert torch.equal(ref[0, :, 0], expected) and torch.equal(ref[0, :, 1], expected)
+
+
+def test_position_embedding_hand_value():
+    # mmdet SinePositionalEncoding(normalize=True, offset 0) computes the same code
+    pos = m2f.PositionEmbeddingSine()(torch.zeros(3, 5, 4, 6))
+    assert pos.shape == (1, 256, 4, 6)
+    i, j = 2, 3  # row, column
+    y = (i + 1) / (4 + 1e-6) * 2 * math.pi
+    x = (j + 1) / (6 + 1e-6) * 2 * math.pi
+    for k in (0, 1, 10, 11, 127):
+        freq = 10000 ** (2 * (k // 2) / 128)
+        trig = math.sin if k % 2 == 0 else math.cos
+        assert pos[0, k, i, j].item() == pytest.approx(trig(y / freq), abs=1e-6)  # y first
+        assert pos[0, 128 + k, i, j].item() == pytest.approx(trig(x / freq), abs=1e-6)
+
+
+def test_attention_mask_rule():
+    logits = torch.full((1, 2, 2, 2), -3.0)  # query 0 blocked everywhere
+    logits[0, 1, 0, 1] = 2.0  # query 1 sees one position only
+    mask = m2f.masked_attention_mask(logits, (2, 2), num_heads=3)
+    assert mask.shape == (3, 2, 4) and mask.dtype == torch.bool
+    for head in range(3):
+        assert not mask[head, 0].any()  # fully blocked row unblocked entirely
+        assert mask[head, 1].tolist() == [True, False, True, True]
+
+
+def test_attention_mask_blocks_memory_per_image_and_head():
+    torch.manual_seed(0)
+    b, q, heads = 2, 3, 4
+    logits = torch.randn(b, q, 2, 3) * 3  # (B, Q, h, w): 6 memory positions
+    logits[1, 2] = -5.0  # fully blocked row -> attends everywhere
+    mask = m2f.masked_attention_mask(logits, (2, 3), heads)
+    layer = m2f.MaskedDecoderLayer(dim=32, num_heads=heads, ffn_dim=64)
+    query, memory = torch.randn(b, q, 32), torch.randn(b, 6, 32)
+
+    def attend(mem: torch.Tensor) -> torch.Tensor:
+        return layer.cross_attn(query, mem, mem, attn_mask=mask, need_weights=False)[0]
+
+    base = attend(memory)
+    blocked = mask.view(b, heads, q, 6)[:, 0]  # (B, Q, S), same for every head
+    assert torch.equal(mask.view(b, heads, q, 6), blocked[:, None].expand(-1, heads, -1, -1))
+    for bi in range(b):
+        for si in range(6):
+            changed = memory.clone()
+            changed[bi, si] += 10.0
+            moved = (attend(changed)[bi] - base[bi]).abs().amax(-1) > 1e-5  # (Q,)
+            assert moved.tolist() == (~blocked[bi, :, si]).tolist()
+
+
+def test_decoder_init_distributions():
+    bound = math.sqrt(6 / (256 + 768))  # Xavier bound of in_proj_weight (768, 256)
+    uniform = m2f.MaskedAttentionDecoder(init="xavier_uniform").layers[0].cross_attn.in_proj_weight
+    normal = m2f.MaskedAttentionDecoder(init="xavier_normal").layers[0].cross_attn.in_proj_weight
+    assert uniform.abs().max() <= bound
+    assert (normal.abs() > bound).float().mean() > 0.05  # ≈8 % of a N(0, bound/√3) beyond the bound
+    assert normal.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    ffn = m2f.MSDeformAttnPixelDecoder([8, 16, 32, 64], init="xavier_normal").encoder_layers[0].linear1
+    assert (ffn.weight.abs() > math.sqrt(6 / (256 + 1024))).any()
+
+
+def test_semantic_inference_hand_case():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]]])  # (B=1, Q=2, 2 classes + no-object)
+    masks = torch.tensor([[[[0.0, 4.0]], [[-1.0, 1.0]]]])  # (1, 2, 1, 2)
+    p = logits.softmax(-1)
+    s = masks.sigmoid()
+    expected = torch.empty(1, 2, 1, 2)
+    for c in range(2):
+        for w in range(2):
+            expected[0, c, 0, w] = p[0, 0, c] * s[0, 0, 0, w] + p[0, 1, c] * s[0, 1, 0, w]
+    out = m2f.semantic_inference(logits, masks)
+    assert out.shape == (1, 2, 1, 2)
+    assert torch.allclose(out, expected)
+
+
+def test_semantic_to_targets():
+    labels = torch.tensor([[[3, 3, 255], [0, 3, 7]], [[255, 255, 255], [255, 255, 255]]])
+    first, empty = m2f.semantic_to_targets(labels)
+    assert first["labels"].tolist() == [0, 3, 7]
+    assert first["masks"].dtype == torch.float32
+    assert first["masks"][1].tolist() == [[1, 1, 0], [0, 1, 0]]
+    assert empty["labels"].numel() == 0 and empty["masks"].shape == (0, 2, 3)
+    with pytest.raises(ValueError, match="train id"):
+        m2f.semantic_to_targets(torch.tensor([[[19]]]))
+
+
+def test_matcher_recovers_known_permutation():
+    torch.manual_seed(0)
+    size, classes = 16, [3, 7, 11]
+    target_masks = torch.zeros(3, size, size)
+    target_masks[0, :8, :8] = 1
+    target_masks[1, :8, 8:] = 1
+    target_masks[2, 8:, :] = 1
+    perm = [4, 0, 2]  # target k is copied into query perm[k]
+    logits = torch.zeros(1, 5, 20)
+    logits[0, :, 19] = 5.0  # no-object everywhere unless overwritten
+    masks = torch.full((1, 5, size, size), -20.0)
+    for k, q in enumerate(perm):
+        logits[0, q] = 0.0
+        logits[0, q, classes[k]] = 10.0
+        masks[0, q] = torch.where(target_masks[k] > 0, 20.0, -20.0)
+    targets = [{"labels": torch.tensor(classes), "masks": target_masks}]
+    ((rows, cols),) = m2f.HungarianMatcher(num_points=256)(logits, masks, targets)
+    assert dict(zip(cols.tolist(), rows.tolist())) == {0: 4, 1: 0, 2: 2}
+    assert rows.dtype == torch.int64
+
+
+def test_matcher_follows_class_when_masks_are_uninformative():
+    torch.manual_seed(0)
+    target_masks = torch.zeros(2, 8, 8)
+    target_masks[0, :, :4] = 1
+    target_masks[1, :, 4:] = 1
+    targets = [{"labels": torch.tensor([1, 2]), "masks": target_masks}]
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 2] = 6.0  # query 0 says class 2 (target 1)
+    logits[0, 1, 1] = 6.0  # query 1 says class 1 (target 0)
+    masks = torch.zeros(1, 2, 8, 8)  # identical masks: only the class term differs
+    ((rows, cols),) = m2f.HungarianMatcher(num_points=64)(logits, masks, targets)
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+def test_pairwise_costs_equal_per_pair_losses():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 30), (torch.rand(3, 30) > 0.5).float()
+    bce = m2f.pairwise_bce_cost(logits, targets)
+    dice = m2f.pairwise_dice_cost(logits, targets)
+    for q in range(4):
+        for k in range(3):
+            assert bce[q, k] == pytest.approx(
+                F.binary_cross_entropy_with_logits(logits[q], targets[k]).item(), abs=1e-5)
+            assert dice[q, k] == pytest.approx(
+                m2f.dice_loss(logits[q : q + 1], targets[k : k + 1], 1.0).item(), abs=1e-5)
+
+
+def test_dice_loss_limits():
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    perfect = torch.tensor([[50.0, 50.0, -50.0, -50.0]])
+    assert m2f.dice_loss(perfect, target, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    empty = torch.zeros(1, 4)
+    assert m2f.dice_loss(torch.full((1, 4), -50.0), empty, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # all-wrong prediction of a 2-pixel mask: 1 − 1/(2 + 2 + 1)
+    assert m2f.dice_loss(-perfect, target, 1.0).item() == pytest.approx(0.8, abs=1e-6)
+
+
+def test_bce_hand_value():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    targets = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731  BCE(x, t) = softplus(x) − t·x
+    mask0 = (softplus(0.0) + softplus(2.0)) / 2
+    mask1 = (softplus(1.0) - 1.0 + softplus(-1.0) + 1.0) / 2
+    got = m2f.sigmoid_bce_loss(logits, targets, num_masks=4.0).item()
+    assert got == pytest.approx((mask0 + mask1) / 4, abs=1e-6)
+
+
+def test_class_weight_vector_and_weighted_mean():
+    criterion = m2f.SetCriterion()
+    assert criterion.class_weight.tolist() == pytest.approx([1.0] * 19 + [0.1])
+    small = m2f.SetCriterion(num_classes=2, eos_coef=0.1)
+    logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.5, 0.5, 0.5]]])  # (1, 3, 2 + 1)
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 2, 2)}]
+    indices = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 -> class 1; 1, 2 -> no-object
+    logp = logits[0].log_softmax(-1)
+    expected = -(1.0 * logp[0, 1] + 0.1 * logp[1, 2] + 0.1 * logp[2, 2]) / (1.0 + 0.1 + 0.1)
+    assert small.loss_labels(logits, targets, indices).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def make_outputs(b=2, q=6, classes=4, h=8, w=8, requires_grad=False):
+    def one():
+        return {"pred_logits": torch.randn(b, q, classes + 1, requires_grad=requires_grad),
+                "pred_masks": torch.randn(b, q, h, w, requires_grad=requires_grad)}
+
+    out = one()
+    out["aux_outputs"] = [one() for _ in range(9)]
+    return out
+
+
+def test_criterion_30_weighted_terms():
+    torch.manual_seed(0)
+    outputs = make_outputs()
+    labels = torch.randint(0, 4, (2, 32, 32))
+    labels[1, :16] = 255
+    targets = m2f.semantic_to_targets(labels, num_classes=4)
+    criterion = m2f.SetCriterion(num_classes=4, num_points=50)
+    torch.manual_seed(1)
+    losses = criterion(outputs, targets)
+    suffixes = [""] + [f"_{i}" for i in range(9)]
+    assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in suffixes}
+    assert len(losses) == 30
+    # replay the same random draws term by term, unweighted, then apply 2/5/5
+    torch.manual_seed(1)
+    num_masks = m2f.count_masks(targets, torch.device("cpu"))
+    assert num_masks == sum(len(t["labels"]) for t in targets)
+    total = 0.0
+    for s, out in zip(suffixes, [outputs] + outputs["aux_outputs"]):
+        indices = criterion.matcher(out["pred_logits"], out["pred_masks"], targets)
+        mask, dice = criterion.loss_masks(out["pred_masks"], targets, indices, num_masks)
+        ce = criterion.loss_labels(out["pred_logits"], targets, indices)
+        assert losses["loss_ce" + s].item() == pytest.approx(2.0 * ce.item(), rel=1e-6)
+        assert losses["loss_mask" + s].item() == pytest.approx(5.0 * mask.item(), rel=1e-6)
+        assert losses["loss_dice" + s].item() == pytest.approx(5.0 * dice.item(), rel=1e-6)
+        total += 2.0 * ce.item() + 5.0 * mask.item() + 5.0 * dice.item()
+    assert sum(losses.values()).item() == pytest.approx(total, rel=1e-6)
+
+
+def test_zero_target_batch():
+    torch.manual_seed(0)
+    outputs = make_outputs(requires_grad=True)
+    targets = m2f.semantic_to_targets(torch.full((2, 32, 32), 255), num_classes=4)
+    criterion = m2f.SetCriterion(num_classes=4, num_points=50)
+    assert m2f.count_masks(targets, torch.device("cpu")) == 1.0  # clamped
+    losses = criterion(outputs, targets)
+    assert all(losses[k].item() == 0.0 for k in losses if not k.startswith("loss_ce"))
+    no_object = torch.full((2, 6), 4)
+    expected = F.cross_entropy(outputs["pred_logits"].transpose(1, 2), no_object)
+    assert losses["loss_ce"].item() == pytest.approx(2.0 * expected.item(), rel=1e-6)
+    sum(losses.values()).backward()  # mask terms stay in the graph with zero gradient
+    assert torch.all(outputs["pred_masks"].grad == 0)
+    labels = torch.full((2, 32, 32), 255)
+    labels[1, :, :16] = 2
+    indices = criterion.matcher(outputs["pred_logits"], outputs["pred_masks"],
+                                m2f.semantic_to_targets(labels, 4))
+    assert len(indices[0][0]) == 0 and len(indices[1][0]) == 1
+
+
+def test_point_counts():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 12, 12)
+    torch.manual_seed(5)
+    coords = m2f.uncertain_point_coords(logits, 12544, oversample=3.0, importance=0.75)
+    assert coords.shape == (2, 12544, 2)
+    torch.manual_seed(5)
+    candidates = torch.rand(2, 37632, 2)
+    fresh = torch.rand(2, 3136, 2)
+    assert torch.equal(coords[:, 9408:], fresh)
+    distance = m2f.point_sample(logits, candidates).abs()[:, 0]  # (2, 37632)
+    for i in range(2):
+        picked = m2f.point_sample(logits[i : i + 1], coords[i : i + 1, :9408]).abs()[0, 0]
+        # the 9,408 kept candidates are exactly the ones closest to the decision boundary
+        assert picked.max() <= distance[i].sort().values[9407]
+        kept = {tuple(c) for c in coords[i, :9408].tolist()}
+        assert kept <= {tuple(c) for c in candidates[i].tolist()} and len(kept) == 9408
