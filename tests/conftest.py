@@ -41,6 +41,7 @@ Function fixtures:
                      tests that delete or damage files.
 
 Marker: `@pytest.mark.gpu` for tests that need CUDA; they are skipped when it is unavailable.
+torchvision's per-call deprecation warning of its image decoders is filtered out.
 """
 
 from __future__ import annotations
@@ -78,10 +79,15 @@ CITYSCAPES_EXPECT = {0: 255, 7: 0, 24: 11, 26: 13, 31: 16, 33: 18, 4: 255, 40: 2
 BDD_EXPECT = {0: 0, 5: 5, 18: 18, 255: 255, 19: 255, 100: 255}
 # Mapillary v1.2 ids -> 19 classes under the two tables; 66 and 200 are not v1.2 ids.
 MAPILLARY_IDS = (13, 24, 41, 7, 8, 9, 10, 11, 14, 23, 44, 46, 49, 50, 58, 65, 66, 200)
-MAPILLARY_EXPECT_HRDA = dict(zip(MAPILLARY_IDS, (0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255,
-                                                 255, 255, 7, 16, 255, 255, 255)))
-MAPILLARY_EXPECT_REIN = dict(zip(MAPILLARY_IDS, (0, 0, 255, 0, 0, 1, 0, 1, 0, 0, 5, 7, 7, 7, 16,
-                                                 255, 255, 255)))
+MAPILLARY_EXPECT_HRDA = dict(
+    zip(
+        MAPILLARY_IDS,
+        (0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 7, 16, 255, 255, 255),
+    )
+)
+MAPILLARY_EXPECT_REIN = dict(
+    zip(MAPILLARY_IDS, (0, 0, 255, 0, 0, 1, 0, 1, 0, 0, 5, 7, 7, 7, 16, 255, 255, 255))
+)
 # ACDC: labelTrainIds {0, 13, 255} (+ 19, not a class); labelIds consistent {7, 26, 0}.
 ACDC_TRAINID_EXPECT = {0: 0, 13: 13, 255: 255, 19: 255}
 ACDC_LABELID_FOR_TRAINID = {0: 7, 13: 26, 255: 0, 19: 0}
@@ -114,10 +120,12 @@ def write_png16_rgb(path: Path, rgb: np.ndarray) -> None:
     rows = rgb.astype(">u2")  # (H, W, 3) big-endian
     raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n"
-                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_palette_png(path: Path, ids: np.ndarray) -> None:
@@ -173,8 +181,12 @@ class Tree:
 
 def write_gta5(root: Path) -> Tree:
     t = Tree(root)
-    sizes = {"00001": ((64, 32), (64, 32)), "00002": ((64, 30), (64, 30)),
-             "00003": ((64, 32), (60, 32)), "15188": ((64, 32), (64, 32))}
+    sizes = {
+        "00001": ((64, 32), (64, 32)),
+        "00002": ((64, 30), (64, 30)),
+        "00003": ((64, 32), (60, 32)),
+        "15188": ((64, 32), (64, 32)),
+    }
     for salt, (name, ((iw, ih), (lw, lh))) in enumerate(sizes.items()):
         image = make_image(iw, ih, salt)
         ids = make_ids(lw, lh, tuple(GTA5_EXPECT), salt)
@@ -207,9 +219,11 @@ def write_synthia(root: Path, split_layout: bool) -> Tree:
 
 def write_cityscapes(root: Path) -> Tree:
     t = Tree(root)
-    frames = [("val", "frankfurt", "frankfurt_000000_000294", "both"),
-              ("val", "lindau", "lindau_000001_000019", "trainids_only"),
-              ("train", "aachen", "aachen_000000_000019", "labelids")]
+    frames = [
+        ("val", "frankfurt", "frankfurt_000000_000294", "both"),
+        ("val", "lindau", "lindau_000001_000019", "trainids_only"),
+        ("train", "aachen", "aachen_000000_000019", "labelids"),
+    ]
     for salt, (split, city, stem, kind) in enumerate(frames):
         image = make_image(64, 32, salt)
         ids = make_ids(64, 32, tuple(CITYSCAPES_EXPECT), salt)
@@ -224,7 +238,9 @@ def write_cityscapes(root: Path) -> Tree:
         colour = np.zeros((32, 64, 3), np.uint8)
         colour[..., 0] = ids
         write_rgb(gt / f"{stem}_gtFine_color.png", colour)
-        Image.fromarray((ids * 1000 + 7).astype(np.uint16)).save(gt / f"{stem}_gtFine_instanceIds.png")
+        Image.fromarray((ids * 1000 + 7).astype(np.uint16)).save(
+            gt / f"{stem}_gtFine_instanceIds.png"
+        )
         t.images[stem], t.raw[stem], t.labels[stem] = image, ids, expect
         t.extra.setdefault("split", {})[stem] = split
     return t
@@ -250,9 +266,11 @@ def write_bdd(root: Path, old: bool) -> Tree:
     return t
 
 
-MAPILLARY_FRAMES = {"0035fkbjWljhaftpVM37-g": (64, 48),   # 4:3 landscape (3264 x 2448)
-                    "M2FTZ9mCNkA9YB1CZaH8TA": (64, 36),   # 16:9 (1920 x 1080)
-                    "_1Gn_xkw7sa_i9GU4mkxxQ": (48, 64)}   # portrait (3096 x 4128)
+MAPILLARY_FRAMES = {
+    "0035fkbjWljhaftpVM37-g": (64, 48),  # 4:3 landscape (3264 x 2448)
+    "M2FTZ9mCNkA9YB1CZaH8TA": (64, 36),  # 16:9 (1920 x 1080)
+    "_1Gn_xkw7sa_i9GU4mkxxQ": (48, 64),
+}  # portrait (3096 x 4128)
 
 
 def write_mapillary(root: Path, v2_layout: bool) -> Tree:
@@ -264,8 +282,9 @@ def write_mapillary(root: Path, v2_layout: bool) -> Tree:
         write_rgb(root / "validation" / "images" / f"{name}.jpg", image)
         write_palette_png(labels / f"{name}.png", ids)
         if v2_layout:  # v2.0 labels (124 classes) next to the v1.2 ones: never read
-            write_palette_png(root / "validation" / "v2.0" / "labels" / f"{name}.png",
-                              np.full((h, w), 100))
+            write_palette_png(
+                root / "validation" / "v2.0" / "labels" / f"{name}.png", np.full((h, w), 100)
+            )
         t.images[name], t.raw[name] = image, ids
         t.labels[name] = apply_table(ids, MAPILLARY_EXPECT_HRDA)
         t.extra.setdefault("rein", {})[name] = apply_table(ids, MAPILLARY_EXPECT_REIN)
@@ -274,10 +293,12 @@ def write_mapillary(root: Path, v2_layout: bool) -> Tree:
 
 def write_acdc(root: Path) -> Tree:
     t = Tree(root)
-    frames = [("fog", "val", "GOPR0476", "GOPR0476_frame_000854", "both"),
-              ("fog", "val", "GOPR0477", "GOPR0477_frame_000128", "labelids_only"),
-              ("fog", "train", "GP010475", "GP010475_frame_000080", "both"),
-              ("night", "val", "GOPR0355", "GOPR0355_frame_000138", "both")]
+    frames = [
+        ("fog", "val", "GOPR0476", "GOPR0476_frame_000854", "both"),
+        ("fog", "val", "GOPR0477", "GOPR0477_frame_000128", "labelids_only"),
+        ("fog", "train", "GP010475", "GP010475_frame_000080", "both"),
+        ("night", "val", "GOPR0355", "GOPR0355_frame_000138", "both"),
+    ]
     for salt, (cond, split, seq, stem, kind) in enumerate(frames):
         image = make_image(64, 36, salt)  # 1920 x 1080 scaled down
         train_ids = make_ids(64, 36, tuple(ACDC_TRAINID_EXPECT), salt)
@@ -290,8 +311,11 @@ def write_acdc(root: Path) -> Tree:
         write_l_png(gt / f"{stem}_gt_invIds.png", (train_ids == 255).astype(np.uint8))
         write_rgb(gt / f"{stem}_gt_labelColor.png", np.stack([train_ids] * 3, -1).astype(np.uint8))
         t.images[stem], t.raw[stem] = image, train_ids
-        t.labels[stem] = (apply_table(train_ids, ACDC_TRAINID_EXPECT) if kind == "both"
-                          else apply_table(label_ids, ACDC_LABELID_EXPECT))
+        t.labels[stem] = (
+            apply_table(train_ids, ACDC_TRAINID_EXPECT)
+            if kind == "both"
+            else apply_table(label_ids, ACDC_LABELID_EXPECT)
+        )
         t.extra.setdefault("where", {})[stem] = (cond, split)
     # Reference (clear-weather) images: the real name, and a worst-case one that also ends in
     # _rgb_anon.png. Neither is a val sample.
@@ -323,9 +347,14 @@ WRITERS = {
 def _main_trees(tmp_path_factory) -> dict[str, Tree]:
     """The six trees in their main layouts under one --data root (folder names of DATA_DIRS)."""
     base = tmp_path_factory.mktemp("data")
-    dirs = {"gta": ("gta5", "gta5"), "synthia": ("synthia", "synthia"),
-            "cityscapes": ("cityscapes", "cityscapes"), "bdd": ("bdd100k", "bdd"),
-            "mapillary": ("mapillary", "mapillary"), "acdc": ("acdc", "acdc")}
+    dirs = {
+        "gta": ("gta5", "gta5"),
+        "synthia": ("synthia", "synthia"),
+        "cityscapes": ("cityscapes", "cityscapes"),
+        "bdd": ("bdd100k", "bdd"),
+        "mapillary": ("mapillary", "mapillary"),
+        "acdc": ("acdc", "acdc"),
+    }
     return {name: WRITERS[kind](base / folder) for name, (folder, kind) in dirs.items()}
 
 
@@ -404,6 +433,14 @@ def toy_data(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped when none is available")
+    # torchvision 0.29 warns on every decode_png/decode_image call (its decoders are to move to
+    # another package); the readers depend on them for 16-bit PNGs, so keep one summary line
+    # out of hundreds.
+    config.addinivalue_line(
+        "filterwarnings",
+        "ignore:The image decoding and encoding capabilities of TorchVision are deprecated"
+        ":DeprecationWarning",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
+from torch import nn
 
 import common
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 ALLOWED_LABELS = set(range(19)) | {255}
 
@@ -32,7 +33,7 @@ def label_of(ds, name):
     names = [p[0].name for p in ds.pairs]
     for i, (image_path, _) in enumerate(ds.pairs):
         if image_path.stem == name or image_path.name.startswith(name):
-            image, label, got = ds[i]
+            image, label, _ = ds[i]
             return image, label
     raise AssertionError(f"{name} not in {names}")
 
@@ -72,6 +73,22 @@ def test_gta5_labels_and_size_mismatch_skip(gta5_tree, capsys):
     assert len(common.GTA5(gta5_tree.root, "train", "all", check_sizes=False)) == 4
 
 
+def test_map_ids_unknown_and_out_of_range_ids():
+    ids = np.array([[7, 33, 300], [-1, 0, 255]])  # 300 and -1 fall outside the 256-entry table
+    out = common.map_ids(ids, common.CITYSCAPES_ID_TO_TRAINID)
+    assert out.dtype == torch.int64
+    assert out.tolist() == [[0, 18, 255], [255, 255, 255]]
+    lut = common.CITYSCAPES_ID_TO_TRAINID
+    assert [
+        int(lut[i])
+        for i in (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+    ] == list(range(19))
+    assert (
+        np.delete(lut, [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33])
+        == 255
+    ).all()
+
+
 def test_gta5_palette_index_is_read_not_colour(gta5_tree):
     path = gta5_tree.root / "labels" / "00001.png"
     assert Image.open(path).mode == "P"
@@ -79,7 +96,7 @@ def test_gta5_palette_index_is_read_not_colour(gta5_tree):
 
 
 def test_gta5_image_lists(gta5_tree):
-    stems = lambda lst: [p[0].stem for p in common.GTA5(gta5_tree.root, "train", lst).pairs]  # noqa: E731
+    stems = lambda lst: [p[0].stem for p in common.GTA5(gta5_tree.root, "train", lst).pairs]
     assert stems("all") == ["00001", "00002", "15188"]
     assert 15188 in common.GTA5_CLOUDS_EXCLUDED
     assert stems("clouds") == ["00001", "00002"]
@@ -97,9 +114,7 @@ def test_gta5_converted_label_fallback(make_tree):
     tree = make_tree("gta5")
     labels = tree.root / "labels"
     (labels / "00001.png").unlink()
-    from conftest import write_l_png
-
-    write_l_png(labels / "00001_labelTrainIds.png", tree.labels["00001"])
+    Image.fromarray(tree.labels["00001"].astype(np.uint8)).save(labels / "00001_labelTrainIds.png")
     ds = common.GTA5(tree.root, "train", "famix")
     assert ds.pairs[0][1].name == "00001_labelTrainIds.png"
     assert_sample(ds, tree, "00001")
@@ -164,10 +179,15 @@ def test_synthia_8bit_label_rejected(make_tree):
 def test_cityscapes_labels_splits_and_fallback(cityscapes_tree):
     root = cityscapes_tree.root
     val = common.Cityscapes(root, "val")
-    assert sample_names(val) == ["frankfurt_000000_000294_leftImg8bit", "lindau_000001_000019_leftImg8bit"]
+    assert sample_names(val) == [
+        "frankfurt_000000_000294_leftImg8bit",
+        "lindau_000001_000019_leftImg8bit",
+    ]
     # labelIds when present, labelTrainIds otherwise; never the colour or instance files.
-    assert [p[1].name for p in val.pairs] == ["frankfurt_000000_000294_gtFine_labelIds.png",
-                                              "lindau_000001_000019_gtFine_labelTrainIds.png"]
+    assert [p[1].name for p in val.pairs] == [
+        "frankfurt_000000_000294_gtFine_labelIds.png",
+        "lindau_000001_000019_gtFine_labelTrainIds.png",
+    ]
     for stem in ("frankfurt_000000_000294", "lindau_000001_000019"):
         assert_sample(val, cityscapes_tree, stem)
     train = common.Cityscapes(root, "train")
@@ -180,12 +200,23 @@ def test_cityscapes_labeltrainids_equal_lut_of_labelids(cityscapes_tree):
     from_ids = common.Cityscapes._decode(gt / "frankfurt_000000_000294_gtFine_labelIds.png")
     from_train = common.Cityscapes._decode(gt / "frankfurt_000000_000294_gtFine_labelTrainIds.png")
     assert torch.equal(from_ids, from_train)
-    assert set(np.unique(cityscapes_tree.raw["frankfurt_000000_000294"])) == {0, 4, 7, 24, 26, 31, 33, 40}
+    assert set(np.unique(cityscapes_tree.raw["frankfurt_000000_000294"])) == {
+        0,
+        4,
+        7,
+        24,
+        26,
+        31,
+        33,
+        40,
+    }
 
 
 def test_colour_visualisations_are_refused(cityscapes_tree, bdd_tree):
-    for path in (cityscapes_tree.root / "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_color.png",
-                 bdd_tree.root / "labels/sem_seg/colormaps/val/0a0b16e2-93f8c456.png"):
+    for path in (
+        cityscapes_tree.root / "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_color.png",
+        bdd_tree.root / "labels/sem_seg/colormaps/val/0a0b16e2-93f8c456.png",
+    ):
         with pytest.raises(common.DatasetLayoutError) as e:
             common.read_id_png(path)
         assert str(path) in str(e.value) and "mode RGB" in str(e.value)
@@ -201,8 +232,10 @@ def test_bdd_10k_layout(bdd_tree):
 
 def test_bdd_old_seg_layout(bdd_old_tree):
     ds = common.BDD100K(bdd_old_tree.root, "val")
-    assert [p[1].name for p in ds.pairs] == ["0a0b16e2-93f8c456_train_id.png",
-                                             "7d2f7975-e0c1c5a7_train_id.png"]
+    assert [p[1].name for p in ds.pairs] == [
+        "0a0b16e2-93f8c456_train_id.png",
+        "7d2f7975-e0c1c5a7_train_id.png",
+    ]
     for stem in bdd_old_tree.labels:
         assert_sample(ds, bdd_old_tree, stem, jpeg=True)
 
@@ -221,7 +254,19 @@ def test_mapillary_hrda_and_rein_maps(layout, mapillary_tree, mapillary_v2_tree)
     assert label_of(hrda, "_1Gn_xkw7sa_i9GU4mkxxQ")[0].shape == (3, 64, 48)
     # The two tables differ exactly on the 11 ids of the spec.
     h, r = common.MAPILLARY_V12_TO_19["hrda"], common.MAPILLARY_V12_TO_19["rein"]
-    assert sorted(np.nonzero(h[:66] != r[:66])[0].tolist()) == [7, 8, 9, 10, 11, 14, 23, 41, 44, 46, 49]
+    assert sorted(np.nonzero(h[:66] != r[:66])[0].tolist()) == [
+        7,
+        8,
+        9,
+        10,
+        11,
+        14,
+        23,
+        41,
+        44,
+        46,
+        49,
+    ]
     with pytest.raises(common.UsageError, match="hrda or rein"):
         common.Mapillary(tree.root, "val", "mmseg")
 
@@ -229,11 +274,15 @@ def test_mapillary_hrda_and_rein_maps(layout, mapillary_tree, mapillary_v2_tree)
 def test_acdc_recursion_ref_exclusion_and_fallback(acdc_tree):
     fog = common.ACDC(acdc_tree.root, "fog", "val")
     listed = [p[0] for p in fog.pairs]
-    assert [p.name for p in listed] == ["GOPR0476_frame_000854_rgb_anon.png",
-                                        "GOPR0477_frame_000128_rgb_anon.png"]
+    assert [p.name for p in listed] == [
+        "GOPR0476_frame_000854_rgb_anon.png",
+        "GOPR0477_frame_000128_rgb_anon.png",
+    ]
     assert all("val_ref" not in p.parts for p in listed)
-    assert [p[1].name for p in fog.pairs] == ["GOPR0476_frame_000854_gt_labelTrainIds.png",
-                                              "GOPR0477_frame_000128_gt_labelIds.png"]
+    assert [p[1].name for p in fog.pairs] == [
+        "GOPR0476_frame_000854_gt_labelTrainIds.png",
+        "GOPR0477_frame_000128_gt_labelIds.png",
+    ]
     for stem in ("GOPR0476_frame_000854", "GOPR0477_frame_000128"):
         assert_sample(fog, acdc_tree, stem)
     night = common.ACDC(acdc_tree.root, "night", "val")
@@ -270,11 +319,17 @@ def test_acdc_flattened_layout(make_tree):
 # ---- errors -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,expect", [
-    ("gta", "images/"), ("synthia", "GT/LABELS/"), ("cityscapes", "leftImg8bit/val/"),
-    ("bdd", "image/label folders"), ("mapillary", "validation/images/"),
-    ("acdc-fog", "rgb_anon/fog/val/"),
-])
+@pytest.mark.parametrize(
+    "name,expect",
+    [
+        ("gta", "images/"),
+        ("synthia", "GT/LABELS/"),
+        ("cityscapes", "leftImg8bit/val/"),
+        ("bdd", "image/label folders"),
+        ("mapillary", "validation/images/"),
+        ("acdc-fog", "rgb_anon/fog/val/"),
+    ],
+)
 def test_layout_error_is_readable(tmp_path, name, expect):
     split = "train" if name in ("gta", "synthia") else "val"
     with pytest.raises(common.DatasetLayoutError) as e:
@@ -286,23 +341,28 @@ def test_layout_error_is_readable(tmp_path, name, expect):
     assert "Expected layout" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("kind,label", [
-    ("gta5", "labels/00002.png"),
-    ("synthia", "GT/LABELS/0000002.png"),
-    ("cityscapes", "gtFine/val/lindau/lindau_000001_000019_gtFine_labelTrainIds.png"),
-    ("bdd", "labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png"),
-    ("mapillary", "validation/labels/M2FTZ9mCNkA9YB1CZaH8TA.png"),
-    ("acdc", "gt/fog/val/GOPR0477/GOPR0477_frame_000128_gt_labelIds.png"),
-])
+@pytest.mark.parametrize(
+    "kind,label",
+    [
+        ("gta5", "labels/00002.png"),
+        ("synthia", "GT/LABELS/0000002.png"),
+        ("cityscapes", "gtFine/val/lindau/lindau_000001_000019_gtFine_labelTrainIds.png"),
+        ("bdd", "labels/sem_seg/masks/val/7d2f7975-e0c1c5a7.png"),
+        ("mapillary", "validation/labels/M2FTZ9mCNkA9YB1CZaH8TA.png"),
+        ("acdc", "gt/fog/val/GOPR0477/GOPR0477_frame_000128_gt_labelIds.png"),
+    ],
+)
 def test_missing_label_error_names_the_paths(make_tree, kind, label):
     tree = make_tree(kind)
     (tree.root / label).unlink()
-    build = {"gta5": lambda r: common.GTA5(r, "train", "all"),
-             "synthia": lambda r: common.Synthia(r, "all"),
-             "cityscapes": lambda r: common.Cityscapes(r, "val"),
-             "bdd": lambda r: common.BDD100K(r, "val"),
-             "mapillary": lambda r: common.Mapillary(r, "val"),
-             "acdc": lambda r: common.ACDC(r, "fog", "val")}[kind]
+    build = {
+        "gta5": lambda r: common.GTA5(r, "train", "all"),
+        "synthia": lambda r: common.Synthia(r, "all"),
+        "cityscapes": lambda r: common.Cityscapes(r, "val"),
+        "bdd": lambda r: common.BDD100K(r, "val"),
+        "mapillary": lambda r: common.Mapillary(r, "val"),
+        "acdc": lambda r: common.ACDC(r, "fog", "val"),
+    }[kind]
     with pytest.raises(common.DatasetLayoutError) as e:
         build(tree.root)
     message = str(e.value)
@@ -319,7 +379,9 @@ def test_run_cli_turns_usage_error_into_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         common.run_cli(bad)
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: checkpoint not found: x.pt (check the --resume path)\n"
+    assert (
+        capsys.readouterr().err == "error: checkpoint not found: x.pt (check the --resume path)\n"
+    )
 
     def crash(argv):
         raise ValueError("a bug, not a usage error")
@@ -331,18 +393,21 @@ def test_run_cli_turns_usage_error_into_one_line(capsys):
 # ---- build_dataset ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,split,kwargs,count,cls", [
-    ("gta", "train", {}, 3, common.GTA5),
-    ("gta", "train", {"gta_list": "clouds"}, 2, common.GTA5),
-    ("gta", "train", {"gta_list": "famix"}, 2, common.GTA5),
-    ("synthia", "train", {}, 2, common.Synthia),
-    ("synthia", "val", {}, 1, common.Synthia),
-    ("cityscapes", "val", {}, 2, common.Cityscapes),
-    ("bdd", "val", {}, 2, common.BDD100K),
-    ("mapillary", "val", {}, 3, common.Mapillary),
-    ("acdc-fog", "val", {}, 2, common.ACDC),
-    ("acdc-night", "val", {}, 1, common.ACDC),
-])
+@pytest.mark.parametrize(
+    "name,split,kwargs,count,cls",
+    [
+        ("gta", "train", {}, 3, common.GTA5),
+        ("gta", "train", {"gta_list": "clouds"}, 2, common.GTA5),
+        ("gta", "train", {"gta_list": "famix"}, 2, common.GTA5),
+        ("synthia", "train", {}, 2, common.Synthia),
+        ("synthia", "val", {}, 1, common.Synthia),
+        ("cityscapes", "val", {}, 2, common.Cityscapes),
+        ("bdd", "val", {}, 2, common.BDD100K),
+        ("mapillary", "val", {}, 3, common.Mapillary),
+        ("acdc-fog", "val", {}, 2, common.ACDC),
+        ("acdc-night", "val", {}, 1, common.ACDC),
+    ],
+)
 def test_build_dataset_every_name(data_root, name, split, kwargs, count, cls):
     ds = common.build_dataset(name, data_root, split, **kwargs)
     assert isinstance(ds, cls) and len(ds) == count
@@ -355,8 +420,10 @@ def test_build_dataset_every_name(data_root, name, split, kwargs, count, cls):
 def test_build_dataset_options_reach_the_reader(data_root, mapillary_tree):
     rein = common.build_dataset("mapillary", data_root, "val", mapillary_map="rein")
     name = "0035fkbjWljhaftpVM37-g"
-    np.testing.assert_array_equal(label_of(rein, name)[1].numpy(), mapillary_tree.extra["rein"][name])
-    flip = lambda im, lab, g: (im.flip(-1), lab.flip(-1))  # noqa: E731
+    np.testing.assert_array_equal(
+        label_of(rein, name)[1].numpy(), mapillary_tree.extra["rein"][name]
+    )
+    flip = lambda im, lab, g: (im.flip(-1), lab.flip(-1))
     plain = common.build_dataset("cityscapes", data_root, "val")
     flipped = common.build_dataset("cityscapes", data_root, "val", transform=flip)
     assert torch.equal(flipped[0][1], plain[0][1].flip(-1))
@@ -389,7 +456,9 @@ SMALL_TOY = {"source": (2, 1), "city": (0, 1), "fog": (0, 1), "night": (0, 1)}
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_toy_generator_deterministic(tmp_path):
@@ -416,8 +485,8 @@ def test_toy_domain_gap(toy_data):
         for i in range(6):
             image, label, _ = ds[i]
             assert set(label.unique().tolist()) <= set(common._TOY_CLASSES) | {255}
-            for c in sums:
-                sums[c].append(image[:, label == c].float().T)
+            for c, pixels in sums.items():
+                pixels.append(image[:, label == c].float().T)
         return {c: torch.cat(v).mean(0) for c, v in sums.items()}
 
     source = mean_colours("toy", "train")
@@ -437,8 +506,19 @@ def _hand_matrix() -> common.ConfusionMatrix:
     # (gt, pred): class 0 has 3 GT pixels (one predicted as 1), class 1 has 2 (one predicted as
     # 3), class 2 one, class 9 one; class 3 is predicted once but absent from GT; ignored pixels
     # (gt 255, also a gt of 19 outside the classes) carry predictions 3, 0 and 5 that must not count.
-    pairs = [(0, 0), (0, 0), (0, 1), (1, 1), (1, 3), (2, 2), (9, 9), (255, 3), (255, 0), (255, 5),
-             (19, 5)]
+    pairs = [
+        (0, 0),
+        (0, 0),
+        (0, 1),
+        (1, 1),
+        (1, 3),
+        (2, 2),
+        (9, 9),
+        (255, 3),
+        (255, 0),
+        (255, 5),
+        (19, 5),
+    ]
     gt = torch.tensor([p[0] for p in pairs]).view(1, -1)
     pred = torch.tensor([p[1] for p in pairs]).view(1, -1)
     cm = common.ConfusionMatrix(19)
@@ -496,10 +576,20 @@ def test_evaluate_dataset_constant_prediction(data_root, cityscapes_tree):
         logits[:, 0] = 1.0
         return logits
 
-    result = common.evaluate_dataset(predict, ds, resize=common.EvalResize(), dist=common.Dist(),
-                                     workers=0, subsets={"16": common.SYNTHIA16})
-    labels = np.concatenate([cityscapes_tree.labels[s].ravel()
-                             for s in ("frankfurt_000000_000294", "lindau_000001_000019")])
+    result = common.evaluate_dataset(
+        predict,
+        ds,
+        resize=common.EvalResize(),
+        dist=common.Dist(),
+        workers=0,
+        subsets={"16": common.SYNTHIA16},
+    )
+    labels = np.concatenate(
+        [
+            cityscapes_tree.labels[s].ravel()
+            for s in ("frankfurt_000000_000294", "lindau_000001_000019")
+        ]
+    )
     valid = labels[labels != 255]
     present = np.unique(valid)
     expect = 100 * (valid == 0).mean() / len(present)
@@ -519,17 +609,23 @@ def test_evaluate_dataset_constant_prediction(data_root, cityscapes_tree):
 
 def test_slide_windows_cityscapes_512():
     # 1024x512 (W x H), crop 512, stride 341: x = 0, 341, 512 [mmseg grid formula].
-    assert common.slide_windows(512, 1024, 512, 341) == [(0, 512, 0, 512), (0, 512, 341, 853),
-                                                         (0, 512, 512, 1024)]
+    assert common.slide_windows(512, 1024, 512, 341) == [
+        (0, 512, 0, 512),
+        (0, 512, 341, 853),
+        (0, 512, 512, 1024),
+    ]
 
 
-@pytest.mark.parametrize("h,w,crop,stride,count", [
-    (720, 1280, 512, 341, 8),     # BDD native, Rein 512 config
-    (1080, 1920, 1024, 683, 6),   # ACDC native, Rein 1024 config
-    (1024, 2048, 1024, 683, 3),   # Cityscapes, Rein 1024 config
-    (540, 960, 512, 341, 6),      # ACDC fit in (960, 540)
-    (512, 683, 512, 341, 2),      # Mapillary 4:3 after pre-halving and fit
-])
+@pytest.mark.parametrize(
+    "h,w,crop,stride,count",
+    [
+        (720, 1280, 512, 341, 8),  # BDD native, Rein 512 config
+        (1080, 1920, 1024, 683, 6),  # ACDC native, Rein 1024 config
+        (1024, 2048, 1024, 683, 3),  # Cityscapes, Rein 1024 config
+        (540, 960, 512, 341, 6),  # ACDC fit in (960, 540)
+        (512, 683, 512, 341, 2),  # Mapillary 4:3 after pre-halving and fit
+    ],
+)
 def test_slide_window_counts(h, w, crop, stride, count):
     windows = common.slide_windows(h, w, crop, stride)
     assert len(windows) == count
@@ -570,7 +666,7 @@ def test_slide_inference_equals_whole_for_pointwise_model():
 
 def test_slide_inference_averages_overlaps():
     # A model returning 1 in each window: the average is 1 everywhere, whatever the overlaps.
-    ones = lambda x: torch.ones(x.shape[0], 2, *x.shape[-2:])  # noqa: E731
+    ones = lambda x: torch.ones(x.shape[0], 2, *x.shape[-2:])
     out = common.slide_inference(ones, torch.zeros(1, 3, 30, 41), 2, crop=16, stride=5)
     assert torch.equal(out, torch.ones(1, 2, 30, 41))
 
@@ -581,12 +677,12 @@ def test_slide_inference_averages_overlaps():
 
 
 def test_resize_arithmetic():
-    assert common.fit_size(1224, 1632, 1024, 512) == (512, 683)   # Rein Mapillary 4:3 (halved)
-    assert common.fit_size(540, 960, 1024, 512) == (512, 910)     # 16:9 halved
-    assert common.fit_size(2064, 1548, 1024, 512) == (683, 512)   # portrait halved
+    assert common.fit_size(1224, 1632, 1024, 512) == (512, 683)  # Rein Mapillary 4:3 (halved)
+    assert common.fit_size(540, 960, 1024, 512) == (512, 910)  # 16:9 halved
+    assert common.fit_size(2064, 1548, 1024, 512) == (683, 512)  # portrait halved
     assert common.fit_size(1024, 2048, 1024, 512) == (512, 1024)  # Cityscapes, Rein 512
-    assert common.fit_size(720, 1280, 1280, 720) == (720, 1280)   # BDD native
-    assert common.fit_size(1080, 1920, 960, 540) == (540, 960)    # ACDC, Rein 512
+    assert common.fit_size(720, 1280, 1280, 720) == (720, 1280)  # BDD native
+    assert common.fit_size(1080, 1920, 960, 540) == (540, 960)  # ACDC, Rein 512
     assert common.short_side_size(720, 1280, 1024) == (1024, 1820)
     assert common.short_side_size(2448, 3264, 1024) == (1024, 1365)
     assert common.short_side_size(4128, 3096, 1024) == (1365, 1024)
@@ -604,7 +700,9 @@ def test_eval_resize_fit_keeps_label():
     label = torch.zeros(1224, 1632, dtype=torch.int64)
     im, lab = common.eval_resize(image, label, common.EvalResize(("fit", (1024, 512))))
     assert im.shape == (3, 512, 683) and lab.shape == (1224, 1632)
-    im, lab = common.eval_resize(image, label, common.EvalResize(("fit", (1024, 512)), resize_gt=True))
+    im, lab = common.eval_resize(
+        image, label, common.EvalResize(("fit", (1024, 512)), resize_gt=True)
+    )
     assert lab.shape == (512, 683)
 
 
@@ -624,7 +722,9 @@ def test_eval_resize_height_crop_mapillary_4_3():
     ramp = torch.arange(w, dtype=torch.float64) * 255 / (w - 1)
     image = ramp.round().to(torch.uint8).expand(3, h, w).contiguous()
     label = (torch.arange(w) * 19 // w).expand(h, w).contiguous()
-    im, lab = common.eval_resize(image, label, common.EvalResize(("height_crop", 1536), image_interp="bicubic"))
+    im, lab = common.eval_resize(
+        image, label, common.EvalResize(("height_crop", 1536), image_interp="bicubic")
+    )
     assert im.shape == (3, 1536, 1536) and lab.shape == (1536, 1536)
     # The ramp tells where the crop starts: column 0 is resized column 256, source x ~ 407.5.
     scale = w / 2048
@@ -642,20 +742,25 @@ def test_eval_resize_height_crop_portrait_pads_255():
     # 48 x 64 -> height 32, width int(48 / 64 * 32) = 24 -> padded 4 + 24 + 4.
     assert im.shape == (3, 32, 32) and lab.shape == (32, 32)
     assert (lab[:, :4] == 255).all() and (lab[:, 28:] == 255).all() and (lab[:, 4:28] == 0).all()
-    assert (im[:, :, :4] == 0).all() and (im[:, :, 28:] == 0).all() and (im[:, :, 4:28] == 200).all()
+    assert (
+        (im[:, :, :4] == 0).all() and (im[:, :, 28:] == 0).all() and (im[:, :, 4:28] == 200).all()
+    )
 
 
 def test_eval_resize_mapillary_fixture_each_method(mapillary_tree):
     ds = common.Mapillary(mapillary_tree.root, "val")
     portrait = label_of(ds, "_1Gn_xkw7sa_i9GU4mkxxQ")
-    im, lab = common.eval_resize(*portrait, common.EvalResize(("height_crop", 32), image_interp="bicubic"))
+    im, lab = common.eval_resize(
+        *portrait, common.EvalResize(("height_crop", 32), image_interp="bicubic")
+    )
     assert lab.shape == (32, 32) and (lab[:, :4] == 255).all() and (lab[:, -4:] == 255).all()
     # Rein: pre-halved 48 x 64 -> 24 x 32, fit in (1024, 512) -> 512 x 683; label stays halved.
     im, lab = common.eval_resize(*portrait, common.EvalResize(("fit", (1024, 512)), pre_halve=True))
     assert im.shape == (3, 683, 512) and lab.shape == (32, 24)
     # CLOUDS: short side 1024 with the label: 4:3 64 x 48 -> 1365 x 1024.
-    im, lab = common.eval_resize(*label_of(ds, "0035fkbjWljhaftpVM37-g"),
-                                 common.EvalResize(("short", 1024), resize_gt=True))
+    im, lab = common.eval_resize(
+        *label_of(ds, "0035fkbjWljhaftpVM37-g"), common.EvalResize(("short", 1024), resize_gt=True)
+    )
     assert im.shape == (3, 1024, 1365) and lab.shape == (1024, 1365)
     with pytest.raises(ValueError):
         common.eval_resize(*portrait, common.EvalResize(("area", 3)))
@@ -695,7 +800,7 @@ def test_random_crop_pads_image_0_label_255():
 
 def _accepted(window: np.ndarray, ratio: float) -> bool:
     """mmseg RandomCrop rule: more than one class besides ignore, none above `ratio`."""
-    values, counts = np.unique(window[window != 255], return_counts=True)
+    _, counts = np.unique(window[window != 255], return_counts=True)
     return len(counts) > 1 and counts.max() / counts.sum() < ratio
 
 
@@ -716,11 +821,11 @@ def test_random_crop_cat_max_ratio_retries():
         for attempt in range(11):
             top = int(torch.randint(1, (), generator=replay))
             left = int(torch.randint(57, (), generator=replay))
-            if _accepted(label[top:top + 8, left:left + 8].numpy(), 0.75):
+            if _accepted(label[top : top + 8, left : left + 8].numpy(), 0.75):
                 hits += 1
                 break
         assert int(im[0, 0, 0]) == left, (seed, attempt)
-        assert torch.equal(lab, label[:, left:left + 8])
+        assert torch.equal(lab, label[:, left : left + 8])
         # Both generators consumed the same number of draws.
         assert torch.rand((), generator=g) == torch.rand((), generator=replay)
     assert 10 < hits < 200  # both branches (accepted / gave up after 10 retries) were taken
@@ -819,7 +924,7 @@ def test_train_loader_deterministic_and_exact_resume(gta5_tree):
     # Each epoch of 3 samples visits every sample once: positions 0..2, 3..5, ...
     names = [n for batch in fresh for n in batch[2]]
     for e in range(len(names) // 3):
-        assert sorted(names[3 * e:3 * e + 3]) == ["00001", "00002", "15188"]
+        assert sorted(names[3 * e : 3 * e + 3]) == ["00001", "00002", "15188"]
 
 
 def test_train_loader_ranks_partition_global_batch(gta5_tree):
@@ -832,6 +937,10 @@ def test_train_loader_ranks_partition_global_batch(gta5_tree):
         assert torch.equal(torch.cat([a[0], b[0]]), s[0])
         assert torch.equal(torch.cat([a[1], b[1]]), s[1])
         assert list(a[2]) + list(b[2]) == list(s[2])
+    # Resuming each rank at iteration 1 continues its own slice.
+    for rank, fresh in ((0, rank0), (1, rank1)):
+        resumed = _batches(ds, 2, rank=rank, world=2, start_iter=1)
+        assert _equal(resumed[0], fresh[1]) and _equal(resumed[1], fresh[2])
     with pytest.raises(common.UsageError, match="not divisible"):
         common.TrainLoader(ds, 3, common.Dist(rank=0, world_size=2), 0, 0)
 
@@ -849,7 +958,7 @@ class _IndexDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, item):
-        index, seed = item
+        index, _seed = item
         return index
 
 
@@ -861,8 +970,9 @@ def test_repeat_factors_long_run_fraction():
         assert counts[0] == 1 and counts[1] == 1 and counts[2] in (0, 1) and counts[3] in (2, 3)
     # Long run (index i of 40 has factor factors[i % 4]; 4,000 samples = 80 epochs of ~50):
     # the share of each group tends to r / sum(r) = 0.2, 0.2, 0.1, 0.5.
-    loader = common.TrainLoader(_IndexDataset(40), 50, common.Dist(), 0, 0,
-                                repeat_factors=factors * 10, collate=list)
+    loader = common.TrainLoader(
+        _IndexDataset(40), 50, common.Dist(), 0, 0, repeat_factors=factors * 10, collate=list
+    )
     seen = np.bincount(np.concatenate([next(loader) for _ in range(80)]) % 4, minlength=4)
     np.testing.assert_allclose(seen / seen.sum(), np.array(factors) / sum(factors), atol=0.02)
 
@@ -891,8 +1001,16 @@ def test_checkpoint_round_trip(tmp_path):
     args = argparse.Namespace(iters=10, data=Path("/data"), amp=False, targets="cityscapes")
     state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "out" / "last.pt"
-    common.save_checkpoint(path, method="famix", iteration=7, model_state=state, optimizer=opt,
-                           scaler=None, args=args, metrics={"cityscapes": 12.5})
+    common.save_checkpoint(
+        path,
+        method="famix",
+        iteration=7,
+        model_state=state,
+        optimizer=opt,
+        scaler=None,
+        args=args,
+        metrics={"cityscapes": 12.5},
+    )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert set(raw) == {"method", "iter", "model", "optimizer", "scaler", "args", "rng", "metrics"}
     assert raw["method"] == "famix" and raw["iter"] == 7 and raw["scaler"] is None
@@ -905,15 +1023,24 @@ def test_checkpoint_round_trip(tmp_path):
     fresh_opt.state.clear()
     assert common.restore_training_state(ckpt, fresh_opt, None) == 7
     buf = opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"]
-    assert torch.equal(fresh_opt.state[fresh_opt.param_groups[0]["params"][0]]["momentum_buffer"], buf)
+    assert torch.equal(
+        fresh_opt.state[fresh_opt.param_groups[0]["params"][0]]["momentum_buffer"], buf
+    )
     assert not list(path.parent.glob(".*tmp*"))
 
 
 def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
     model, opt = _model_and_optimizer()
     path = tmp_path / "last.pt"
-    common.save_checkpoint(path, method="rein", iteration=1, model_state=model.state_dict(),
-                           optimizer=opt, scaler=None, args={})
+    common.save_checkpoint(
+        path,
+        method="rein",
+        iteration=1,
+        model_state=model.state_dict(),
+        optimizer=opt,
+        scaler=None,
+        args={},
+    )
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
@@ -922,8 +1049,15 @@ def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        common.save_checkpoint(path, method="rein", iteration=2, model_state=model.state_dict(),
-                               optimizer=opt, scaler=None, args={})
+        common.save_checkpoint(
+            path,
+            method="rein",
+            iteration=2,
+            model_state=model.state_dict(),
+            optimizer=opt,
+            scaler=None,
+            args={},
+        )
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
     monkeypatch.undo()
@@ -933,11 +1067,22 @@ def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 def test_checkpoint_errors_are_clear(tmp_path):
     model, opt = _model_and_optimizer()
     path = tmp_path / "last.pt"
-    common.save_checkpoint(path, method="clouds", iteration=3, model_state=model.state_dict(),
-                           optimizer=opt, scaler=None, args={})
+    common.save_checkpoint(
+        path,
+        method="clouds",
+        iteration=3,
+        model_state=model.state_dict(),
+        optimizer=opt,
+        scaler=None,
+        args={},
+    )
     with pytest.raises(common.CheckpointError) as e:
         common.load_checkpoint(path, "famix")
-    assert "clouds checkpoint" in str(e.value) and "famix" in str(e.value) and str(path) in str(e.value)
+    assert (
+        "clouds checkpoint" in str(e.value)
+        and "famix" in str(e.value)
+        and str(path) in str(e.value)
+    )
 
     missing = tmp_path / "nope.pt"
     with pytest.raises(common.CheckpointError) as e:
@@ -958,8 +1103,15 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def _draws():
-    return (torch.rand(4), torch.randint(0, 1000, (3,)), np.random.rand(3), np.random.standard_normal(),
-            random.random(), random.gauss(0, 1), random.randint(0, 10**9))
+    return (
+        torch.rand(4),
+        torch.randint(0, 1000, (3,)),
+        np.random.rand(3),
+        np.random.standard_normal(),
+        random.random(),
+        random.gauss(0, 1),
+        random.randint(0, 10**9),
+    )
 
 
 def test_rng_state_round_trip_reproduces_draws(tmp_path):
@@ -993,16 +1145,41 @@ def test_strip_prefixes_and_unwrap():
 # Shared command-line block
 # =============================================================================================
 
-SHARED_DESTS = {"source", "data", "targets", "iters", "batch_size", "crop", "amp", "out", "resume",
-                "device", "seed", "pretrained", "eval_only", "eval_every", "workers", "save_preds",
-                "bench"}
+SHARED_DESTS = {
+    "source",
+    "data",
+    "targets",
+    "iters",
+    "batch_size",
+    "crop",
+    "amp",
+    "out",
+    "resume",
+    "device",
+    "seed",
+    "pretrained",
+    "eval_only",
+    "eval_every",
+    "workers",
+    "save_preds",
+    "bench",
+}
 
 
 def _parser():
     p = argparse.ArgumentParser()
-    common.add_shared_flags(p, source="gta", targets="cityscapes,bdd,mapillary", iters=40000,
-                            batch_size=8, crop=768, amp=True, pretrained="ViT-B-16",
-                            eval_every=5000, cite={"iters": "paper: 40000 [C main.py]"})
+    common.add_shared_flags(
+        p,
+        source="gta",
+        targets="cityscapes,bdd,mapillary",
+        iters=40000,
+        batch_size=8,
+        crop=768,
+        amp=True,
+        pretrained="ViT-B-16",
+        eval_every=5000,
+        cite={"iters": "paper: 40000 [C main.py]"},
+    )
     return p
 
 
@@ -1011,31 +1188,48 @@ def test_add_shared_flags_defaults():
     args = p.parse_args([])
     assert set(vars(args)) == SHARED_DESTS
     assert (args.source, args.targets, args.iters, args.batch_size, args.crop) == (
-        "gta", "cityscapes,bdd,mapillary", 40000, 8, 768)
+        "gta",
+        "cityscapes,bdd,mapillary",
+        40000,
+        8,
+        768,
+    )
     assert args.amp is True and args.pretrained == "ViT-B-16" and args.eval_every == 5000
     assert args.seed == 0 and args.resume is None and args.device is None and not args.eval_only
     assert p.parse_args(["--no-amp"]).amp is False
     assert "(paper: 40000 [C main.py])" in " ".join(p.format_help().split())
-    assert common.parse_targets(p.parse_args(["--targets", "cityscapes, bdd,,"])) == ["cityscapes", "bdd"]
+    assert common.parse_targets(p.parse_args(["--targets", "cityscapes, bdd,,"])) == [
+        "cityscapes",
+        "bdd",
+    ]
     with pytest.raises(SystemExit):
         p.parse_args(["--source", "kitti"])
 
 
 def test_apply_toy_defaults_respects_explicit_flags():
     p = _parser()
-    toy = dict(iters=3, batch_size=2, crop=64, amp=True, eval_every=0)
+    toy = {"iters": 3, "batch_size": 2, "crop": 64, "amp": True, "eval_every": 0}
     argv = ["--source", "toy", "--iters=7", "--no-amp", "--crop", "32"]
     args = p.parse_args(argv)
     common.apply_toy_defaults(p, args, argv, **toy)
-    assert (args.iters, args.batch_size, args.crop, args.amp, args.eval_every) == (7, 2, 32, False, 0)
+    assert (args.iters, args.batch_size, args.crop, args.amp, args.eval_every) == (
+        7,
+        2,
+        32,
+        False,
+        0,
+    )
     argv = ["--source", "gta"]
     args = p.parse_args(argv)
     common.apply_toy_defaults(p, args, argv, **toy)
     assert (args.iters, args.batch_size) == (40000, 8)  # not toy: paper defaults kept
 
 
-@pytest.mark.xfail(strict=True, reason="explicit_flags does not resolve argparse prefix "
-                   "abbreviations, so a written `--batch 4` is replaced by the toy default")
+@pytest.mark.xfail(
+    strict=True,
+    reason="explicit_flags does not resolve argparse prefix "
+    "abbreviations, so a written `--batch 4` is replaced by the toy default",
+)
 def test_apply_toy_defaults_respects_abbreviated_flags():
     p = _parser()
     argv = ["--source", "toy", "--batch", "4"]
@@ -1076,11 +1270,13 @@ def test_save_prediction_strip_three_tiles(tmp_path):
     strip = np.asarray(Image.open(path))
     assert strip.shape == (8, 30, 3)
     np.testing.assert_array_equal(strip[:, :10], image.permute(1, 2, 0).numpy())
-    np.testing.assert_array_equal(strip[0, 10:15], [(128, 64, 128), (0, 0, 142), (0, 0, 0),
-                                                    (70, 130, 180), (119, 11, 32)])
+    np.testing.assert_array_equal(
+        strip[0, 10:15], [(128, 64, 128), (0, 0, 142), (0, 0, 0), (70, 130, 180), (119, 11, 32)]
+    )
     np.testing.assert_array_equal(strip[:, 20:], common.PALETTE[pred.numpy()])
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "preds" / "00000_x_pred.png")),
-                                  strip[:, 20:])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "preds" / "00000_x_pred.png")), strip[:, 20:]
+    )
 
 
 # =============================================================================================
@@ -1091,8 +1287,15 @@ def test_save_prediction_strip_three_tiles(tmp_path):
 def _run(*argv: str) -> subprocess.CompletedProcess:
     # One intra-op thread: the child shares the cores with this process (and its thread pool).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "common.py", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "common.py", *argv],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_demo_subprocess_prints_table(toy_data):
@@ -1106,8 +1309,11 @@ def test_demo_subprocess_prints_table(toy_data):
     assert "parameters" in run.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="make-toy lets the OS error of an unusable --data path "
-                   "escape as a traceback instead of a one-line UsageError")
+@pytest.mark.xfail(
+    strict=True,
+    reason="make-toy lets the OS error of an unusable --data path "
+    "escape as a traceback instead of a one-line UsageError",
+)
 def test_make_toy_bad_path_one_line(tmp_path, monkeypatch, capsys):
     """`python common.py make-toy --data <a file>` (the __main__ block is run_cli(main))."""
     not_a_dir = tmp_path / "file.txt"
@@ -1142,7 +1348,9 @@ def test_gpu_confusion_matrix_and_slide_inference_match_cpu():
     a.update(cpu.argmax(1), label)
     b.update(gpu.argmax(1), label.to(device))
     assert torch.equal(a.mat, b.mat.cpu())
-    ctx, scaler = common.autocast(device, True)
+    ctx, _ = common.autocast(device, True)
     with ctx():
         assert torch.mm(torch.ones(2, 2, device=device), torch.ones(2, 2, device=device)).dtype in (
-            torch.bfloat16, torch.float16)
+            torch.bfloat16,
+            torch.float16,
+        )
