@@ -30,6 +30,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -45,8 +46,12 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
 from torchvision.transforms import InterpolationMode
+
+try:  # torchvision's libpng/libjpeg decoders (deprecated since 0.29 in favour of torchcodec)
+    from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
+except ImportError:  # pragma: no cover - only on a torchvision without them
+    decode_image = decode_png = None
 
 # =============================================================================================
 # 1. Classes, palettes, label maps
@@ -159,12 +164,12 @@ def read_image(path: str | Path) -> torch.Tensor:
     """RGB uint8 (3, H, W). torchvision's libpng/libjpeg decoder: the same pixels as Pillow's
     `convert("RGB")` (used by FAMix and detectron2) for PNG, about a third faster on full-size
     frames; Pillow is the fallback for other formats."""
-    try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+    if decode_image is not None:
+        with contextlib.suppress(RuntimeError):
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 def read_id_png(path: str | Path) -> np.ndarray:
@@ -182,6 +187,9 @@ def read_id_png(path: str | Path) -> np.ndarray:
 def read_synthia_label(path: str | Path) -> np.ndarray:
     """SYNTHIA GT/LABELS/*.png: 16-bit, 3-channel PNG, class id in the first (R) channel.
     Pillow silently keeps only the high byte (all ids become 0), so decode with torchvision."""
+    if decode_png is None:
+        raise UsageError("reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which this "
+                         "torchvision lacks; install a torchvision that has it (0.19 to 0.29)")
     raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
     if raw.dtype == torch.uint8:
         raise DatasetLayoutError(
@@ -641,6 +649,8 @@ def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None =
     stamp_file = root / "toy.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
         return root
+    if root.exists():  # another version, seed or size: start from an empty folder
+        shutil.rmtree(root)
     w, h = TOY_SIZE_WH
     trainid_to_id = {int(t): i for i, t in enumerate(CITYSCAPES_ID_TO_TRAINID) if t != IGNORE_INDEX}
     id_lut = np.zeros(256, np.uint8)  # trainId -> labelId (ignore -> 0 = unlabeled)
@@ -1246,16 +1256,20 @@ def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: s
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Destinations of the flags written on the command line."""
+    """Destinations of the flags written on the command line (argparse also accepts unambiguous
+    prefixes such as --batch for --batch-size)."""
+    options = parser._option_string_actions
     given = set()
     for token in argv:
-        if token.startswith("--"):
-            opt = token.split("=", 1)[0]
-            action = parser._option_string_actions.get(opt)
-            if action is None and opt.startswith("--no-"):
-                action = parser._option_string_actions.get("--" + opt[5:])
-            if action is not None:
-                given.add(action.dest)
+        if not token.startswith("--"):
+            continue
+        opt = token.split("=", 1)[0]
+        action = options.get(opt)
+        if action is None:
+            matches = {options[o] for o in options if o.startswith(opt)}
+            action = matches.pop() if len(matches) == 1 else None
+        if action is not None:
+            given.add(action.dest)
     return given
 
 
@@ -1648,7 +1662,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "make-toy":
-        print(f"toy dataset at {make_toy_dataset(args.data, args.seed)}")
+        try:
+            print(f"toy dataset at {make_toy_dataset(args.data, args.seed)}")
+        except OSError as e:
+            raise UsageError(f"cannot write the toy dataset under {args.data}: {e.strerror}; "
+                             "pass a writable folder to --data") from None
     elif args.command == "demo":
         _demo(args)
     else:

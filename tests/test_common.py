@@ -476,11 +476,6 @@ def test_toy_generator_deterministic(tmp_path):
     assert first.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_toy_dataset rewrites over the old tree when the stamp changes, so images of a "
-    "larger earlier run stay and are listed by the target readers",
-)
 def test_toy_regeneration_leaves_no_stale_files(tmp_path):
     bigger = {**SMALL_TOY, "city": (0, 2)}
     common.make_toy_dataset(tmp_path, seed=0, counts=bigger)
@@ -1237,11 +1232,6 @@ def test_apply_toy_defaults_respects_explicit_flags():
     assert (args.iters, args.batch_size) == (40000, 8)  # not toy: paper defaults kept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="explicit_flags does not resolve argparse prefix "
-    "abbreviations, so a written `--batch 4` is replaced by the toy default",
-)
 def test_apply_toy_defaults_respects_abbreviated_flags():
     p = _parser()
     argv = ["--source", "toy", "--batch", "4"]
@@ -1321,11 +1311,6 @@ def test_demo_subprocess_prints_table(toy_data):
     assert "parameters" in run.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make-toy lets the OS error of an unusable --data path "
-    "escape as a traceback instead of a one-line UsageError",
-)
 def test_make_toy_bad_path_one_line(tmp_path, monkeypatch, capsys):
     """`python common.py make-toy --data <a file>` (the __main__ block is run_cli(main))."""
     not_a_dir = tmp_path / "file.txt"
