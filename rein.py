@@ -34,7 +34,7 @@ Paper -> code map (section numbers of the paper are [unverified]; the code is th
   low-rank tokens T_i = A_i B_i                                          -> Reins.get_tokens
   linking tokens to instances (queries)                                  -> Reins.link_queries
   Mask2Former head with the linked queries                               -> ReinMask2FormerHead
-  training recipe                                                        -> param_groups, lr_at, train
+  training recipe                                               -> param_groups, lr_at, train
   sliding-window evaluation                                              -> slide_segment, evaluate
   official weights                                                       -> load_vfm_weights,
                                                                             load_official_rein
@@ -72,13 +72,12 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -106,8 +105,17 @@ RECIPES = {
 
 # Toy defaults (CPU, minutes): the smallest DINOv2 (ViT-S) and small crops, because ViT-L cannot
 # train on a CPU in minutes. Any flag written on the command line wins.
-TOY_DEFAULTS = dict(backbone="dinov2_s", crop=128, batch_size=2, iters=100, eval_every=0,
-                    workers=0, targets=",".join(common.TOY_TARGETS), log_every=10, num_points=1024)
+TOY_DEFAULTS = dict(
+    backbone="dinov2_s",
+    crop=128,
+    batch_size=2,
+    iters=100,
+    eval_every=0,
+    workers=0,
+    targets=",".join(common.TOY_TARGETS),
+    log_every=10,
+    num_points=1024,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,43 +140,97 @@ def build_parser() -> argparse.ArgumentParser:
         },
     )  # fmt: skip
     g = parser.add_argument_group("rein")
-    g.add_argument("--recipe", choices=list(RECIPES), default="gta512",
-                   help="official recipe whose defaults to use: gta512 (GTA5 -> C/B/M, crop 512) "
-                        "or citys2acdc (Cityscapes -> ACDC, crop 1024, lr 6e-5, 10k warm-up, "
-                        "batch 8) (default gta512)")
-    g.add_argument("--backbone", choices=list(VFM_SIZES), default="dinov2_l",
-                   help="frozen VFM: dinov2_s/b/l/g (DINOv2 ViT-S/B/L/G), eva02_l (EVA02-L), "
-                        "test (tiny, tests only) (default dinov2_l [C rein_dinov2_mask2former.py])")
-    g.add_argument("--rein-tokens", type=int, default=REIN_TOKEN_LENGTH,
-                   help=f"tokens per layer = queries (default {REIN_TOKEN_LENGTH} [C configs])")
-    g.add_argument("--rein-rank", type=int, default=REIN_LORA_DIM,
-                   help=f"rank r of T_i = A_i B_i (default {REIN_LORA_DIM} [C configs: lora_dim])")
-    g.add_argument("--full-rank", action=argparse.BooleanOptionalAction, default=False,
-                   help="full-rank tokens T_i (official class Reins) instead of A_i B_i "
-                        "(default False: the headline LoRAReins)")
-    g.add_argument("--lr", type=float, default=gta["lr"],
-                   help="AdamW learning rate (default 1e-4; citys2acdc 6e-5 [C configs])")
-    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
-                   help=f"AdamW weight decay (default {WEIGHT_DECAY} [C configs])")
-    g.add_argument("--warmup-iters", type=int, default=gta["warmup_iters"],
-                   help="linear warm-up iterations from lr x 1e-6 (default 0; citys2acdc 10000 "
-                        "[C configs])")
-    g.add_argument("--stride", type=int, default=None,
-                   help="sliding-window stride (default round(2/3 crop): 341 for 512, 683 for "
-                        "1024 [C configs test_cfg])")
-    g.add_argument("--inference", choices=["slide", "whole"], default="slide",
-                   help="slide (official, windows of --crop) or whole image (default slide)")
-    g.add_argument("--official-ckpt", default=None,
-                   help="load a released Rein checkpoint (backbone.reins.* + decode_head.*, "
-                        "mmdet names; optionally backbone.* DINOv2 keys) before training/eval")
-    g.add_argument("--mapillary-map", choices=["rein", "hrda"], default="rein",
-                   help="Mapillary 66->19 table (default rein [C mapillary2cityscape.py])")
-    g.add_argument("--num-points", type=int, default=MASK_POINTS,
-                   help=f"points per mask for the matcher and the mask losses (default "
-                        f"{MASK_POINTS} [C configs train_cfg.num_points]; toy 1024 = a 128 crop's "
-                        f"mask pixels)")
-    g.add_argument("--log-every", type=int, default=50,
-                   help="log the losses every N iterations (default 50 [C default_runtime.py])")
+    g.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default="gta512",
+        help="official recipe whose defaults to use: gta512 (GTA5 -> C/B/M, crop 512) "
+        "or citys2acdc (Cityscapes -> ACDC, crop 1024, lr 6e-5, 10k warm-up, "
+        "batch 8) (default gta512)",
+    )
+    g.add_argument(
+        "--backbone",
+        choices=list(VFM_SIZES),
+        default="dinov2_l",
+        help="frozen VFM: dinov2_s/b/l/g (DINOv2 ViT-S/B/L/G), eva02_l (EVA02-L), "
+        "test (tiny, tests only) (default dinov2_l [C rein_dinov2_mask2former.py])",
+    )
+    g.add_argument(
+        "--rein-tokens",
+        type=int,
+        default=REIN_TOKEN_LENGTH,
+        help=f"tokens per layer = queries (default {REIN_TOKEN_LENGTH} [C configs])",
+    )
+    g.add_argument(
+        "--rein-rank",
+        type=int,
+        default=REIN_LORA_DIM,
+        help=f"rank r of T_i = A_i B_i (default {REIN_LORA_DIM} [C configs: lora_dim])",
+    )
+    g.add_argument(
+        "--full-rank",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="full-rank tokens T_i (official class Reins) instead of A_i B_i "
+        "(default False: the headline LoRAReins)",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=gta["lr"],
+        help="AdamW learning rate (default 1e-4; citys2acdc 6e-5 [C configs])",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=WEIGHT_DECAY,
+        help=f"AdamW weight decay (default {WEIGHT_DECAY} [C configs])",
+    )
+    g.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=gta["warmup_iters"],
+        help="linear warm-up iterations from lr x 1e-6 (default 0; citys2acdc 10000 [C configs])",
+    )
+    g.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding-window stride (default round(2/3 crop): 341 for 512, 683 for "
+        "1024 [C configs test_cfg])",
+    )
+    g.add_argument(
+        "--inference",
+        choices=["slide", "whole"],
+        default="slide",
+        help="slide (official, windows of --crop) or whole image (default slide)",
+    )
+    g.add_argument(
+        "--official-ckpt",
+        default=None,
+        help="load a released Rein checkpoint (backbone.reins.* + decode_head.*, "
+        "mmdet names; optionally backbone.* DINOv2 keys) before training/eval",
+    )
+    g.add_argument(
+        "--mapillary-map",
+        choices=["rein", "hrda"],
+        default="rein",
+        help="Mapillary 66->19 table (default rein [C mapillary2cityscape.py])",
+    )
+    g.add_argument(
+        "--num-points",
+        type=int,
+        default=MASK_POINTS,
+        help=f"points per mask for the matcher and the mask losses (default "
+        f"{MASK_POINTS} [C configs train_cfg.num_points]; toy 1024 = a 128 crop's "
+        f"mask pixels)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=50,
+        help="log the losses every N iterations (default 50 [C default_runtime.py])",
+    )
     return parser
 
 
@@ -236,8 +298,9 @@ def build_vfm(size: str, img_size: int) -> nn.Module:
                    dynamic_img_size=True)  # fmt: skip
     if cfg["swiglu"]:
         # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
-        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
-                                 depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
+        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE,
+                                 embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                                 num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
                                  mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, qkv_bias=True,
                                  init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
                                  dynamic_img_size=True)  # fmt: skip
@@ -250,7 +313,8 @@ def build_vfm(size: str, img_size: int) -> nn.Module:
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """DINOv2's run-time rule: the stored square grid is used as is when the token grid is the same
     square; otherwise bicubic with scale factors (h + 0.1)/g0, (w + 0.1)/g0 (the +0.1 avoids a
-    floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding]. pos_embed (1, 1+g0², C)."""
+    floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding].
+    pos_embed (1, 1+g0², C)."""
     n = pos_embed.shape[1] - 1
     h, w = grid_hw
     if n == h * w and h == w:
@@ -273,7 +337,7 @@ class ReinsBackbone(nn.Module):
     bilinearly by x4, x2, x1, x0.5 -> strides 4, 8, 16, 32. No learned neck.
     """
 
-    def __init__(self, size: str, img_size: int, reins: "Reins") -> None:
+    def __init__(self, size: str, img_size: int, reins: Reins) -> None:
         super().__init__()
         cfg = VFM_SIZES[size]
         self.is_eva = cfg["family"] == "eva02"
@@ -281,17 +345,19 @@ class ReinsBackbone(nn.Module):
         self.embed_dim = cfg["embed_dim"]
         self.vfm = build_vfm(size, img_size)
         self.reins = reins
-        # Frozen: every VFM parameter, always in eval mode [C utils.py::set_requires_grad, set_train]
+        # Frozen: every VFM parameter, in eval mode [C utils.py::set_requires_grad, set_train]
         self.vfm.requires_grad_(False)
         self.vfm.eval()
 
-    def train(self, mode: bool = True) -> "ReinsBackbone":
+    def train(self, mode: bool = True) -> ReinsBackbone:
         """Only the Rein module follows train(); the VFM stays in eval mode (trap 10)."""
         super().train(mode)
         self.vfm.eval()
         return self
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    def embed(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
         """images (B, 3, H, W), H and W multiples of 16 -> tokens (B, 1+N, C) with the class token
         first and position embeddings added, the grid (h, w), the RoPE table (EVA02) or None."""
         x = self.vfm.patch_embed(images)  # (B, h, w, C)
@@ -315,7 +381,9 @@ class ReinsBackbone(nn.Module):
                 # trap 2: block outputs before the VFM's final norm
                 features.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
         features = [
-            f if s == 1.0 else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
+            f
+            if s == 1.0
+            else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
             for f, s in zip(features, PYRAMID_SCALES)
         ]  # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
         return features, self.reins.link_queries()
@@ -340,9 +408,16 @@ class Reins(nn.Module):
     B_i r x C) [C reins.py::LoRAReins]; full rank (lora_dim=None): T_i stored directly [C Reins].
     """
 
-    def __init__(self, num_layers: int, embed_dims: int, patch_size: int = PATCH_SIZE,
-                 token_length: int = REIN_TOKEN_LENGTH, lora_dim: int | None = REIN_LORA_DIM,
-                 query_dims: int = REIN_QUERY_DIMS, scale_init: float = REIN_SCALE_INIT) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dims: int,
+        patch_size: int = PATCH_SIZE,
+        token_length: int = REIN_TOKEN_LENGTH,
+        lora_dim: int | None = REIN_LORA_DIM,
+        query_dims: int = REIN_QUERY_DIMS,
+        scale_init: float = REIN_SCALE_INIT,
+    ) -> None:
         super().__init__()
         self.num_layers, self.embed_dims, self.lora_dim = num_layers, embed_dims, lora_dim
         # [C reins.py::create_model] an init bound borrowed from VPT: sqrt(6 / (3·p² + d)),
@@ -1187,11 +1262,16 @@ class ReinMask2FormerHead(nn.Module):
     query_pos = Q and query_feat = querys2feat(Q) (trap 6) [C ReinMask2FormerHead.forward].
     Inits as mmdet: xavier_normal for the transformer layers [C mmdet mask2former_head.py]."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int = common.NUM_CLASSES,
-                 num_queries: int = REIN_TOKEN_LENGTH) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = common.NUM_CLASSES,
+        num_queries: int = REIN_TOKEN_LENGTH,
+    ) -> None:
         super().__init__()
-        self.m2f = Mask2FormerHead(in_channels, num_classes, num_queries, learned_queries=False,
-                                   init="xavier_normal")
+        self.m2f = Mask2FormerHead(
+            in_channels, num_classes, num_queries, learned_queries=False, init="xavier_normal"
+        )
         self.querys2feat = nn.Linear(REIN_QUERY_DIMS, REIN_QUERY_DIMS)
 
     def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor) -> dict:
@@ -1203,9 +1283,14 @@ class ReinSegmentor(nn.Module):
     """Frozen VFM + Rein -> (pyramid, queries) -> Mask2Former. The module names follow the
     official ones (backbone.reins.*, decode_head.*) so the key map stays short."""
 
-    def __init__(self, backbone: str = "dinov2_l", img_size: int = 512,
-                 token_length: int = REIN_TOKEN_LENGTH, lora_dim: int | None = REIN_LORA_DIM,
-                 num_classes: int = common.NUM_CLASSES) -> None:
+    def __init__(
+        self,
+        backbone: str = "dinov2_l",
+        img_size: int = 512,
+        token_length: int = REIN_TOKEN_LENGTH,
+        lora_dim: int | None = REIN_LORA_DIM,
+        num_classes: int = common.NUM_CLASSES,
+    ) -> None:
         super().__init__()
         cfg = VFM_SIZES[backbone]
         reins = Reins(cfg["depth"], cfg["embed_dim"], PATCH_SIZE, token_length, lora_dim)
@@ -1264,8 +1349,9 @@ def _read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or unsafe pickle content
-        raise common.UsageError(f"cannot read {what} {path} ({type(e).__name__}): expected a "
-                                f"torch state dict ({hint})") from None
+        raise common.UsageError(
+            f"cannot read {what} {path} ({type(e).__name__}): expected a torch state dict ({hint})"
+        ) from None
     for key in ("state_dict", "model", "module"):  # mmengine / EVA wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -1275,7 +1361,8 @@ def _read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.
 
 
 def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, 3, 14, 14) -> (C, 3, 16, 16) bicubic, values not rescaled [C convert_dinov2_large_512x512.py]."""
+    """(C, 3, 14, 14) -> (C, 3, 16, 16) bicubic, values not rescaled
+    [C convert_dinov2_large_512x512.py]."""
     if weight.shape[-1] == patch_size and weight.shape[-2] == patch_size:
         return weight
     return F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic",
@@ -1311,15 +1398,18 @@ def convert_dinov2_state(sd: dict[str, torch.Tensor], grid: int) -> dict[str, to
     return out
 
 
-def convert_eva02_state(sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int
-                        ) -> dict[str, torch.Tensor]:
+def convert_eva02_state(
+    sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int
+) -> dict[str, torch.Tensor]:
     """EVA02 (timm or original EVA-02 names): the same resampling as Rein's converter
     [C convert_eva2_512x512.py], then timm's own renaming of the EVA-02 layer names."""
     from timm.models.eva import checkpoint_filter_fn
 
     sd = dict(sd)
     if "patch_embed.proj.weight" in sd:
-        sd["patch_embed.proj.weight"] = resample_patch_embed(sd["patch_embed.proj.weight"], PATCH_SIZE)
+        sd["patch_embed.proj.weight"] = resample_patch_embed(
+            sd["patch_embed.proj.weight"], PATCH_SIZE
+        )
     if "pos_embed" in sd:
         sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid)
     return checkpoint_filter_fn(sd, vfm)
@@ -1327,12 +1417,17 @@ def convert_eva02_state(sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int
 
 def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
     """Load the frozen VFM's weights: exactly the VFM's keys, none missing, none left over."""
-    hint = (f"download {VFM_SIZES[backbone]['weights']} into checkpoints/, pass --pretrained "
-            "PATH, or --pretrained none for random init")
+    hint = (
+        f"download {VFM_SIZES[backbone]['weights']} into checkpoints/, pass --pretrained "
+        "PATH, or --pretrained none for random init"
+    )
     sd = _read_state_dict(path, f"{backbone} weight file", hint)
     if any(k.startswith("backbone.") for k in sd):  # a full segmentor file: take its VFM part
-        sd = {k[9:]: v for k, v in sd.items()
-              if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
+        sd = {
+            k[9:]: v
+            for k, v in sd.items()
+            if k.startswith("backbone.") and not k.startswith("backbone.reins.")
+        }
     vfm = model.backbone.vfm
     grid = img_size // PATCH_SIZE
     if model.backbone.is_eva:
@@ -1356,32 +1451,56 @@ def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_
 # msdeformattn_pixel_decoder.py; ConvModule keeps its conv as `.conv` and GroupNorm as `.gn`;
 # mmcv MultiheadAttention wraps nn.MultiheadAttention as `.attn`; FFN = layers.0.0 / layers.1].
 _HEAD_KEY_RULES = [
-    (r"m2f\.pixel_decoder\.input_proj\.(\d)\.0\.", r"pixel_decoder.input_convs.\1.conv."),
-    (r"m2f\.pixel_decoder\.input_proj\.(\d)\.1\.", r"pixel_decoder.input_convs.\1.gn."),
-    (r"m2f\.pixel_decoder\.level_embed$", r"pixel_decoder.level_encoding.weight"),
-    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.", r"pixel_decoder.encoder.layers.\1.self_attn."),
-    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
-    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
-    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.linear1\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
-    (r"m2f\.pixel_decoder\.encoder_layers\.(\d+)\.linear2\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
-    (r"m2f\.pixel_decoder\.lateral_conv\.0\.", r"pixel_decoder.lateral_convs.0.conv."),
-    (r"m2f\.pixel_decoder\.lateral_conv\.1\.", r"pixel_decoder.lateral_convs.0.gn."),
-    (r"m2f\.pixel_decoder\.output_conv\.0\.", r"pixel_decoder.output_convs.0.conv."),
-    (r"m2f\.pixel_decoder\.output_conv\.1\.", r"pixel_decoder.output_convs.0.gn."),
-    (r"m2f\.pixel_decoder\.mask_features\.", r"pixel_decoder.mask_feature."),
-    (r"m2f\.transformer_decoder\.level_embed\.", r"level_embed."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.cross_attn\.", r"transformer_decoder.layers.\1.cross_attn.attn."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.self_attn\.", r"transformer_decoder.layers.\1.self_attn.attn."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_cross\.", r"transformer_decoder.layers.\1.norms.0."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_self\.", r"transformer_decoder.layers.\1.norms.1."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.norm_ffn\.", r"transformer_decoder.layers.\1.norms.2."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.linear1\.", r"transformer_decoder.layers.\1.ffn.layers.0.0."),
-    (r"m2f\.transformer_decoder\.layers\.(\d+)\.linear2\.", r"transformer_decoder.layers.\1.ffn.layers.1."),
-    (r"m2f\.transformer_decoder\.decoder_norm\.", r"transformer_decoder.post_norm."),
-    (r"m2f\.transformer_decoder\.class_embed\.", r"cls_embed."),
-    (r"m2f\.transformer_decoder\.mask_embed\.", r"mask_embed."),
+    (r"pixel_decoder\.input_proj\.(\d)\.0\.", r"pixel_decoder.input_convs.\1.conv."),
+    (r"pixel_decoder\.input_proj\.(\d)\.1\.", r"pixel_decoder.input_convs.\1.gn."),
+    (r"pixel_decoder\.level_embed$", r"pixel_decoder.level_encoding.weight"),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.",
+        r"pixel_decoder.encoder.layers.\1.self_attn.",
+    ),
+    (r"pixel_decoder\.encoder_layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
+    (r"pixel_decoder\.encoder_layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.linear1\.",
+        r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0.",
+    ),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.linear2\.",
+        r"pixel_decoder.encoder.layers.\1.ffn.layers.1.",
+    ),
+    (r"pixel_decoder\.lateral_conv\.0\.", r"pixel_decoder.lateral_convs.0.conv."),
+    (r"pixel_decoder\.lateral_conv\.1\.", r"pixel_decoder.lateral_convs.0.gn."),
+    (r"pixel_decoder\.output_conv\.0\.", r"pixel_decoder.output_convs.0.conv."),
+    (r"pixel_decoder\.output_conv\.1\.", r"pixel_decoder.output_convs.0.gn."),
+    (r"pixel_decoder\.mask_features\.", r"pixel_decoder.mask_feature."),
+    (r"transformer_decoder\.level_embed\.", r"level_embed."),
+    (
+        r"transformer_decoder\.layers\.(\d+)\.cross_attn\.",
+        r"transformer_decoder.layers.\1.cross_attn.attn.",
+    ),
+    (
+        r"transformer_decoder\.layers\.(\d+)\.self_attn\.",
+        r"transformer_decoder.layers.\1.self_attn.attn.",
+    ),
+    (
+        r"transformer_decoder\.layers\.(\d+)\.norm_cross\.",
+        r"transformer_decoder.layers.\1.norms.0.",
+    ),
+    (r"transformer_decoder\.layers\.(\d+)\.norm_self\.", r"transformer_decoder.layers.\1.norms.1."),
+    (r"transformer_decoder\.layers\.(\d+)\.norm_ffn\.", r"transformer_decoder.layers.\1.norms.2."),
+    (
+        r"transformer_decoder\.layers\.(\d+)\.linear1\.",
+        r"transformer_decoder.layers.\1.ffn.layers.0.0.",
+    ),
+    (
+        r"transformer_decoder\.layers\.(\d+)\.linear2\.",
+        r"transformer_decoder.layers.\1.ffn.layers.1.",
+    ),
+    (r"transformer_decoder\.decoder_norm\.", r"transformer_decoder.post_norm."),
+    (r"transformer_decoder\.class_embed\.", r"cls_embed."),
+    (r"transformer_decoder\.mask_embed\.", r"mask_embed."),
     (r"querys2feat\.", r"querys2feat."),
-]  # fmt: skip
+]
 
 
 def official_name(name: str) -> str:
@@ -1389,7 +1508,7 @@ def official_name(name: str) -> str:
     if name.startswith("backbone.reins."):
         return name
     if name.startswith("decode_head."):
-        rest = name[len("decode_head."):]
+        rest = name[len("decode_head.") :].removeprefix("m2f.")
         for pattern, template in _HEAD_KEY_RULES:
             new, n = re.subn("^" + pattern, template, rest)
             if n:
@@ -1402,15 +1521,16 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     return {k: official_name(k) for k in trainable_state(model)}
 
 
-def load_official_rein(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
+def load_official_rein(
+    model: ReinSegmentor, path: str | Path, backbone: str, img_size: int
+) -> None:
     """A released Rein checkpoint ({'state_dict': backbone.reins.* + decode_head.*}, optionally
     with the DINOv2 keys as backbone.*): every trained tensor must be present, nothing unknown."""
     hint = "a released Rein file such as dinov2_rein_and_head.pth or iter_40000_published.pth"
     sd = _read_state_dict(path, "Rein checkpoint", hint)
     if any(k.startswith("backbone.") and not k.startswith("backbone.reins.") for k in sd):
         load_vfm_weights(model, path, backbone, img_size)  # full weights (generate_full_weights.py)
-        sd = {k: v for k, v in sd.items()
-              if k.startswith(("backbone.reins.", "decode_head."))}
+        sd = {k: v for k, v in sd.items() if k.startswith(("backbone.reins.", "decode_head."))}
     to_ours = {v: k for k, v in official_key_map(model).items()}
     missing = sorted(set(to_ours) - set(sd))
     unexpected = sorted(set(sd) - set(to_ours))
@@ -1418,9 +1538,10 @@ def load_official_rein(model: ReinSegmentor, path: str | Path, backbone: str, im
     wrong = sorted(k for k in set(sd) & set(to_ours) if own[to_ours[k]].shape != sd[k].shape)
     if missing or unexpected or wrong:
         raise common.UsageError(
-            f"{path} does not fit this Rein model (--backbone {backbone}, --rein-tokens/--rein-rank/"
-            f"--full-rank): {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})"
+            f"{path} does not fit this Rein model (--backbone {backbone}, --rein-tokens/"
+            f"--rein-rank/--full-rank): {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another "
+            f"shape (e.g. {wrong[:2]})"
         )
     model.load_state_dict({to_ours[k]: v for k, v in sd.items()}, strict=False)
 
@@ -1443,8 +1564,9 @@ HSV_SHIFT = 12  # OpenCV's fixed-point precision in RGB2HSV_b
 HUE_RANGE = 180  # OpenCV 8-bit hue range
 
 
-def mmcv_resize(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def mmcv_resize(
+    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """cv2-style resize (mmcv imresize): bilinear without antialiasing (rounded to uint8), label
     nearest with OpenCV's floor(dst · scale) rule. DEVIATION 4 (fixed-point rounding aside)."""
     if tuple(image.shape[-2:]) != tuple(size_hw):
@@ -1452,7 +1574,9 @@ def mmcv_resize(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[
                               align_corners=False, antialias=False)[0]  # fmt: skip
         image = image.round().clamp(0, 255).to(torch.uint8)
         if label is not None:
-            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[0, 0].long()
+            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[
+                0, 0
+            ].long()
     return image, label
 
 
@@ -1465,7 +1589,9 @@ def rgb_to_hsv_cv2(image: torch.Tensor) -> torch.Tensor:
     one = 1 << (HSV_SHIFT - 1)
     sdiv = torch.where(v > 0, torch.round((255 << HSV_SHIFT) / v.clamp(min=1).double()), 0).long()
     s = (diff * sdiv + one) >> HSV_SHIFT
-    hdiv = torch.where(diff > 0, torch.round((HUE_RANGE << HSV_SHIFT) / (6.0 * diff.clamp(min=1).double())), 0).long()
+    hdiv = torch.where(
+        diff > 0, torch.round((HUE_RANGE << HSV_SHIFT) / (6.0 * diff.clamp(min=1).double())), 0
+    ).long()
     h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * hdiv + one) >> HSV_SHIFT
     h = torch.where(h < 0, h + HUE_RANGE, h)
@@ -1542,8 +1668,9 @@ class ReinTrainTransform:
         self.short_sides = [int(crop * x * 0.1) for x in SCALE_STEPS]
         self.max_long = MAX_LONG_FACTOR * crop
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # [C RandomChoiceResize + ResizeShortestEdge(max_size)] a short side from the list
         short = self.short_sides[int(torch.randint(len(self.short_sides), (), generator=g))]
         h, w = image.shape[-2:]
@@ -1574,11 +1701,16 @@ NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups, decided on the official parameter names exactly as mmengine's
     DefaultOptimWrapperConstructor does: a name containing one of NO_DECAY_KEYS, or a parameter of
-    a norm layer, gets no weight decay. Frozen parameters are left out [C PEFTOptimWrapperConstructor].
+    a norm layer, gets no weight decay. Frozen parameters are left out
+    [C PEFTOptimWrapperConstructor].
     (So the head's level_embed has no decay, the pixel decoder's level_encoding has.)"""
     model = common.unwrap(model)
-    norm_params = {id(p) for m in model.modules()
-                   if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters()}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+        for p in m.parameters()
+    }
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -1588,14 +1720,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def lr_at(iteration: int, base_lr: float, total_iters: int, warmup_iters: int) -> float:
     """mmengine LinearLR(start 1e-6, end at warm-up) then PolyLR(power 0.9, eta_min 0) in closed
     form; mmengine counts T = end - begin - 1 steps, so the last iteration gets lr 0 (DEVIATION 10:
-    spec §9 writes t/40000) [C mmengine param_scheduler.py::LinearParamScheduler, PolyParamScheduler]."""
+    spec §9 writes t/40000) [C mmengine param_scheduler.py::LinearParamScheduler,
+    PolyParamScheduler]."""
     if iteration < warmup_iters:
         steps = max(warmup_iters - 1, 1)
         return base_lr * (WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * iteration / steps)
@@ -1607,7 +1742,7 @@ def lr_at(iteration: int, base_lr: float, total_iters: int, warmup_iters: int) -
 MASK_POINTS = 12544  # [C configs: train_cfg.num_points]
 
 
-def build_criterion(num_points: int = MASK_POINTS) -> "SetCriterion":
+def build_criterion(num_points: int = MASK_POINTS) -> SetCriterion:
     """[C configs/_base_/models/rein_dinov2_mask2former.py: loss_cls 2.0 with class_weight
     [1]*19+[0.1], loss_mask 5.0, loss_dice 5.0, 12544 points, oversample 3, importance 0.75;
     HungarianAssigner ClassificationCost 2, CrossEntropyLossCost 5, DiceCost 5]."""
@@ -1635,8 +1770,9 @@ class _RescaledTarget(torch.utils.data.Dataset):
     copies: image PIL-bicubic, label nearest [C tools/convert_datasets/mapillary_resize.py]), then
     mmcv Resize keep_ratio of the image only (cv2 bilinear)."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None,
-                 pre_halve: bool) -> None:
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None, pre_halve: bool
+    ) -> None:
         self.dataset, self.scale, self.pre_halve = dataset, scale, pre_halve
 
     def __len__(self) -> int:
@@ -1662,8 +1798,9 @@ def eval_dataset(target: str, args: argparse.Namespace) -> torch.utils.data.Data
 
 
 @torch.no_grad()
-def slide_segment(model: nn.Module, image: torch.Tensor, crop: int, stride: int,
-                  window_batch: int = 8) -> torch.Tensor:
+def slide_segment(
+    model: nn.Module, image: torch.Tensor, crop: int, stride: int, window_batch: int = 8
+) -> torch.Tensor:
     """Sliding-window scores (B, K, H, W): windows of crop x crop on the mmseg grid
     (common.slide_windows), summed and divided by the per-pixel window count. DEVIATION 6: the
     windows of an image run in batches of `window_batch`."""
@@ -1672,8 +1809,10 @@ def slide_segment(model: nn.Module, image: torch.Tensor, crop: int, stride: int,
     scores = image.new_zeros((b, common.NUM_CLASSES, h, w), dtype=torch.float32)
     count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
     for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, ch, cw)
+        chunk = windows[start : start + window_batch]
+        crops = torch.cat(
+            [image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk]
+        )  # (n·B, 3, ch, cw)
         out = segment(model, crops).view(len(chunk), b, common.NUM_CLASSES, *crops.shape[-2:])
         for (y1, y2, x1, x2), s in zip(chunk, out):
             scores[:, :, y1:y2, x1:x2] += s
@@ -1681,7 +1820,9 @@ def slide_segment(model: nn.Module, image: torch.Tensor, crop: int, stride: int,
     return scores / count
 
 
-def make_predictor(model: nn.Module, args: argparse.Namespace, autocast_ctx):
+def make_predictor(
+    model: nn.Module, args: argparse.Namespace, autocast_ctx: Callable
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
 
     def predict(image: torch.Tensor) -> torch.Tensor:
@@ -1694,8 +1835,9 @@ def make_predictor(model: nn.Module, args: argparse.Namespace, autocast_ctx):
     return predict
 
 
-def evaluate(model: nn.Module, args: argparse.Namespace, dist: common.Dist, autocast_ctx
-             ) -> dict[str, dict]:
+def evaluate(
+    model: nn.Module, args: argparse.Namespace, dist: common.Dist, autocast_ctx
+) -> dict[str, dict]:
     """Per target: mIoU (nanmean over the 19 classes, one confusion matrix) and per-class IoU;
     scores bilinearly resized to the label size, then argmax [C rein/dg_metrics.py::DGIoUMetric]."""
     net = common.unwrap(model)
@@ -1705,9 +1847,15 @@ def evaluate(model: nn.Module, args: argparse.Namespace, dist: common.Dist, auto
     results = {}
     for target in common.parse_targets(args):
         results[target] = common.evaluate_dataset(
-            predict, eval_dataset(target, args), resize=common.EvalResize(), dist=dist,
-            miou_mode="nanmean", workers=args.workers, save_preds=args.save_preds,
-            save_dir=Path(args.out) / "preds" / target, desc=target,
+            predict,
+            eval_dataset(target, args),
+            resize=common.EvalResize(),
+            dist=dist,
+            miou_mode="nanmean",
+            workers=args.workers,
+            save_preds=args.save_preds,
+            save_dir=Path(args.out) / "preds" / target,
+            desc=target,
         )
     net.train(was_training)
     return results
@@ -1722,12 +1870,15 @@ def build_model(args: argparse.Namespace) -> ReinSegmentor:
     """The segmentor with its frozen VFM's weights. Built from a fixed seed so every process
     (and a resumed run) starts from the same random init."""
     if args.crop % PATCH_SIZE:
-        raise common.UsageError(f"--crop {args.crop} is not a multiple of the patch size "
-                                f"{PATCH_SIZE}; use e.g. {args.crop // PATCH_SIZE * PATCH_SIZE or 16}")
+        raise common.UsageError(
+            f"--crop {args.crop} is not a multiple of the patch size "
+            f"{PATCH_SIZE}; use e.g. {args.crop // PATCH_SIZE * PATCH_SIZE or 16}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        model = ReinSegmentor(args.backbone, args.crop, args.rein_tokens,
-                              None if args.full_rank else args.rein_rank)
+        model = ReinSegmentor(
+            args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
+        )
     if args.pretrained != "none":
         path = args.pretrained
         if path == "auto":
@@ -1786,8 +1937,10 @@ def train(args: argparse.Namespace, dist: common.Dist) -> None:
         start_iter = common.restore_training_state(ckpt, optimizer, scaler)
     dataset = common.build_dataset(args.source, args.data, "train", gta_list="all",
                                    transform=ReinTrainTransform(args.crop))  # fmt: skip
-    common.print0(f"source {args.source}: {len(dataset)} images; global batch {args.batch_size} "
-                  f"({args.batch_size // dist.world_size} per process x {dist.world_size})")
+    common.print0(
+        f"source {args.source}: {len(dataset)} images; global batch {args.batch_size} "
+        f"({args.batch_size // dist.world_size} per process x {dist.world_size})"
+    )
     loader = common.TrainLoader(dataset, args.batch_size, dist, args.seed, args.workers, start_iter)
     ddp_model = common.wrap_ddp(model, dist, find_unused=args.find_unused)
     ddp_model.train()  # the VFM stays in eval mode (ReinsBackbone.train)
@@ -1819,10 +1972,10 @@ def train(args: argparse.Namespace, dist: common.Dist) -> None:
         # PLUMBING: log, evaluate, checkpoint
         bar.update(1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
-            log.log({"type": "train", "iter": it + 1, "lr": lr, "loss": loss.item(),
-                     "loss_ce": losses["loss_ce"].item(), "loss_mask": losses["loss_mask"].item(),
-                     "loss_dice": losses["loss_dice"].item(), "scale": model.backbone.reins.scale.item(),
-                     "sec_per_iter": (time.perf_counter() - t0) / (it + 1 - start_iter)})  # fmt: skip
+            final_terms = {k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")}
+            sec = (time.perf_counter() - t0) / (it + 1 - start_iter)
+            log.log({"type": "train", "iter": it + 1, "lr": lr, "loss": loss.item(), **final_terms,
+                     "scale": model.backbone.reins.scale.item(), "sec_per_iter": sec})  # fmt: skip
         last = it + 1 == args.iters
         if last or (args.eval_every and (it + 1) % args.eval_every == 0):
             rng = common.get_rng_state()  # DEVIATION 9: evaluation leaves the RNG untouched
@@ -1831,11 +1984,18 @@ def train(args: argparse.Namespace, dist: common.Dist) -> None:
             report(results, log, dist, iteration=it + 1)
             if dist.is_main:
                 common.save_checkpoint(
-                    Path(args.out) / "last.pt", method="rein", iteration=it + 1,
-                    model_state=trainable_state(model), optimizer=optimizer, scaler=scaler,
-                    args=args, metrics=results,
-                    extra={"frozen_fingerprint": frozen_fingerprint(model),
-                           "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)"},
+                    Path(args.out) / "last.pt",
+                    method="rein",
+                    iteration=it + 1,
+                    model_state=trainable_state(model),
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    args=args,
+                    metrics=results,
+                    extra={
+                        "frozen_fingerprint": frozen_fingerprint(model),
+                        "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)",
+                    },
                 )
     bar.close()
 
@@ -1856,14 +2016,18 @@ def check_resume(ckpt: dict, model: nn.Module, args: argparse.Namespace) -> None
         )
 
 
-def report(results: dict[str, dict], log: common.RunLog, dist: common.Dist,
-           iteration: int | None = None) -> None:
+def report(
+    results: dict[str, dict], log: common.RunLog, dist: common.Dist, iteration: int | None = None
+) -> None:
     if not dist.is_main:
         return
-    common.print0(("" if iteration is None else f"iteration {iteration}\n")
-                  + common.format_results(results))
+    common.print0(
+        ("" if iteration is None else f"iteration {iteration}\n") + common.format_results(results)
+    )
     for target, r in results.items():
-        per_class = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
+        per_class = ", ".join(
+            f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None
+        )
         common.print0(f"  {target}: {per_class}")
     log.log({"type": "eval", "iter": iteration, "results": results})
     log.write_results(results)
@@ -1875,46 +2039,73 @@ def report(results: dict[str, dict], log: common.RunLog, dist: common.Dist,
 
 
 def bench(args: argparse.Namespace, dist: common.Dist) -> None:
-    """Training step (images/s, peak memory), sliding-window eval images/s, MSDeformAttn
-    forward+backward. GPU: ViT-L, batch 4, crop 512 (the paper setting). CPU: ViT-S, batch 2,
-    crop 128."""
+    """Training step (images/s, peak memory), sliding-window eval (images/s) and MSDeformAttn
+    forward+backward, as JSON lines. GPU: ViT-L, batch 4, crop 512, 12544 points (the paper
+    setting), eval on a 1024x512 Cityscapes-sized image. CPU: ViT-S, batch 2, crop 128, 1024
+    points, eval on a 256x128 toy-sized image."""
     device = dist.device
     gpu = device.type == "cuda"
-    backbone, batch, crop = ("dinov2_l", 4, 512) if gpu else ("dinov2_s", 2, 128)
+    backbone, batch, crop, points = (
+        ("dinov2_l", 4, 512, MASK_POINTS) if gpu else ("dinov2_s", 2, 128, 1024)
+    )
     autocast_ctx, scaler = common.autocast(device, args.amp)
     torch.manual_seed(0)
     model = ReinSegmentor(backbone, crop).to(device).train()
     counts = describe_parameters(model)
-    criterion = build_criterion().to(device)
+    criterion = build_criterion(points).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4)
     images = torch.randn(batch, 3, crop, crop, device=device)
-    labels = torch.randint(0, 8, (batch, crop, crop), device=device)
-    targets = semantic_to_targets(labels)
+    targets = semantic_to_targets(torch.randint(0, 8, (batch, crop, crop), device=device))
 
     def train_step() -> None:
         with autocast_ctx():
             outputs = model(images)
         loss = sum(criterion(outputs, targets).values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
-    extra = {"backbone": backbone, "batch": batch, "crop": crop, "amp": args.amp,
-             "trainable_params": counts["trainable"], "total_params": counts["total"]}
-    common.benchmark("rein/train_step", train_step, device=device, warmup=2, steps=5 if gpu else 3,
-                     images_per_step=batch, extra=extra)  # fmt: skip
+    setting = {"backbone": backbone, "batch": batch, "crop": crop, "amp": args.amp}
+    extra = {
+        **setting,
+        "points": points,
+        "trainable_params": counts["trainable"],
+        "rein_params": counts["rein"],
+        "frozen_vfm_params": counts["frozen_vfm"],
+    }
+    common.benchmark(
+        "rein/train_step",
+        train_step,
+        device=device,
+        warmup=2,
+        steps=10 if gpu else 3,
+        images_per_step=batch,
+        extra=extra,
+    )
 
     model.eval()
-    h, w = (512, 1024) if gpu else (128, 256)  # Cityscapes at the eval scale; toy size on CPU
+    h, w = (512, 1024) if gpu else (128, 256)
+    stride = round(2 * crop / 3)
     image = torch.randn(1, 3, h, w, device=device)
 
     def eval_step() -> None:
         with autocast_ctx():
-            slide_segment(model, image, crop, round(2 * crop / 3))
+            slide_segment(model, image, crop, stride)
 
-    common.benchmark("rein/slide_eval", eval_step, device=device, warmup=1, steps=5 if gpu else 3,
-                     images_per_step=1, extra={"backbone": backbone, "image_hw": [h, w], "crop": crop,
-                                               "windows": len(common.slide_windows(h, w, crop, round(2 * crop / 3)))})  # fmt: skip
+    windows = len(common.slide_windows(h, w, crop, stride))
+    common.benchmark(
+        "rein/slide_eval",
+        eval_step,
+        device=device,
+        warmup=1,
+        steps=10 if gpu else 3,
+        images_per_step=1,
+        extra={**setting, "image_hw": [h, w], "windows": windows},
+    )
 
     attn = MSDeformAttn().to(device)
     shapes = [(crop // 32, crop // 32), (crop // 16, crop // 16), (crop // 8, crop // 8)]
@@ -1925,8 +2116,15 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     def deform_step() -> None:
         attn(src, ref, src, shapes).sum().backward()
 
-    common.benchmark("rein/msdeformattn_fwd_bwd", deform_step, device=device, warmup=2, steps=10,
-                     images_per_step=batch, extra={"tokens": tokens, "batch": batch})  # fmt: skip
+    common.benchmark(
+        "rein/msdeformattn_fwd_bwd",
+        deform_step,
+        device=device,
+        warmup=2,
+        steps=10,
+        images_per_step=batch,
+        extra={"tokens": tokens, "batch": batch},
+    )
 
 
 # ================================================================================================

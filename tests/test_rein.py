@@ -41,10 +41,18 @@ def tiny_model(seed: int = 0, **kw) -> rein.ReinSegmentor:
 def test_rein_parameter_counts_match_the_paper_and_official_module():
     # [spec §1.1, verified on the official module] ViT-L: 2.53M (paper Fig. 5) / 2,990,081
     counts = rein.rein_parameter_counts(rein.Reins(24, 1024))
-    assert counts == {"rein": 2_530_817, "linking": 262_400 + 196_864, "rein_with_linking": 2_990_081}
+    assert counts == {
+        "rein": 2_530_817,
+        "linking": 262_400 + 196_864,
+        "rein_with_linking": 2_990_081,
+    }
     assert rein.rein_parameter_counts(rein.Reins(12, 384))["rein_with_linking"] == 684_033
-    assert rein.rein_parameter_counts(rein.Reins(12, 384, lora_dim=None))["rein_with_linking"] == 1_051_905
-    # ViT-B by hand: A 12·100·16 + B 12·16·768 + 2 MLPs (768² + 768) + scale; linking 768·256+256 + 768·256+256
+    assert (
+        rein.rein_parameter_counts(rein.Reins(12, 384, lora_dim=None))["rein_with_linking"]
+        == 1_051_905
+    )
+    # ViT-B by hand: A 12·100·16 + B 12·16·768 + 2 MLPs (768² + 768) + scale;
+    # linking: transform 768·256 + 256, merge 768·256 + 256
     vit_b = 12 * 100 * 16 + 12 * 16 * 768 + 2 * (768 * 768 + 768) + 1
     counts_b = rein.rein_parameter_counts(rein.Reins(12, 768))
     assert counts_b["rein"] == vit_b == 1_347_841
@@ -91,7 +99,7 @@ def test_low_rank_tokens_equal_a_times_b():
 
 
 def test_rein_layer_hand_computed_small_case():
-    """C = 2, m = 3 tokens, N = 2 patch tokens: Δ uses tokens 1..2 only, token 0 only normalises."""
+    """C = 2, m = 3 tokens, N = 2 patch tokens: Δ uses tokens 1..2, token 0 only normalises."""
     r = rein.Reins(1, 2, token_length=3, lora_dim=None, query_dims=4)
     with torch.no_grad():
         r.learnable_tokens.copy_(torch.tensor([[[3.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]))
@@ -144,16 +152,30 @@ def test_queries_are_image_independent_and_shaped():
         f1, q1 = model.backbone(torch.randn(1, 3, 64, 64))
         f3, q3 = model.backbone(torch.randn(3, 3, 64, 96))
     assert q1.shape == (100, 256) and torch.equal(q1, q3)
-    assert [tuple(f.shape) for f in f1] == [(1, 32, 16, 16), (1, 32, 8, 8), (1, 32, 4, 4), (1, 32, 2, 2)]
-    assert [tuple(f.shape) for f in f3] == [(3, 32, 16, 24), (3, 32, 8, 12), (3, 32, 4, 6), (3, 32, 2, 3)]
+    assert [tuple(f.shape) for f in f1] == [
+        (1, 32, 16, 16),
+        (1, 32, 8, 8),
+        (1, 32, 4, 4),
+        (1, 32, 2, 2),
+    ]
+    assert [tuple(f.shape) for f in f3] == [
+        (3, 32, 16, 24),
+        (3, 32, 8, 12),
+        (3, 32, 4, 6),
+        (3, 32, 2, 3),
+    ]
 
 
 def test_vit_l_pyramid_shapes_on_meta_device():
     with torch.device("meta"):
         model = rein.ReinSegmentor("dinov2_l", 512)
         features, queries = model.backbone(torch.empty(2, 3, 512, 512))
-    assert [tuple(f.shape) for f in features] == [(2, 1024, 128, 128), (2, 1024, 64, 64),
-                                                  (2, 1024, 32, 32), (2, 1024, 16, 16)]
+    assert [tuple(f.shape) for f in features] == [
+        (2, 1024, 128, 128),
+        (2, 1024, 64, 64),
+        (2, 1024, 32, 32),
+        (2, 1024, 16, 16),
+    ]
     assert queries.shape == (100, 256)
 
 
@@ -166,8 +188,10 @@ def manual_frozen_features(model: rein.ReinSegmentor, images: torch.Tensor) -> l
         x = block(x)
         if i in bb.out_indices:
             out.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
-    return [F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else f
-            for f, s in zip(out, rein.PYRAMID_SCALES)]
+    return [
+        F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else f
+        for f, s in zip(out, rein.PYRAMID_SCALES)
+    ]
 
 
 def test_zeroed_delta_mlp_gives_the_frozen_backbone_and_rein_changes_it_otherwise():
@@ -220,16 +244,20 @@ def test_pos_embed_interpolation_rule():
 # ================================================================================================
 
 
-def dinov2_original_state(dim: int, depth: int, grid: int, swiglu: bool = False,
-                          hidden: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict in facebookresearch/dinov2 naming and shapes (patch 14, 1 + grid² positions)."""
+def dinov2_original_state(
+    dim: int, depth: int, grid: int, swiglu: bool = False, hidden: int = 0
+) -> dict[str, torch.Tensor]:
+    """A state dict in facebookresearch/dinov2 naming and shapes (patch 14, 1 + grid² positions)"""
     g = torch.Generator().manual_seed(1)
-    sd = {"cls_token": torch.randn(1, 1, dim, generator=g),
-          "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
-          "mask_token": torch.randn(1, dim, generator=g),
-          "patch_embed.proj.weight": torch.randn(dim, 3, 14, 14, generator=g),
-          "patch_embed.proj.bias": torch.randn(dim, generator=g),
-          "norm.weight": torch.randn(dim, generator=g), "norm.bias": torch.randn(dim, generator=g)}
+    sd = {
+        "cls_token": torch.randn(1, 1, dim, generator=g),
+        "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
+        "mask_token": torch.randn(1, dim, generator=g),
+        "patch_embed.proj.weight": torch.randn(dim, 3, 14, 14, generator=g),
+        "patch_embed.proj.bias": torch.randn(dim, generator=g),
+        "norm.weight": torch.randn(dim, generator=g),
+        "norm.bias": torch.randn(dim, generator=g),
+    }
     for i in range(depth):
         p = f"blocks.{i}."
         for n in ("norm1", "norm2"):
@@ -261,8 +289,9 @@ def test_load_original_dinov2_weights_resamples_patch_and_positions(tmp_path):
     model = tiny_model()
     rein.load_vfm_weights(model, path, "test", 64)
     vfm = model.backbone.vfm.state_dict()
-    want_patch = F.interpolate(sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic",
-                               align_corners=False)
+    want_patch = F.interpolate(
+        sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False
+    )
     assert torch.equal(vfm["patch_embed.proj.weight"], want_patch)
     grid = sd["pos_embed"][:, 1:].reshape(1, 5, 5, 32).permute(0, 3, 1, 2)
     want_pos = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
@@ -280,8 +309,19 @@ def test_load_original_dinov2_weights_resamples_patch_and_positions(tmp_path):
 
 
 def test_load_dinov2_giant_style_swiglu_names(tmp_path, monkeypatch):
-    monkeypatch.setitem(rein.VFM_SIZES, "tiny_g", dict(family="dinov2", embed_dim=48, depth=2,
-                        num_heads=2, swiglu=True, out_indices=(0, 1), weights=None))
+    monkeypatch.setitem(
+        rein.VFM_SIZES,
+        "tiny_g",
+        dict(
+            family="dinov2",
+            embed_dim=48,
+            depth=2,
+            num_heads=2,
+            swiglu=True,
+            out_indices=(0, 1),
+            weights=None,
+        ),
+    )
     model = rein.ReinSegmentor("tiny_g", 64)
     hidden = model.backbone.vfm.blocks[0].mlp.fc2.weight.shape[1]
     sd = dinov2_original_state(48, 2, grid=5, swiglu=True, hidden=hidden)
@@ -294,12 +334,34 @@ def test_load_dinov2_giant_style_swiglu_names(tmp_path, monkeypatch):
 def test_load_eva02_weights_in_timm_naming(tmp_path, monkeypatch):
     from timm.models.eva import Eva
 
-    monkeypatch.setitem(rein.VFM_SIZES, "tiny_eva", dict(family="eva02", embed_dim=32, depth=4,
-                        num_heads=2, swiglu=True, out_indices=(0, 1, 2, 3), weights=None))
+    monkeypatch.setitem(
+        rein.VFM_SIZES,
+        "tiny_eva",
+        dict(
+            family="eva02",
+            embed_dim=32,
+            depth=4,
+            num_heads=2,
+            swiglu=True,
+            out_indices=(0, 1, 2, 3),
+            weights=None,
+        ),
+    )
     torch.manual_seed(3)
-    source = Eva(img_size=70, patch_size=14, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4 * 2 / 3,
-                 qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
-                 ref_feat_shape=(16, 16), num_classes=0)
+    source = Eva(
+        img_size=70,
+        patch_size=14,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4 * 2 / 3,
+        qkv_fused=False,
+        swiglu_mlp=True,
+        scale_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(16, 16),
+        num_classes=0,
+    )
     sd = {k: v for k, v in source.state_dict().items() if "rope" not in k}
     torch.save(sd, tmp_path / "eva.pth")
     model = rein.ReinSegmentor("tiny_eva", 64)
@@ -324,8 +386,12 @@ def mmdet_head_names(in_channels: int) -> dict[str, tuple[int, ...]]:
         names[f"pixel_decoder.input_convs.{i}.gn.bias"] = (d,)
     for i in range(6):
         p = f"pixel_decoder.encoder.layers.{i}."
-        for n, shape in (("sampling_offsets", 192), ("attention_weights", 96), ("value_proj", d),
-                         ("output_proj", d)):
+        for n, shape in (
+            ("sampling_offsets", 192),
+            ("attention_weights", 96),
+            ("value_proj", d),
+            ("output_proj", d),
+        ):
             names[p + f"self_attn.{n}.weight"] = (shape, d)
             names[p + f"self_attn.{n}.bias"] = (shape,)
         names[p + "ffn.layers.0.0.weight"], names[p + "ffn.layers.0.0.bias"] = (1024, d), (1024,)
@@ -337,18 +403,26 @@ def mmdet_head_names(in_channels: int) -> dict[str, tuple[int, ...]]:
     names["pixel_decoder.output_convs.0.conv.weight"] = (d, d, 3, 3)
     for n in ("lateral_convs", "output_convs"):
         names[f"pixel_decoder.{n}.0.gn.weight"] = names[f"pixel_decoder.{n}.0.gn.bias"] = (d,)
-    names["pixel_decoder.mask_feature.weight"], names["pixel_decoder.mask_feature.bias"] = (d, d, 1, 1), (d,)
+    names["pixel_decoder.mask_feature.weight"], names["pixel_decoder.mask_feature.bias"] = (
+        (d, d, 1, 1),
+        (d,),
+    )
     for i in range(9):
         p = f"transformer_decoder.layers.{i}."
         for a in ("self_attn", "cross_attn"):
             names[p + f"{a}.attn.in_proj_weight"] = (3 * d, d)
             names[p + f"{a}.attn.in_proj_bias"] = (3 * d,)
-            names[p + f"{a}.attn.out_proj.weight"], names[p + f"{a}.attn.out_proj.bias"] = (d, d), (d,)
+            names[p + f"{a}.attn.out_proj.weight"], names[p + f"{a}.attn.out_proj.bias"] = (
+                (d, d),
+                (d,),
+            )
         names[p + "ffn.layers.0.0.weight"], names[p + "ffn.layers.0.0.bias"] = (2048, d), (2048,)
         names[p + "ffn.layers.1.weight"], names[p + "ffn.layers.1.bias"] = (d, 2048), (d,)
         for k in range(3):
             names[p + f"norms.{k}.weight"] = names[p + f"norms.{k}.bias"] = (d,)
-    names["transformer_decoder.post_norm.weight"] = names["transformer_decoder.post_norm.bias"] = (d,)
+    names["transformer_decoder.post_norm.weight"] = names["transformer_decoder.post_norm.bias"] = (
+        d,
+    )
     names["level_embed.weight"] = (3, d)
     names["querys2feat.weight"], names["querys2feat.bias"] = (d, d), (d,)
     names["cls_embed.weight"], names["cls_embed.bias"] = (20, d), (20,)
@@ -359,11 +433,19 @@ def mmdet_head_names(in_channels: int) -> dict[str, tuple[int, ...]]:
 
 def rein_names(layers: int, dim: int) -> dict[str, tuple[int, ...]]:
     p = "backbone.reins."
-    return {p + "learnable_tokens_a": (layers, 100, 16), p + "learnable_tokens_b": (layers, 16, dim),
-            p + "scale": (), p + "mlp_token2feat.weight": (dim, dim), p + "mlp_token2feat.bias": (dim,),
-            p + "mlp_delta_f.weight": (dim, dim), p + "mlp_delta_f.bias": (dim,),
-            p + "transform.weight": (256, dim), p + "transform.bias": (256,),
-            p + "merge.weight": (256, 768), p + "merge.bias": (256,)}
+    return {
+        p + "learnable_tokens_a": (layers, 100, 16),
+        p + "learnable_tokens_b": (layers, 16, dim),
+        p + "scale": (),
+        p + "mlp_token2feat.weight": (dim, dim),
+        p + "mlp_token2feat.bias": (dim,),
+        p + "mlp_delta_f.weight": (dim, dim),
+        p + "mlp_delta_f.bias": (dim,),
+        p + "transform.weight": (256, dim),
+        p + "transform.bias": (256,),
+        p + "merge.weight": (256, 768),
+        p + "merge.bias": (256,),
+    }
 
 
 def test_official_key_map_covers_exactly_the_released_names():
@@ -400,7 +482,9 @@ def test_released_checkpoint_loads_with_no_missing_keys_and_same_outputs(tmp_pat
     with pytest.raises(common.UsageError, match="1 missing"):
         rein.load_official_rein(third, tmp_path / "broken.pth", "test", 64)
     with pytest.raises(common.UsageError, match="another shape"):
-        rein.load_official_rein(rein.ReinSegmentor("test", 64, lora_dim=8), tmp_path / "release.pth", "test", 64)
+        rein.load_official_rein(
+            rein.ReinSegmentor("test", 64, lora_dim=8), tmp_path / "release.pth", "test", 64
+        )
 
 
 def test_param_groups_follow_the_official_no_decay_keys():
@@ -410,13 +494,21 @@ def test_param_groups_follow_the_official_no_decay_keys():
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert {"backbone.reins.learnable_tokens_a", "backbone.reins.learnable_tokens_b",
-            "backbone.reins.scale", "decode_head.m2f.transformer_decoder.level_embed.weight",
-            "decode_head.m2f.pixel_decoder.input_proj.0.1.weight",  # GroupNorm
-            "decode_head.m2f.transformer_decoder.decoder_norm.bias"} <= nd
-    assert {"backbone.reins.mlp_delta_f.weight", "backbone.reins.mlp_delta_f.bias",
-            "decode_head.querys2feat.weight", "decode_head.m2f.pixel_decoder.level_embed",
-            "decode_head.m2f.transformer_decoder.class_embed.bias"} <= d
+    assert {
+        "backbone.reins.learnable_tokens_a",
+        "backbone.reins.learnable_tokens_b",
+        "backbone.reins.scale",
+        "decode_head.m2f.transformer_decoder.level_embed.weight",
+        "decode_head.m2f.pixel_decoder.input_proj.0.1.weight",  # GroupNorm
+        "decode_head.m2f.transformer_decoder.decoder_norm.bias",
+    } <= nd
+    assert {
+        "backbone.reins.mlp_delta_f.weight",
+        "backbone.reins.mlp_delta_f.bias",
+        "decode_head.querys2feat.weight",
+        "decode_head.m2f.pixel_decoder.level_embed",
+        "decode_head.m2f.transformer_decoder.class_embed.bias",
+    } <= d
     assert not any(n.startswith("backbone.vfm.") for n in nd | d)
     assert len(nd) + len(d) == sum(1 for p in model.parameters() if p.requires_grad)
 
@@ -428,7 +520,9 @@ def test_lr_schedule_values():
     assert rein.lr_at(39999, 1e-4, 40000, 0) == 0.0
     # Cityscapes -> ACDC: LinearLR 1e-6 -> 1 over iterations 0..9999, then poly over 10000..39999
     assert rein.lr_at(0, 6e-5, 40000, 10000) == pytest.approx(6e-11)
-    assert rein.lr_at(5000, 6e-5, 40000, 10000) == pytest.approx(6e-5 * (1e-6 + (1 - 1e-6) * 5000 / 9999))
+    assert rein.lr_at(5000, 6e-5, 40000, 10000) == pytest.approx(
+        6e-5 * (1e-6 + (1 - 1e-6) * 5000 / 9999)
+    )
     assert rein.lr_at(9999, 6e-5, 40000, 10000) == pytest.approx(6e-5)
     assert rein.lr_at(10000, 6e-5, 40000, 10000) == pytest.approx(6e-5)
     assert rein.lr_at(25000, 6e-5, 40000, 10000) == pytest.approx(6e-5 * (1 - 15000 / 29999) ** 0.9)
@@ -440,13 +534,24 @@ def test_lr_schedule_values():
 
 
 def test_cv2_hsv_conversion_hand_values():
-    pixels = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0],
-                           [0, 0, 0]], dtype=torch.uint8).T[:, None, :]  # (3, 1, 6)
+    pixels = torch.tensor(
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0], [0, 0, 0]],
+        dtype=torch.uint8,
+    ).T[:, None, :]  # (3, 1, 6)
     hsv = rein.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
-    assert hsv == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128], [30, 255, 255], [0, 0, 0]]
+    assert hsv == [
+        [0, 255, 255],
+        [60, 255, 255],
+        [120, 255, 255],
+        [0, 0, 128],
+        [30, 255, 255],
+        [0, 0, 0],
+    ]
     assert torch.equal(rein.hsv_to_rgb_cv2(rein.rgb_to_hsv_cv2(pixels)), pixels)
     # (200, 100, 50): v 200, s = round(255·150/200) = 191, h = round(30·(100-50)/150) = 10
-    assert rein.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[:, 0, 0].tolist() == [10, 191, 200]
+    assert rein.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[
+        :, 0, 0
+    ].tolist() == [10, 191, 200]
     shifted = rein.rgb_to_hsv_cv2(pixels)
     shifted[0] = (shifted[0] + 60) % 180
     assert rein.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
@@ -471,8 +576,24 @@ def test_photometric_distortion_is_seeded_and_keeps_shape():
 def test_train_transform_shapes_padding_and_scales():
     t = rein.ReinTrainTransform(64)
     assert t.short_sides == [int(64 * x * 0.1) for x in range(5, 21)] and t.max_long == 256
-    assert rein.ReinTrainTransform(512).short_sides == [256, 307, 358, 409, 460, 512, 563, 614, 665,
-                                                       716, 768, 819, 870, 921, 972, 1024]
+    assert rein.ReinTrainTransform(512).short_sides == [
+        256,
+        307,
+        358,
+        409,
+        460,
+        512,
+        563,
+        614,
+        665,
+        716,
+        768,
+        819,
+        870,
+        921,
+        972,
+        1024,
+    ]
     image = torch.randint(0, 256, (3, 10, 10), dtype=torch.uint8)
     label = torch.randint(0, 19, (10, 10))
     padded = 0
@@ -512,8 +633,10 @@ class PixelwiseModel(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.randn(5, 20))
 
     def forward(self, images: torch.Tensor) -> dict:
-        return {"pred_logits": self.logits[None].expand(images.shape[0], -1, -1),
-                "pred_masks": self.conv(images)}
+        return {
+            "pred_logits": self.logits[None].expand(images.shape[0], -1, -1),
+            "pred_masks": self.conv(images),
+        }
 
 
 def test_slide_equals_whole_for_a_position_independent_model():
@@ -536,10 +659,29 @@ def test_segment_pads_sides_that_are_not_patch_multiples():
 # The script end to end (toy data, subprocess + in-process), resume, bad inputs
 # ================================================================================================
 
-TOY_COUNTS = {"source": (6, 1), "city": (0, 2), "fog": (0, 1), "night": (0, 1)}
-FAST = ["--source", "toy", "--pretrained", "none", "--device", "cpu", "--backbone", "test",
-        "--crop", "64", "--batch-size", "2", "--num-points", "64", "--workers", "0",
-        "--targets", "toy-city"]
+TOY_COUNTS = {"source": (6, 1), "city": (0, 1), "fog": (0, 1), "night": (0, 1)}
+FAST = [
+    "--source",
+    "toy",
+    "--pretrained",
+    "none",
+    "--device",
+    "cpu",
+    "--backbone",
+    "test",
+    "--crop",
+    "64",
+    "--batch-size",
+    "2",
+    "--num-points",
+    "64",
+    "--workers",
+    "0",
+    "--targets",
+    "toy-city",
+    "--stride",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -551,8 +693,14 @@ def toy_root(tmp_path_factory) -> pathlib.Path:
 
 def run_script(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "rein.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "rein.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def trained(path: pathlib.Path) -> dict:
@@ -560,7 +708,9 @@ def trained(path: pathlib.Path) -> dict:
 
 
 def test_script_trains_evaluates_and_resumes_exactly(toy_root, tmp_path):
-    full = run_script([*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "a")])
+    full = run_script(
+        [*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "a")]
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     assert "Rein 388,609" not in full.stdout  # the test backbone, not ViT-S
     assert "trainable" in full.stdout and "toy-city" in full.stdout
@@ -574,25 +724,60 @@ def test_script_trains_evaluates_and_resumes_exactly(toy_root, tmp_path):
     assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 2
     assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
     # 1 iteration, then resume to 2 (in-process): bit-identical to the straight run
-    torch.set_num_threads(1)
-    rein.main([*FAST, "--data", str(toy_root), "--iters", "1", "--out", str(tmp_path / "b")])
-    rein.main([*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "b"),
-               "--resume", str(tmp_path / "b" / "last.pt")])
+    fast = [*FAST, "--data", str(toy_root), "--inference", "whole"]
+    rein.main([*fast, "--iters", "1", "--out", str(tmp_path / "b")])
+    rein.main(
+        [
+            *fast,
+            "--iters",
+            "2",
+            "--out",
+            str(tmp_path / "b"),
+            "--resume",
+            str(tmp_path / "b" / "last.pt"),
+        ]
+    )
     ckpt_b = trained(tmp_path / "b" / "last.pt")
     assert ckpt_b["iter"] == 2 and set(ckpt_b["model"]) == set(ckpt_a["model"])
     for k, v in ckpt_a["model"].items():
         assert torch.equal(v, ckpt_b["model"][k]), k
     # resuming with another frozen VFM is refused
     with pytest.raises(common.UsageError, match="frozen VFM differs"):
-        rein.main([*FAST, "--data", str(toy_root), "--iters", "3", "--seed", "1",
-                   "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "b" / "last.pt")])
+        rein.main(
+            [
+                *fast,
+                "--iters",
+                "3",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "b"),
+                "--resume",
+                str(tmp_path / "b" / "last.pt"),
+            ]
+        )
 
 
-def test_bad_inputs_give_one_clear_message(toy_root, tmp_path):
-    missing = run_script([*FAST, "--data", str(toy_root), "--backbone", "dinov2_s",
-                          "--pretrained", str(tmp_path / "nope.pth"), "--iters", "1"])
-    assert missing.returncode == 2
-    lines = missing.stderr.strip().splitlines()
+def test_bad_inputs_give_one_clear_message(toy_root, tmp_path, monkeypatch, capsys):
+    # the script's own entry point (common.run_cli(main)): one line on stderr, exit code 2
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "rein.py",
+            *FAST,
+            "--data",
+            str(toy_root),
+            "--backbone",
+            "dinov2_s",
+            "--pretrained",
+            str(tmp_path / "nope.pth"),
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(rein.main)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dinov2_s weight file not found")
     assert "--pretrained none" in lines[0]
     with pytest.raises(common.UsageError, match="not a multiple of the patch size 16"):
@@ -602,17 +787,31 @@ def test_bad_inputs_give_one_clear_message(toy_root, tmp_path):
         rein.main([*FAST, "--data", str(toy_root), "--resume", str(tmp_path / "famix.pt")])
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(common.UsageError, match="cannot read Rein checkpoint"):
-        rein.main([*FAST, "--data", str(toy_root), "--official-ckpt", str(tmp_path / "garbage.pth")])
+        rein.main(
+            [*FAST, "--data", str(toy_root), "--official-ckpt", str(tmp_path / "garbage.pth")]
+        )
 
 
 def test_recipe_and_toy_defaults():
     args = rein.parse_args(["--source", "gta"])
-    assert (args.crop, args.batch_size, args.lr, args.warmup_iters, args.stride) == (512, 4, 1e-4, 0, 341)
+    assert (args.crop, args.batch_size, args.lr, args.warmup_iters, args.stride) == (
+        512,
+        4,
+        1e-4,
+        0,
+        341,
+    )
     assert args.targets == "cityscapes,bdd,mapillary" and args.backbone == "dinov2_l"
     assert args.iters == 40000 and args.num_points == 12544 and not args.amp
     acdc = rein.parse_args(["--recipe", "citys2acdc"])
     assert (acdc.source, acdc.crop, acdc.batch_size, acdc.lr, acdc.warmup_iters, acdc.stride) == (
-        "cityscapes", 1024, 8, 6e-5, 10000, 683)
+        "cityscapes",
+        1024,
+        8,
+        6e-5,
+        10000,
+        683,
+    )
     assert acdc.find_unused and acdc.targets.startswith("acdc-fog")
     assert rein.parse_args(["--recipe", "citys2acdc", "--crop", "512"]).stride == 341
     toy = rein.parse_args(["--source", "toy", "--iters", "7"])
@@ -725,10 +924,14 @@ def test_msdeformattn_init_values():
         assert torch.allclose(bias[2, level], k * torch.tensor([0.0, 1.0]), atol=1e-6)
         assert torch.allclose(bias[4, level], k * torch.tensor([-1.0, 0.0]), atol=1e-6)
     assert torch.all(attn.sampling_offsets.weight == 0)
-    assert torch.all(attn.attention_weights.weight == 0) and torch.all(attn.attention_weights.bias == 0)
+    assert torch.all(attn.attention_weights.weight == 0) and torch.all(
+        attn.attention_weights.bias == 0
+    )
     assert torch.all(attn.value_proj.bias == 0) and torch.all(attn.output_proj.bias == 0)
     decoder = m2f.MSDeformAttnPixelDecoder([8, 16, 32, 64])
-    assert torch.equal(decoder.encoder_layers[3].self_attn.sampling_offsets.bias, attn.sampling_offsets.bias)
+    assert torch.equal(
+        decoder.encoder_layers[3].self_attn.sampling_offsets.bias, attn.sampling_offsets.bias
+    )
     assert torch.all(decoder.encoder_layers[3].self_attn.sampling_offsets.weight == 0)
 
 
@@ -763,7 +966,9 @@ def test_ms_deform_attn_matches_per_point_bilinear_reference():
                     level = value[bi, starts[li] : starts[li] + h * w, mi].T.reshape(d, h, w)
                     for pi in range(p):
                         x, y = locations[bi, qi, mi, li, pi].tolist()
-                        expected += weights[bi, qi, mi, li, pi].item() * bilinear_zero_padded(level, x, y)
+                        expected += weights[bi, qi, mi, li, pi].item() * bilinear_zero_padded(
+                            level, x, y
+                        )
                 got = out[bi, qi, mi * d : (mi + 1) * d].double()
                 assert torch.allclose(got, expected, atol=1e-5)
 
@@ -839,9 +1044,14 @@ def test_decoder_init_distributions():
     uniform = m2f.MaskedAttentionDecoder(init="xavier_uniform").layers[0].cross_attn.in_proj_weight
     normal = m2f.MaskedAttentionDecoder(init="xavier_normal").layers[0].cross_attn.in_proj_weight
     assert uniform.abs().max() <= bound
-    assert (normal.abs() > bound).float().mean() > 0.05  # ≈8 % of a N(0, bound/√3) beyond the bound
+    # ≈8 % of a N(0, bound/√3) lies beyond the bound
+    assert (normal.abs() > bound).float().mean() > 0.05
     assert normal.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
-    ffn = m2f.MSDeformAttnPixelDecoder([8, 16, 32, 64], init="xavier_normal").encoder_layers[0].linear1
+    ffn = (
+        m2f.MSDeformAttnPixelDecoder([8, 16, 32, 64], init="xavier_normal")
+        .encoder_layers[0]
+        .linear1
+    )
     assert (ffn.weight.abs() > math.sqrt(6 / (256 + 1024))).any()
 
 
@@ -913,9 +1123,11 @@ def test_pairwise_costs_equal_per_pair_losses():
     for q in range(4):
         for k in range(3):
             assert bce[q, k] == pytest.approx(
-                F.binary_cross_entropy_with_logits(logits[q], targets[k]).item(), abs=1e-5)
+                F.binary_cross_entropy_with_logits(logits[q], targets[k]).item(), abs=1e-5
+            )
             assert dice[q, k] == pytest.approx(
-                m2f.dice_loss(logits[q : q + 1], targets[k : k + 1], 1.0).item(), abs=1e-5)
+                m2f.dice_loss(logits[q : q + 1], targets[k : k + 1], 1.0).item(), abs=1e-5
+            )
 
 
 def test_dice_loss_limits():
@@ -923,7 +1135,9 @@ def test_dice_loss_limits():
     perfect = torch.tensor([[50.0, 50.0, -50.0, -50.0]])
     assert m2f.dice_loss(perfect, target, 1.0).item() == pytest.approx(0.0, abs=1e-6)
     empty = torch.zeros(1, 4)
-    assert m2f.dice_loss(torch.full((1, 4), -50.0), empty, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert m2f.dice_loss(torch.full((1, 4), -50.0), empty, 1.0).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
     # all-wrong prediction of a 2-pixel mask: 1 − 1/(2 + 2 + 1)
     assert m2f.dice_loss(-perfect, target, 1.0).item() == pytest.approx(0.8, abs=1e-6)
 
@@ -947,13 +1161,17 @@ def test_class_weight_vector_and_weighted_mean():
     indices = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 -> class 1; 1, 2 -> no-object
     logp = logits[0].log_softmax(-1)
     expected = -(1.0 * logp[0, 1] + 0.1 * logp[1, 2] + 0.1 * logp[2, 2]) / (1.0 + 0.1 + 0.1)
-    assert small.loss_labels(logits, targets, indices).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert small.loss_labels(logits, targets, indices).item() == pytest.approx(
+        expected.item(), abs=1e-6
+    )
 
 
 def make_outputs(b=2, q=6, classes=4, h=8, w=8, requires_grad=False):
     def one():
-        return {"pred_logits": torch.randn(b, q, classes + 1, requires_grad=requires_grad),
-                "pred_masks": torch.randn(b, q, h, w, requires_grad=requires_grad)}
+        return {
+            "pred_logits": torch.randn(b, q, classes + 1, requires_grad=requires_grad),
+            "pred_masks": torch.randn(b, q, h, w, requires_grad=requires_grad),
+        }
 
     out = one()
     out["aux_outputs"] = [one() for _ in range(9)]
@@ -1003,8 +1221,9 @@ def test_zero_target_batch():
     assert torch.all(outputs["pred_masks"].grad == 0)
     labels = torch.full((2, 32, 32), 255)
     labels[1, :, :16] = 2
-    indices = criterion.matcher(outputs["pred_logits"], outputs["pred_masks"],
-                                m2f.semantic_to_targets(labels, 4))
+    indices = criterion.matcher(
+        outputs["pred_logits"], outputs["pred_masks"], m2f.semantic_to_targets(labels, 4)
+    )
     assert len(indices[0][0]) == 0 and len(indices[1][0]) == 1
 
 
