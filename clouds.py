@@ -296,7 +296,8 @@ class FrozenCLIPEncoder(nn.Module):
 
             # A pretrained *tag* downloads through open_clip; `none` and file paths start random.
             tag = pretrained if pretrained not in ("none", "") and not _is_file(pretrained) else None
-            clip = open_clip.create_model(model_name, pretrained=tag, device=device)
+            with torch.device(device):  # "meta" in the tests: shapes and names without memory
+                clip = open_clip.create_model(model_name, pretrained=tag, device=device)
             self.visual = clip.visual
             if self.is_convnext:
                 del self.visual.head  # projection MLP: only for the unused ensemble
@@ -360,45 +361,44 @@ def normalize_and_pad(images: torch.Tensor) -> torch.Tensor:
 
 # ---- BEGIN Mask2Former (declared copy: identical in rein.py and clouds.py) ----
 # Host-file imports: import math; from collections.abc import Sequence; import torch;
-# import torch.nn.functional as F; from scipy.optimize import linear_sum_assignment; from torch import nn
+# import torch.nn.functional as F; from scipy.optimize import linear_sum_assignment;
+# from torch import nn
 #
 # Mask2Former (Cheng et al., "Masked-attention Mask Transformer for Universal Image Segmentation",
 # CVPR 2022, arXiv 2112.01527) as both methods run it: deformable-attention pixel decoder + 9-layer
 # masked-attention transformer decoder + Hungarian set criterion with point-sampled mask losses.
-# [C mask2former/...] = facebookresearch/Mask2Former (vendored unchanged by CLOUDS; detectron2 inits);
-# [C mmdet/...] = mmdetection 3.x (what Rein runs; same computation, other inits, see `init`).
-# The compiled CUDA deformable-attention op is replaced by its pure-PyTorch grid_sample form, which the
-# official file ships as the reference implementation of the same computation.
+# [C mask2former/...] = facebookresearch/Mask2Former on detectron2 (detectron2 inits);
+# [C mmdet/...] = mmdetection 3.x Mask2Former (same computation, other inits: see `init`).
+# The compiled CUDA deformable-attention op is replaced by its pure-PyTorch grid_sample form, which
+# the official file ships as the reference implementation of the same computation.
 
 # Fixed architecture values, identical in both official configs.
 M2F_DIM = 256  # conv_dim = mask_dim = hidden_dim [C mask2former/config.py]
-M2F_GN_GROUPS = (
-    32  # GroupNorm(32) in the pixel decoder [C mask2former/modeling/pixel_decoder/msdeformattn.py]
-)
-M2F_ENC_LEVELS = (
-    3  # deformable attention over res3, res4, res5 [C msdeformattn.py::MSDeformAttnPixelDecoder]
-)
+# GroupNorm(32) in the pixel decoder [C mask2former/modeling/pixel_decoder/msdeformattn.py]
+M2F_GN_GROUPS = 32
+# deformable attention over res3, res4, res5 [C msdeformattn.py::MSDeformAttnPixelDecoder]
+M2F_ENC_LEVELS = 3
 M2F_ENC_LAYERS = 6  # TRANSFORMER_ENC_LAYERS [C mask2former/config.py]
 M2F_ENC_HEADS = 8
 M2F_ENC_POINTS = 4  # sampling points per head per level
 M2F_ENC_FFN_DIM = 1024  # hard-coded in MSDeformAttnPixelDecoder [C msdeformattn.py]
-M2F_DEC_LAYERS = 9  # DEC_LAYERS 10 minus the prediction on the initial queries [C mask2former_transformer_decoder.py]
+# DEC_LAYERS 10 minus the prediction on the initial queries [C mask2former_transformer_decoder.py]
+M2F_DEC_LAYERS = 9
 M2F_DEC_HEADS = 8  # NHEADS
 M2F_DEC_FFN_DIM = 2048  # DIM_FEEDFORWARD
 M2F_POS_TEMPERATURE = 10000.0  # [C mask2former/modeling/transformer_decoder/position_encoding.py]
-M2F_INITS = (
-    "xavier_uniform",
-    "xavier_normal",
-)  # detectron2 / mmdet, see `init_transformer_weights`
+# detectron2 / mmdet weight-matrix inits, see `init_transformer_weights`
+M2F_INITS = ("xavier_uniform", "xavier_normal")
 
 
 def init_transformer_weights(module: nn.Module, init: str) -> None:
     """Xavier init of every parameter with dim > 1 (weight matrices) of a transformer block.
 
-    detectron2 uses the uniform form [C mask2former_transformer_decoder.py::SelfAttentionLayer._reset_parameters,
-    msdeformattn.py::MSDeformAttnTransformerEncoderOnly._reset_parameters]; mmdet uses the normal form for the
-    decoder layers [C mmdet/models/dense_heads/mask2former_head.py::init_weights] and for the deformable
-    encoder [C mmdet/models/layers/msdeformattn_pixel_decoder.py::init_weights].
+    detectron2 uses the uniform form [C mask2former_transformer_decoder.py::
+    SelfAttentionLayer._reset_parameters, msdeformattn.py::MSDeformAttnTransformerEncoderOnly.
+    _reset_parameters]; mmdet uses the normal form for the decoder layers
+    [C mmdet/models/dense_heads/mask2former_head.py::init_weights] and for the deformable encoder
+    [C mmdet/models/layers/msdeformattn_pixel_decoder.py::init_weights].
     """
     if init not in M2F_INITS:
         raise ValueError(f"init must be one of {M2F_INITS}, got {init!r}")
@@ -409,7 +409,7 @@ def init_transformer_weights(module: nn.Module, init: str) -> None:
 
 
 def c2_xavier_fill(conv: nn.Conv2d) -> None:
-    """Caffe2 'xavier' = Kaiming-uniform with a=1, bias 0 [C detectron2 fvcore weight_init.c2_xavier_fill]."""
+    """Caffe2 'xavier': Kaiming-uniform a=1, bias 0 [C fvcore/nn/weight_init.py::c2_xavier_fill]."""
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
@@ -435,7 +435,7 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) (only its size is used) -> (1, 2·num_feats, H, W) fp32, broadcast over B."""
+        """x (B, C, H, W), only its size is used -> (1, 2·num_feats, H, W) fp32, broadcast on B."""
         h, w = x.shape[-2:]
         eps = 1e-6  # [C position_encoding.py]
         y_embed = (
@@ -448,13 +448,9 @@ class PositionEmbeddingSine(nn.Module):
         dim_t = self.temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / self.num_feats)
         pos_y = y_embed[:, None] / dim_t  # (H, F)
         pos_x = x_embed[:, None] / dim_t  # (W, F)
-        # interleave sin (even channels) and cos (odd channels)
-        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(
-            1
-        )  # (H, F)
-        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(
-            1
-        )  # (W, F)
+        # interleave sin (even channels) and cos (odd channels): (H, F/2, 2) -> (H, F)
+        pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
+        pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
         pos = torch.cat(
             (pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=2
         )  # (H, W, 2F)
@@ -475,9 +471,10 @@ def ms_deform_attn(
     value (B, S, M, D) with S = Σ_l H_l·W_l (levels in `spatial_shapes` order); sampling_locations
     (B, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (B, Lq, M, L, P) -> (B, Lq, M·D).
     Bilinear reads with grid_sample(align_corners=False, zero padding) at 2·loc − 1
-    [C mask2former/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py::ms_deform_attn_core_pytorch].
-    Levels have different sizes, so one grid_sample per level; each level's weighted sum is accumulated
-    instead of stacking all samples, which keeps peak memory at one level's samples.
+    [C mask2former/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py::
+    ms_deform_attn_core_pytorch]. Levels have different sizes, so one grid_sample per level; each
+    level's weighted sum is accumulated instead of stacking all samples, which keeps peak memory at
+    one level's samples.
     """
     b, _, m, d = value.shape
     _, lq, _, _, p, _ = sampling_locations.shape
@@ -498,8 +495,9 @@ def ms_deform_attn(
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Deformable DETR) as used in the pixel decoder.
 
-    Always computes in fp32 with autocast off: the official pixel decoder disables autocast because the
-    deformable op does not support half precision [C msdeformattn.py::MSDeformAttnPixelDecoder.forward_features].
+    Always computes in fp32 with autocast off: the official pixel decoder disables autocast because
+    the deformable op does not support half precision
+    [C msdeformattn.py::MSDeformAttnPixelDecoder.forward_features].
     """
 
     def __init__(
@@ -519,10 +517,10 @@ class MSDeformAttn(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """[C mask2former/modeling/pixel_decoder/ops/modules/ms_deform_attn.py::MSDeformAttn._reset_parameters]
-
-        Offsets start on a star: head h looks along θ_h = 2πh/M, the direction scaled so its largest
-        component is 1, and point k (0-based) sits k+1 steps out; all levels alike. Attention starts uniform.
+        """Offsets start on a star: head h looks along θ_h = 2πh/M, the direction scaled so its
+        largest component is 1, and point k (0-based) sits k+1 steps out, on every level; attention
+        starts uniform [C mask2former/modeling/pixel_decoder/ops/modules/ms_deform_attn.py::
+        MSDeformAttn._reset_parameters].
         """
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
@@ -546,7 +544,8 @@ class MSDeformAttn(nn.Module):
         value_in: torch.Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
-        """query (B, Lq, C), reference_points (B or 1, Lq, L, 2) (x, y) in [0, 1], value_in (B, S, C) -> (B, Lq, C)."""
+        """query (B, Lq, C), reference_points (B or 1, Lq, L, 2) as (x, y) in [0, 1],
+        value_in (B, S, C) -> (B, Lq, C)."""
         with torch.autocast(device_type=query.device.type, enabled=False):
             query, value_in = query.float(), value_in.float()
             b, lq, _ = query.shape
@@ -554,10 +553,9 @@ class MSDeformAttn(nn.Module):
             value = self.value_proj(value_in)
             value = value.view(b, value.shape[1], m, -1)  # (B, S, M, D)
             offsets = self.sampling_offsets(query).view(b, lq, m, lv, p, 2)
-            weights = self.attention_weights(query).view(b, lq, m, lv * p)
-            weights = weights.softmax(-1).view(
-                b, lq, m, lv, p
-            )  # softmax over the L·P samples of a head
+            # softmax over the L·P samples of each head
+            weights = self.attention_weights(query).view(b, lq, m, lv * p).softmax(-1)
+            weights = weights.view(b, lq, m, lv, p)
             # offsets are in pixels of each level: divide by that level's (W, H)
             normalizer = torch.tensor(
                 [[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device
@@ -618,8 +616,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """res2..res5 -> mask_features (B, 256, H/4, W/4) and [1/32, 1/16, 1/8] maps of 256 channels.
 
     [C mask2former/modeling/pixel_decoder/msdeformattn.py::MSDeformAttnPixelDecoder]:
-    1×1 conv + GN projections of res5, res4, res3; 6 deformable encoder layers over the 3 flattened levels
-    with sine position + learned level embedding; one FPN step onto res2; 1×1 mask-feature conv.
+    1×1 conv + GN projections of res5, res4, res3; 6 deformable encoder layers over the 3 flattened
+    levels with sine position + learned level embedding; one FPN step onto res2; 1×1 mask-feature
+    conv.
     """
 
     def __init__(
@@ -696,7 +695,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         return self.mask_features(y), multi_scale_features
 
 
-# ---------------------------------------------------------------- masked-attention transformer decoder
+# ---------------------------------------------------------------- masked-attention decoder
 
 
 def masked_attention_mask(
@@ -704,10 +703,11 @@ def masked_attention_mask(
 ) -> torch.Tensor:
     """Masked attention: a query only sees memory positions its current mask covers.
 
-    mask_logits (B, Q, H, W) -> bool (B·heads, Q, h·w), True = blocked: sigmoid of the logits resized
-    bilinearly to the memory size is < 0.5. A query blocked everywhere is unblocked entirely (else its
-    softmax is empty) [C mask2former/modeling/transformer_decoder/mask2former_transformer_decoder.py::
-    MultiScaleMaskedTransformerDecoder.forward, forward_prediction_heads].
+    mask_logits (B, Q, H, W) -> bool (B·heads, Q, h·w), True = blocked: sigmoid of the logits
+    resized bilinearly to the memory size is < 0.5. A query blocked everywhere is unblocked entirely
+    (else its softmax is empty) [C mask2former/modeling/transformer_decoder/
+    mask2former_transformer_decoder.py::MultiScaleMaskedTransformerDecoder.forward,
+    forward_prediction_heads].
     """
     resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
     blocked = (resized.sigmoid() < 0.5).flatten(2)  # (B, Q, h·w)
@@ -740,7 +740,8 @@ class MaskedDecoderLayer(nn.Module):
         memory_key: torch.Tensor,
         attn_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """query/query_pos (B, Q, C); memory (B, S, C); memory_key = memory + pos; attn_mask (B·heads, Q, S)."""
+        """query, query_pos (B, Q, C); memory (B, S, C); memory_key = memory + pos (B, S, C);
+        attn_mask (B·heads, Q, S) bool, True = blocked."""
         attended = self.cross_attn(
             query + query_pos, memory_key, memory, attn_mask=attn_mask, need_weights=False
         )[0]
@@ -751,13 +752,13 @@ class MaskedDecoderLayer(nn.Module):
 
 
 class MaskedAttentionDecoder(nn.Module):
-    """9 masked-attention layers cycling over the 1/32, 1/16, 1/8 memories; a class + mask prediction
-    after the initial queries and after every layer
-    [C mask2former/modeling/transformer_decoder/mask2former_transformer_decoder.py::MultiScaleMaskedTransformerDecoder].
+    """9 masked-attention layers cycling over the 1/32, 1/16, 1/8 memories; a class + mask
+    prediction after the initial queries and after every layer [C mask2former/modeling/
+    transformer_decoder/mask2former_transformer_decoder.py::MultiScaleMaskedTransformerDecoder].
 
-    learned_queries=True: nn.Embedding query_feat (content) and query_embed (position), as in Mask2Former.
-    learned_queries=False: the caller passes query_feat and query_pos (B, Q, C) to forward.
-    init: "xavier_uniform" (detectron2) or "xavier_normal" (mmdet) for every weight matrix of the layers.
+    learned_queries=True: nn.Embedding query_feat (content) and query_embed (position), as in
+    Mask2Former. learned_queries=False: the caller passes query_feat and query_pos (B, Q, C).
+    init: "xavier_uniform" (detectron2) or "xavier_normal" (mmdet) for the layers' weight matrices.
     """
 
     def __init__(
@@ -877,16 +878,17 @@ def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> t
 def semantic_to_targets(
     labels: torch.Tensor, num_classes: int = 19, ignore_index: int = 255
 ) -> list[dict[str, torch.Tensor]]:
-    """(B, H, W) int64 train ids -> per image {labels (K,), masks (K, H, W) float}: one binary mask per
-    class present, ascending, ignore label excluded [C mask2former/data/dataset_mappers/
+    """(B, H, W) int64 train ids -> per image {labels (K,), masks (K, H, W) float}: one binary mask
+    per class present, ascending, ignore label excluded [C mask2former/data/dataset_mappers/
     mask_former_semantic_dataset_mapper.py::__call__]."""
     targets = []
     for label in labels:
         classes = torch.unique(label)  # sorted
         classes = classes[classes != ignore_index]
         if len(classes) and int(classes[-1]) >= num_classes:
+            bad = int(classes[-1])
             raise ValueError(
-                f"label value {int(classes[-1])} is neither a train id < {num_classes} nor {ignore_index}"
+                f"label {bad} is neither a train id < {num_classes} nor {ignore_index}"
             )
         masks = (label[None] == classes[:, None, None]).float()  # (K, H, W)
         targets.append({"labels": classes, "masks": masks})
@@ -907,7 +909,7 @@ def uncertain_point_coords(
     importance·num_points with the smallest |logit|, then add fresh uniform points to num_points.
 
     logits (N, 1, H, W) -> coords (N, num_points, 2) in [0, 1]², uncertain points first
-    [C point_features.py::get_uncertain_point_coords_with_randomness, calculate_uncertainty = −|logit|].
+    [C point_features.py::get_uncertain_point_coords_with_randomness], uncertainty = −|logit|.
     """
     n = logits.shape[0]
     num_candidates = int(num_points * oversample)
@@ -923,7 +925,7 @@ def uncertain_point_coords(
 
 
 def pairwise_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over points for every (prediction, target) pair: logits (Q, P), targets (K, P) -> (Q, K).
+    """Mean BCE over points for every (prediction, target) pair: (Q, P), (K, P) -> (Q, K).
     BCE(x, t) = t·BCE(x, 1) + (1 − t)·BCE(x, 0), so two matrix products cover all pairs
     [C mask2former/modeling/matcher.py::batch_sigmoid_ce_loss]."""
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
@@ -942,8 +944,8 @@ def pairwise_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
-    """BCE averaged over the P points of each matched mask, summed over masks, / num_masks; (N, P) inputs
-    [C mask2former/modeling/criterion.py::sigmoid_ce_loss]."""
+    """BCE averaged over the P points of each matched mask, summed over masks, / num_masks;
+    (N, P) inputs [C mask2former/modeling/criterion.py::sigmoid_ce_loss]."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return loss.mean(1).sum() / num_masks
 
@@ -959,8 +961,9 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
 
 class HungarianMatcher:
     """One-to-one matching of queries to target masks per image, minimising
-    cost_class·(−p[class]) + cost_mask·BCE + cost_dice·dice on num_points uniform random points shared by
-    all queries and targets of an image [C mask2former/modeling/matcher.py::HungarianMatcher.memory_efficient_forward]."""
+    cost_class·(−p[class]) + cost_mask·BCE + cost_dice·dice on num_points uniform random points
+    shared by all queries and targets of an image
+    [C mask2former/modeling/matcher.py::HungarianMatcher.memory_efficient_forward]."""
 
     def __init__(
         self,
@@ -979,7 +982,8 @@ class HungarianMatcher:
         pred_masks: torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]],
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> per image (query indices, target indices), int64 CPU."""
+        """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> per image
+        (query indices, target indices), int64 on the CPU."""
         b, q = pred_logits.shape[:2]
         probs = pred_logits.float().softmax(-1)  # (B, Q, K+1)
         # one coordinate set per image, read for all Q predictions at once (queries as channels)
@@ -1010,7 +1014,7 @@ class HungarianMatcher:
 
 
 def count_masks(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Target masks in the global batch divided by the world size, ≥ 1 [C criterion.py::SetCriterion.forward]."""
+    """Target masks in the global batch / world size, ≥ 1 [C criterion.py::SetCriterion.forward]."""
     num_masks = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
     world_size = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1020,8 +1024,8 @@ def count_masks(targets: Sequence[dict[str, torch.Tensor]], device: torch.device
 
 
 class SetCriterion(nn.Module):
-    """Mask2Former loss with deep supervision: for the final and each of the 9 auxiliary predictions,
-    Hungarian matching then weight_ce·CE + weight_mask·BCE + weight_dice·dice
+    """Mask2Former loss with deep supervision: for the final and each of the 9 auxiliary
+    predictions, Hungarian matching then weight_ce·CE + weight_mask·BCE + weight_dice·dice
     [C mask2former/modeling/criterion.py::SetCriterion].
 
     Returns 30 already-weighted terms (loss_ce, loss_mask, loss_dice, then each with _0.._8 for
@@ -1064,7 +1068,7 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict[str, torch.Tensor]],
         indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        """Weighted-mean CE over all B·Q queries; unmatched queries target no-object (index num_classes)."""
+        """Weighted-mean CE over all B·Q queries; unmatched ones target no-object (num_classes)."""
         logits = pred_logits.float()  # (B, Q, K+1)
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
@@ -1076,7 +1080,8 @@ class SetCriterion(nn.Module):
         target_classes[batch_idx.to(logits.device), query_idx.to(logits.device)] = (
             matched_labels.to(logits.device)
         )
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.class_weight)
+        class_weight = self.class_weight.to(logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight)
 
     def loss_masks(
         self,

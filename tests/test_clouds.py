@@ -1,0 +1,822 @@
+"""Tests of clouds.py: CLOUDS-specific model facts, augmentation, sampler mixing, EMA teacher,
+SAM refinement, generation, prompts check, released-checkpoint loading, and the script itself on
+the toy data (warm-up, joint, resume, bad inputs). CPU only, random weights, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import clouds
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+CONVNEXT_L = (192, 384, 768, 1536)
+RESNET = (256, 512, 1024, 2048)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# =================================================================================================
+# Model: head counts and shapes [spec §1.9, §8]
+# =================================================================================================
+
+
+@pytest.mark.parametrize(
+    "backbone, expected",
+    [("convnext_large_d_320", 20_253_908), ("RN50-quickgelu", 20_499_668),
+     ("RN101-quickgelu", 20_499_668)],
+)
+def test_head_parameter_counts(backbone, expected):
+    encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
+    assert encoder.channels == (CONVNEXT_L if backbone.startswith("convnext") else RESNET)
+    with torch.device("meta"):
+        head = clouds.build_head(encoder)
+    assert n_params(head) == expected
+    # the trainable part is the head alone: every encoder parameter is frozen
+    assert all(not p.requires_grad for p in encoder.parameters())
+    assert all(p.requires_grad for p in head.parameters())
+
+
+def test_encoder_keeps_only_the_image_trunk():
+    # [spec §1.2] ConvNeXt-L visual has 199,770,816 parameters; the text tower, the projection MLP
+    # and the pooling head are not kept (only the stem and the four stages are used)
+    encoder = clouds.FrozenCLIPEncoder("convnext_large_d_320", "none", device="meta")
+    keys = list(encoder.state_dict())
+    assert all(k.startswith("visual.trunk.") for k in keys)
+    assert {k.split(".")[2] for k in keys} == {"stem", "stages"}
+    rn = clouds.FrozenCLIPEncoder("RN50-quickgelu", "none", device="meta")
+    assert not any(k.startswith("visual.attnpool") for k in rn.state_dict())
+
+
+@pytest.mark.parametrize("backbone, channels", [("convnext_large_d_320", CONVNEXT_L),
+                                                ("RN50-quickgelu", RESNET)])
+def test_shapes_at_768(backbone, channels):
+    """[spec §8] a 768x768 batch: res2..res5, mask features, 12,096 encoder tokens, outputs."""
+    encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
+    feats = encoder(torch.zeros(2, 3, 768, 768, device="meta"))
+    assert [tuple(f.shape) for f in feats] == [
+        (2, channels[0], 192, 192), (2, channels[1], 96, 96), (2, channels[2], 48, 48),
+        (2, channels[3], 24, 24)]
+    torch.manual_seed(0)
+    head = clouds.Mask2FormerHead(list(channels))
+    with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only, no arithmetic
+        fake = [torch.empty(tuple(f.shape)) for f in feats]
+        mask_features, multi_scale = head.pixel_decoder(fake)
+        out = head.transformer_decoder(mask_features, multi_scale)
+        assert tuple(mask_features.shape) == (2, 256, 192, 192)
+        assert [tuple(m.shape) for m in multi_scale] == [(2, 256, 24, 24), (2, 256, 48, 48),
+                                                         (2, 256, 96, 96)]
+        assert sum(m.shape[-2] * m.shape[-1] for m in multi_scale) == 12_096
+        assert tuple(out["pred_logits"].shape) == (2, 100, 20)
+        assert tuple(out["pred_masks"].shape) == (2, 100, 192, 192)
+        assert len(out["aux_outputs"]) == 9
+
+
+def test_test_encoder_strides_and_frozen_eval_mode():
+    encoder = clouds.FrozenCLIPEncoder("test", "none")
+    encoder.train()  # must stay in eval mode
+    assert not encoder.training
+    x = torch.randn(1, 3, 64, 96, requires_grad=True)
+    feats = encoder(x)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [f.shape[1] for f in feats] == list(clouds.BACKBONES["test"][2])
+    assert not any(f.requires_grad for f in feats)  # run under no_grad: no activations kept
+
+
+def test_normalize_and_pad():
+    """(x - CLIP mean x 255) / (CLIP std x 255), zero-padded bottom/right to a multiple of 32."""
+    images = torch.zeros(1, 3, 40, 70, dtype=torch.uint8)
+    images[0, :, 0, 0] = torch.tensor([255, 0, 128], dtype=torch.uint8)
+    x = clouds.normalize_and_pad(images)
+    assert tuple(x.shape) == (1, 3, 64, 96)
+    expected = [(255 - 122.7709383) / 68.5005327, (0 - 116.7460125) / 66.6321579,
+                (128 - 104.09373615) / 70.32316305]
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
+    assert (x[..., 40:, :] == 0).all() and (x[..., :, 70:] == 0).all()
+    assert clouds.PIXEL_MEAN == pytest.approx(tuple(255 * m for m in common.CLIP_MEAN))
+
+
+def test_segment_is_the_semantic_inference_rule():
+    """score[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q) with mask logits upsampled to the
+    padded size, then cropped [spec §1.7]."""
+    torch.manual_seed(0)
+    encoder = clouds.FrozenCLIPEncoder("test", "none")
+    head = clouds.build_head(encoder, num_queries=5).eval()
+    images = torch.randint(0, 256, (1, 3, 40, 70), dtype=torch.uint8)
+    with torch.no_grad():
+        scores = clouds.segment(encoder, head, images)
+        out = head(encoder(clouds.normalize_and_pad(images)))
+        up = torch.nn.functional.interpolate(out["pred_masks"], size=(64, 96), mode="bilinear",
+                                             align_corners=False)[..., :40, :70]
+        probs = out["pred_logits"].softmax(-1)[..., :19]
+        manual = torch.einsum("bqc,bqhw->bchw", probs, up.sigmoid())
+    assert tuple(scores.shape) == (1, 19, 40, 70)
+    assert torch.allclose(scores, manual, atol=1e-5)
+
+
+def test_declared_mask2former_copy_identical_to_rein():
+    begin, end = "# ---- BEGIN Mask2Former", "# ---- END Mask2Former ----"
+    rein = REPO / "rein.py"
+    if not rein.is_file():
+        pytest.skip("rein.py does not exist yet")
+    rein_text = rein.read_text()
+    if begin not in rein_text:
+        pytest.skip("rein.py has no Mask2Former block yet")
+
+    def block(text: str) -> str:
+        return text[text.index(begin) : text.index(end) + len(end)]
+
+    assert block((REPO / "clouds.py").read_text()) == block(rein_text)
+
+
+# =================================================================================================
+# Augmentation [spec §2.4, §8]
+# =================================================================================================
+
+
+def test_resize_scale_sizes():
+    g = torch.Generator().manual_seed(0)
+    gta = torch.zeros(3, 1052, 1914, dtype=torch.uint8)
+    image, label = clouds.resize_scale(gta, torch.zeros(1052, 1914, dtype=torch.int64), g,
+                                       (1052, 1914), scale_range=(0.5, 0.5))
+    assert tuple(image.shape) == (3, 526, 957) and tuple(label.shape) == (526, 957)
+    # a 1046-row GTA5 frame: the width term decides, scale = s
+    image, _ = clouds.resize_scale(torch.zeros(3, 1046, 1914, dtype=torch.uint8),
+                                   torch.zeros(1046, 1914, dtype=torch.int64), g, (1052, 1914),
+                                   scale_range=(0.5, 0.5))
+    assert tuple(image.shape) == (3, 523, 957)
+    synthia = torch.zeros(3, 760, 1280, dtype=torch.uint8)
+    image, _ = clouds.resize_scale(synthia, torch.zeros(760, 1280, dtype=torch.int64), g,
+                                   (760, 1280), scale_range=(1.5, 1.5))
+    assert tuple(image.shape) == (3, 1140, 1920)
+
+
+def test_resize_scale_draws_uniform_scale_and_keeps_labels_nearest():
+    label = torch.randint(0, 19, (40, 60))
+    label[0, 0] = 255
+    sizes = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        _, out = clouds.resize_scale(torch.zeros(3, 40, 60, dtype=torch.uint8), label, g, (40, 60))
+        sizes.append(out.shape[0] / 40)
+        assert set(out.unique().tolist()) <= set(label.unique().tolist())  # no blended ids
+    assert 0.5 <= min(sizes) < 0.6 and 1.9 < max(sizes) <= 2.0
+    assert abs(np.mean(sizes) - 1.25) < 0.1
+
+
+def test_fixed_size_crop_pads_and_uses_one_draw_for_both_axes():
+    h, w = 526, 957
+    rows = torch.arange(h)[:, None].expand(h, w)
+    cols = torch.arange(w)[None, :].expand(h, w)
+    image = torch.stack([rows % 256, cols % 256, torch.zeros(h, w, dtype=torch.int64)]).to(torch.uint8)
+    label = cols.clone()  # label = column index, to read the offset back
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand((), generator=torch.Generator().manual_seed(3)).item()
+    out_image, out_label = clouds.fixed_size_crop(image, label, g, 768)
+    assert tuple(out_image.shape) == (3, 768, 768) and tuple(out_label.shape) == (768, 768)
+    left = round(u * (957 - 768))
+    assert out_label[0, 0].item() == left  # column offset = round(u * 189)
+    assert (out_image[0, :526, 0] == (torch.arange(526) % 256)).all()  # row offset 0
+    assert (out_image[:, 526:] == 0).all() and (out_label[526:] == 255).all()
+    # larger image: the same u for both axes (crop corners on the diagonal)
+    big = torch.zeros(3, 1140, 1920, dtype=torch.uint8)
+    rows = torch.arange(1140)[:, None].expand(1140, 1920)
+    cols = torch.arange(1920)[None, :].expand(1140, 1920)
+    _, lab_r = clouds.fixed_size_crop(big, rows, torch.Generator().manual_seed(5), 768)
+    _, lab_c = clouds.fixed_size_crop(big, cols, torch.Generator().manual_seed(5), 768)
+    u = torch.rand((), generator=torch.Generator().manual_seed(5)).item()
+    assert lab_r[0, 0].item() == round(u * (1140 - 768))
+    assert lab_c[0, 0].item() == round(u * (1920 - 768))
+
+
+def test_hsv_conversion_follows_opencv_uint8_convention():
+    pixels = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0]],
+                          dtype=torch.uint8).T[:, None, :]  # (3, 1, 5)
+    hsv = clouds._rgb_to_hsv_cv(pixels)[:, 0].T
+    assert hsv.tolist() == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128],
+                            [30, 255, 255]]
+    rgb = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    back = clouds._hsv_cv_to_rgb(clouds._rgb_to_hsv_cv(rgb))
+    assert (back.int() - rgb.int()).abs().max() <= 4  # rounding of uint8 H/S, as in cv2
+
+
+def test_convert_clips_then_truncates():
+    x = torch.tensor([250, 3, 100], dtype=torch.uint8)
+    assert clouds._convert(x, beta=10).tolist() == [255, 13, 110]
+    assert clouds._convert(x, alpha=0.5).tolist() == [125, 1, 50]  # 1.5 -> 1: truncation
+    assert clouds._convert(x, beta=-20.7).tolist() == [229, 0, 79]
+
+
+def test_color_aug_ssd_probabilities_on_grey():
+    """On a grey image saturation and hue do nothing, so the output equals the input only when
+    neither brightness (p .5) nor contrast (p .5) fired: probability 1/4."""
+    grey = torch.full((3, 4, 4), 128, dtype=torch.uint8)
+    same, values = 0, []
+    for seed in range(400):
+        out = clouds.color_aug_ssd(grey, torch.Generator().manual_seed(seed))
+        assert (out == out[0, 0, 0]).all()  # stays grey
+        same += bool((out == grey).all())
+        values.append(out[0, 0, 0].item())
+    assert abs(same / 400 - 0.25) < 0.07
+    # brightness +-32 then contrast x [0.5, 1.5]: range [48, 240]
+    assert min(values) >= 48 and max(values) <= 240
+    assert min(values) < 80 and max(values) > 190
+
+
+def test_generated_views_share_the_flip_and_differ_by_colour_only():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 16, 24), dtype=torch.uint8)
+    flips = 0
+    for seed in range(40):
+        student, teacher = clouds.generated_views(image, torch.Generator().manual_seed(seed))
+        flipped = torch.equal(teacher, image.flip(-1))
+        assert flipped or torch.equal(teacher, image)
+        flips += flipped
+        g = torch.Generator().manual_seed(seed)
+        clouds._coin(g)  # the flip draw
+        assert torch.equal(student, clouds.color_aug_ssd(teacher, g))
+    assert 10 < flips < 30
+
+
+def test_source_transform_is_deterministic_per_seed():
+    image = torch.randint(0, 256, (3, 50, 80), dtype=torch.uint8)
+    label = torch.randint(0, 19, (50, 80))
+    t = clouds.SourceTransform(32, None)
+    a = t(image, label, torch.Generator().manual_seed(1))
+    b = t(image, label, torch.Generator().manual_seed(1))
+    c = t(image, label, torch.Generator().manual_seed(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert tuple(a[0].shape) == (3, 32, 32) and tuple(a[1].shape) == (32, 32)
+
+
+# =================================================================================================
+# Repeat-factor mixing [spec §2.3, §7.5]
+# =================================================================================================
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.7])
+def test_sampler_long_run_generated_fraction(factor):
+    n_src, n_gen = 60, 30
+    factors = [1.0] * n_src + [factor] * n_gen
+    picks = np.concatenate([common.epoch_indices(n_src + n_gen, 0, e, factors) for e in range(400)])
+    fraction = (picks >= n_src).mean()
+    assert abs(fraction - factor * n_gen / (n_src + factor * n_gen)) < 0.01
+
+
+# =================================================================================================
+# EMA teacher [spec §2.3, §7.5]
+# =================================================================================================
+
+
+def test_ema_teacher_schedule():
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    teacher = clouds.EMATeacher(torch.nn.Linear(3, 2), alpha=0.999, every=100)
+    teacher.step(student)  # iteration 0: copy (then alpha*s + (1-alpha)*s)
+    for t, s in zip(teacher.head.parameters(), student.parameters()):
+        assert torch.allclose(t, s, rtol=0, atol=1e-7)
+        assert not t.requires_grad
+    optimizer = torch.optim.SGD(clouds.param_groups(student), lr=0.1)
+    assert not {id(p) for p in teacher.head.parameters()} & {
+        id(p) for g in optimizer.param_groups for p in g["params"]}
+    for it in range(1, 101):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.01 * it)
+        old = [p.clone() for p in teacher.head.parameters()]
+        teacher.step(student)
+        for t, o, s in zip(teacher.head.parameters(), old, student.parameters()):
+            if it < 100:
+                assert torch.equal(t, o)
+            else:
+                assert torch.equal(t, 0.999 * o + (1 - 0.999) * s)
+                assert not torch.equal(t, o)
+    assert teacher.iteration == 101
+
+
+def test_ema_share_of_warmup_weights_after_gta_joint_training():
+    """[spec §2.3] 40k iterations, updates at 0, 100, ..., 39900: the initial weights keep
+    0.999^399 = 0.67 of the teacher."""
+    student = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    teacher = clouds.EMATeacher(student)
+    teacher.step(student)
+    with torch.no_grad():
+        student.weight.fill_(0.0)
+    for _ in range(1, 40000):
+        teacher.step(student)
+    share = teacher.head.weight.item()
+    assert share == pytest.approx(0.999**399, rel=1e-4)
+    assert round(share, 2) == 0.67
+
+
+# =================================================================================================
+# SAM refinement [spec §4.2, §7.5]
+# =================================================================================================
+
+
+def recording(predictor):
+    calls = []
+
+    def wrapped(image, points):
+        calls.append(points.copy())
+        return predictor(image, points)
+
+    return wrapped, calls
+
+
+def scene() -> torch.Tensor:
+    """100x100: class 0 background, class 1 one big block, class 2 one big + one small block,
+    class 3 only small blocks."""
+    pl = torch.zeros(100, 100, dtype=torch.int64)
+    pl[0:30, 0:40] = 1  # 1200 px
+    pl[50:90, 0:20] = 2  # 800 px
+    pl[95:100, 90:100] = 2  # 50 px
+    pl[40:45, 60:68] = 3  # 40 px
+    pl[60:66, 70:78] = 3  # 48 px
+    return pl
+
+
+def test_sam_refinement_keeps_large_components_only():
+    pl = scene()
+    image = np.zeros((100, 100, 3), np.uint8)
+    predictor, calls = recording(clouds.fake_sam_predictor(pl))
+    out = clouds.refine_pseudo_label_with_sam(pl, image, predictor, np.random.default_rng(0),
+                                              min_area=100, num_points=5)
+    assert out["labels"].tolist() == [0, 1, 2]  # class 3 (only small components) disappears
+    expected = {0: pl == 0, 1: pl == 1, 2: torch.zeros_like(pl, dtype=torch.bool)}
+    expected[2][50:90, 0:20] = True  # the small class-2 block is not kept
+    for c, mask in zip(out["labels"].tolist(), out["masks"]):
+        assert torch.equal(mask.bool(), expected[c])
+    assert out["masks"].dtype == torch.float32
+    # one SAM call, one prompt set per kept component, 5 distinct (x, y) points inside it
+    assert len(calls) == 1 and calls[0].shape == (3, 5, 2)
+    for points, c in zip(calls[0], [0, 1, 2]):
+        xs, ys = points[:, 0].astype(int), points[:, 1].astype(int)
+        assert len({(x, y) for x, y in zip(xs, ys)}) == 5
+        assert (pl[ys, xs] == c).all()
+    # class-2 points lie in the big block: (x, y) order, x < 20 and 50 <= y < 90
+    assert (calls[0][2][:, 0] < 20).all() and (calls[0][2][:, 1] >= 50).all()
+
+
+def test_sam_refinement_area_threshold_is_strict():
+    # class 1: a 5000 px block (dropped); class 2: 5001 px (kept); class 0: 99 px
+    pl = torch.full((101, 100), 2, dtype=torch.int64)
+    pl[:50, :] = 1  # 5000
+    pl[100, 1:] = 0  # class 2: rows 50..99 (5000) + (100, 0) = 5001; class 0: 99 px
+    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((101, 100, 3), np.uint8),
+                                              clouds.fake_sam_predictor(pl),
+                                              np.random.default_rng(0))  # default min_area 5000
+    assert int((pl == 1).sum()) == 5000 and int((pl == 2).sum()) == 5001
+    assert out["labels"].tolist() == [2]
+
+
+def test_sam_refinement_uses_4_connectivity():
+    pl = torch.zeros(40, 40, dtype=torch.int64)
+    pl[0:10, 0:10] = 1
+    pl[10:20, 10:20] = 1  # touches the first block only at a corner
+    predictor, calls = recording(clouds.fake_sam_predictor(pl))
+    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((40, 40, 3), np.uint8), predictor,
+                                              np.random.default_rng(0), min_area=50)
+    assert calls[0].shape[0] == 3  # background + two separate class-1 components
+    assert out["labels"].tolist() == [0, 1]
+    assert torch.equal(out["masks"][1].bool(), pl == 1)  # union of both components
+
+
+def test_sam_refinement_picks_best_score_and_clears_overlaps():
+    pl = torch.zeros(30, 30, dtype=torch.int64)
+    pl[:, 15:] = 1
+
+    def predictor(image, points):
+        k = len(points)
+        masks = torch.zeros(k, 3, 30, 30, dtype=torch.bool)
+        for i, (x, y) in enumerate(points[:, 0].astype(int)):
+            c = pl[y, x].item()
+            component = pl == c
+            grown = component.clone()
+            grown[:, 12:18] = True  # both grown masks cover columns 12..17
+            masks[i, 0] = component
+            masks[i, 2] = grown
+        scores = torch.tensor([[0.2, 0.1, 0.9]]).expand(k, 3)  # mask 2 wins
+        return masks, scores
+
+    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((30, 30, 3), np.uint8), predictor,
+                                              np.random.default_rng(0), min_area=100)
+    assert out["labels"].tolist() == [0, 1]
+    overlap = torch.zeros(30, 30, dtype=torch.bool)
+    overlap[:, 12:18] = True
+    for c, mask in zip([0, 1], out["masks"].bool()):
+        assert not mask[overlap].any()  # covered twice: cleared in every mask
+        assert torch.equal(mask[~overlap], (pl == c)[~overlap])
+
+
+def test_sam_refinement_keeps_a_class_whose_masks_vanished():
+    pl = torch.zeros(30, 30, dtype=torch.int64)
+    pl[:, 15:] = 1
+
+    def everything(image, points):
+        masks = torch.ones(len(points), 3, 30, 30, dtype=torch.bool)
+        return masks, torch.rand(len(points), 3)
+
+    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((30, 30, 3), np.uint8), everything,
+                                              np.random.default_rng(0), min_area=100)
+    assert out["labels"].tolist() == [0, 1] and out["masks"].sum() == 0
+
+
+def test_sam_refinement_falls_back_when_no_component_is_large():
+    pl = torch.zeros(20, 20, dtype=torch.int64)
+    pl[5:10, 5:10] = 4
+    pl[12:15, 0:3] = 7
+
+    def never(image, points):
+        raise AssertionError("SAM must not be called")
+
+    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((20, 20, 3), np.uint8), never,
+                                              np.random.default_rng(0), min_area=5000)
+    assert out["labels"].tolist() == [0, 4, 7]
+    for c, mask in zip([0, 4, 7], out["masks"]):
+        assert torch.equal(mask.bool(), pl == c)
+
+
+def test_sam_backend_not_installed_is_a_usage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "segment_anything", None)  # import fails
+    with pytest.raises(common.UsageError, match="segment_anything"):
+        clouds.build_sam_predictor("vit_b", "x.pth", torch.device("cpu"))
+
+
+# =================================================================================================
+# Generation and prompts [spec §3]
+# =================================================================================================
+
+
+class FakePipeline:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, height, width, num_inference_steps, guidance_scale, generator):
+        self.calls.append(dict(prompt=prompt, height=height, width=width,
+                               steps=num_inference_steps, guidance=guidance_scale,
+                               generator=generator))
+
+        class Out:
+            images = [Image.new("RGB", (width, height), (len(self.calls), 0, 0))]
+
+        return Out()
+
+
+def test_generation_names_prompts_and_size(tmp_path):
+    pipe = FakePipeline()
+    prompts = ["a", "b", "c"]
+    paths = clouds.generate_images(pipe, prompts, tmp_path, num_images=7, part=2, seed=10,
+                                   make_generator=lambda s: s)
+    assert [p.name for p in paths] == [f"im_{14 + j}_p{j % 3}.png" for j in range(7)]
+    assert [c["prompt"] for c in pipe.calls] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert {(c["height"], c["width"], c["steps"], c["guidance"]) for c in pipe.calls} == {
+        (768, 768, 50, 7.5)}
+    assert [c["generator"] for c in pipe.calls] == [10 + 14 + j for j in range(7)]
+    assert Image.open(paths[0]).size == (768, 768)
+    # a second call keeps the existing files (restartable jobs)
+    clouds.generate_images(pipe, prompts, tmp_path, num_images=7, part=2)
+    assert len(pipe.calls) == 7
+
+
+def test_prompt_file_check(tmp_path, monkeypatch, capsys):
+    other = tmp_path / "prompts.txt"
+    other.write_text("A photo of a street.\nA picture of a bus at night.\n")
+    warning = clouds.check_prompts_file(other)
+    assert warning is not None and "md5" in warning and "\n" not in warning
+    assert clouds.read_prompts(other) == ["A photo of a street.", "A picture of a bus at night."]
+    assert capsys.readouterr().err.count("\n") == 1  # one warning line
+    # a file with the official md5 / line count / size passes silently
+    data = other.read_bytes()
+    monkeypatch.setattr(clouds, "PROMPTS_MD5", hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(clouds, "PROMPTS_LINES", 2)
+    monkeypatch.setattr(clouds, "PROMPTS_BYTES", len(data))
+    assert clouds.check_prompts_file(other) is None
+    monkeypatch.setattr(clouds, "PROMPTS_LINES", 100)
+    assert clouds.check_prompts_file(other) is not None
+    with pytest.raises(common.UsageError, match="prompt_llama70b.txt"):
+        clouds.read_prompts(tmp_path / "missing.txt")
+
+
+def test_official_prompt_constants():
+    assert clouds.PROMPTS_MD5 == "bed7a3432ccdf99180913134fb92431e"
+    assert (clouds.PROMPTS_LINES, clouds.PROMPTS_BYTES) == (100, 5831)
+
+
+def test_generated_folder_layouts(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "im_0_p0.png")
+    (tmp_path / "official" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "official" / "images" / "im_3_p3.png")
+    assert len(clouds.GeneratedImages(tmp_path / "flat")) == 1
+    image, name = clouds.GeneratedImages(tmp_path / "official")[0]
+    assert tuple(image.shape) == (3, 8, 8) and name == "im_3_p3"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UsageError, match="no \\*.png"):
+        clouds.GeneratedImages(tmp_path / "empty")
+
+
+# =================================================================================================
+# Optimisation [spec §2.1, §8]
+# =================================================================================================
+
+
+def test_param_groups_no_decay_for_norms_and_embeddings():
+    encoder = clouds.FrozenCLIPEncoder("test", "none")
+    head = clouds.build_head(encoder)
+    decay, no_decay = clouds.param_groups(head)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in head.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert len(decay_names) + len(no_decay_names) == len(names)
+    assert {"transformer_decoder.query_feat.weight", "transformer_decoder.query_embed.weight",
+            "transformer_decoder.level_embed.weight", "transformer_decoder.decoder_norm.weight",
+            "pixel_decoder.input_proj.0.1.weight", "pixel_decoder.encoder_layers.0.norm1.bias",
+            "transformer_decoder.layers.3.norm_cross.weight"} <= no_decay_names
+    assert "pixel_decoder.level_embed" in decay_names  # a plain Parameter: decays, as official
+    assert "transformer_decoder.class_embed.bias" in decay_names
+    norm_params = sum(p.numel() for m in head.modules() if isinstance(m, clouds.NORM_TYPES)
+                      for p in m.parameters(recurse=False))
+    embed_params = sum(p.numel() for m in head.modules() if isinstance(m, torch.nn.Embedding)
+                       for p in m.parameters())
+    assert sum(p.numel() for p in no_decay["params"]) == norm_params + embed_params
+
+
+def test_lr_schedule():
+    assert clouds.lr_at(0, 1e-5, "constant", 40000) == 1e-5
+    assert clouds.lr_at(39999, 1e-5, "constant", 40000) == 1e-5
+    assert clouds.lr_at(0, 1e-5, "poly", 30000) == 1e-5
+    assert clouds.lr_at(15000, 1e-5, "poly", 30000) == pytest.approx(5.359e-6, rel=1e-3)
+    assert clouds.lr_at(15000, 1e-5, "poly", 30000) == pytest.approx(1e-5 * 0.5**0.9)
+
+
+def test_recipe_table():
+    r = clouds.RECIPE
+    assert (r[("gta", "warmup")]["iters"], r[("gta", "joint")]["iters"]) == (40000, 40000)
+    assert r[("synthia", "joint")] == dict(iters=30000, lr=1e-5, schedule="poly", eval_every=1500)
+    assert (r[("cityscapes", "warmup")]["iters"], r[("cityscapes", "joint")]["iters"]) == (5000, 10000)
+    assert r[("cityscapes", "joint")]["lr"] == 1e-4 and r[("gta", "joint")]["schedule"] == "constant"
+    assert clouds.GEN_FACTOR == {"gta": 2.0, "synthia": 0.7, "cityscapes": 0.2, "toy": 1.0}
+
+
+def test_recipe_defaults_follow_source_and_phase():
+    parser = clouds.build_parser()
+    argv = ["--source", "synthia", "--phase", "joint", "--init", "w.pt"]
+    args = parser.parse_args(argv)
+    clouds.resolve_args(parser, args, argv)
+    assert (args.iters, args.lr, args.lr_schedule, args.eval_every) == (30000, 1e-5, "poly", 1500)
+    assert args.gen_factor == 0.7 and args.targets == "cityscapes,bdd,mapillary"
+    assert args.pretrained == "laion2b_s29b_b131k_ft_soup" and args.sam == "mobile_sam"
+    argv = ["--source", "cityscapes", "--backbone", "RN50-quickgelu", "--iters", "7"]
+    args = parser.parse_args(argv)
+    clouds.resolve_args(parser, args, argv)
+    assert args.iters == 7 and args.lr == 1e-4 and args.pretrained == "openai"
+    assert args.targets == "acdc-night,acdc-rain,acdc-snow,acdc-fog,cityscapes"
+    with pytest.raises(common.UsageError, match="--init"):
+        argv = ["--phase", "joint"]
+        clouds.resolve_args(parser, parser.parse_args(argv), argv)
+
+
+# =================================================================================================
+# Released CLOUDS checkpoints (detectron2 .pth) [C clouds.py, msdeformattn.py,
+# mask2former_transformer_decoder.py]
+# =================================================================================================
+
+
+def official_head_keys() -> list[str]:
+    """The official parameter names of the closed-set head, written from the official modules."""
+    keys = []
+    pd = "sem_seg_head.pixel_decoder."
+    for i in range(3):
+        keys += [f"{pd}input_proj.{i}.{j}.{t}" for j in (0, 1) for t in ("weight", "bias")]
+    keys.append(f"{pd}transformer.level_embed")
+    for i in range(6):
+        layer = f"{pd}transformer.encoder.layers.{i}."
+        for m in ("self_attn.sampling_offsets", "self_attn.attention_weights",
+                  "self_attn.value_proj", "self_attn.output_proj", "norm1", "linear1", "linear2",
+                  "norm2"):
+            keys += [f"{layer}{m}.weight", f"{layer}{m}.bias"]
+    keys += [f"{pd}mask_features.weight", f"{pd}mask_features.bias", f"{pd}adapter_1.weight",
+             f"{pd}adapter_1.norm.weight", f"{pd}adapter_1.norm.bias", f"{pd}layer_1.weight",
+             f"{pd}layer_1.norm.weight", f"{pd}layer_1.norm.bias"]
+    pr = "sem_seg_head.predictor."
+    for i in range(9):
+        for group, attn in (("transformer_self_attention_layers", "self_attn"),
+                            ("transformer_cross_attention_layers", "multihead_attn")):
+            keys += [f"{pr}{group}.{i}.{attn}.{t}" for t in
+                     ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+            keys += [f"{pr}{group}.{i}.norm.weight", f"{pr}{group}.{i}.norm.bias"]
+        keys += [f"{pr}transformer_ffn_layers.{i}.{m}.{t}" for m in ("linear1", "linear2", "norm")
+                 for t in ("weight", "bias")]
+    keys += [f"{pr}{m}" for m in ("decoder_norm.weight", "decoder_norm.bias", "query_feat.weight",
+                                   "query_embed.weight", "level_embed.weight", "class_embed.weight",
+                                   "class_embed.bias")]
+    keys += [f"{pr}mask_embed.layers.{i}.{t}" for i in range(3) for t in ("weight", "bias")]
+    return keys
+
+
+def test_official_head_names_cover_the_head_exactly():
+    with torch.device("meta"):
+        head = clouds.Mask2FormerHead(list(CONVNEXT_L))
+    ours = head.state_dict()
+    mapped = [clouds.rename_official_head_key(k[len("sem_seg_head."):]) for k in official_head_keys()]
+    assert len(mapped) == len(set(mapped)) == len(ours)
+    assert set(mapped) == set(ours)
+    assert clouds.rename_official_head_key("predictor.mask_embed.layers.2.bias") == (
+        "transformer_decoder.mask_embed.4.bias")
+    assert clouds.rename_official_head_key("pixel_decoder.adapter_1.norm.weight") == (
+        "pixel_decoder.lateral_conv.1.weight")
+
+
+@pytest.mark.parametrize("backbone", ["convnext_large_d_320", "RN50-quickgelu"])
+def test_official_backbone_keys_load_and_text_tower_is_dropped(backbone):
+    import open_clip
+
+    with torch.device("meta"):
+        clip = open_clip.create_model(backbone, pretrained=None, device="meta")
+    state = {f"backbone.clip_model.{k}": v for k, v in clip.state_dict().items()}
+    state["void_embedding.weight"] = torch.zeros(1, 768, device="meta")
+    state["criterion.empty_weight"] = torch.ones(20, device="meta")
+    visual, head, teacher, dropped = clouds.split_official_state_dict({"model": state})
+    encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
+    assert set(visual) == {f"visual.{k}" for k in encoder.visual.state_dict()}
+    result = encoder.load_state_dict(visual, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert head == {} and teacher == {}
+    reasons = " ".join(dropped)
+    assert "text tower" in reasons and "void" in reasons and "criterion" in reasons
+    text = [k for keys in dropped.values() for k in keys if ".transformer." in k]
+    assert text and all(not k.startswith("backbone.clip_model.visual.") for k in text)
+
+
+def test_official_checkpoint_end_to_end(tmp_path, capsys):
+    """A released-style .pth (test encoder under backbone.clip_model.visual, head under official
+    names, teacher keys, dropped extras) loads with zero missing/unexpected keys."""
+    torch.manual_seed(0)
+    encoder = clouds.FrozenCLIPEncoder("test", "none")
+    head = clouds.build_head(encoder)
+    ours = head.state_dict()
+    state = {}
+    for key in official_head_keys():
+        name = clouds.rename_official_head_key(key[len("sem_seg_head."):])
+        state[key] = torch.randn(ours[name].shape)
+        state["sem_seg_head_ema." + key[len("sem_seg_head."):]] = torch.randn(ours[name].shape)
+    for k, v in encoder.visual.state_dict().items():
+        state[f"backbone.clip_model.visual.{k}"] = torch.randn(v.shape)
+    state["backbone.clip_model.logit_scale"] = torch.tensor(4.6)
+    state["void_embedding.weight"] = torch.zeros(1, 768)
+    state["sam.sam.image_encoder.patch_embed.proj.weight"] = torch.zeros(1)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state, "iteration": 39999}, path)
+
+    parser = clouds.build_parser()
+    argv = ["--backbone", "test", "--pretrained", str(path)]
+    args = parser.parse_args(argv)
+    clouds.resolve_args(parser, args, argv)
+    encoder2, head2, report = clouds.build_models(args, torch.device("cpu"))
+    assert torch.equal(head2.transformer_decoder.mask_embed[2].weight,
+                       state["sem_seg_head.predictor.mask_embed.layers.1.weight"])
+    assert torch.equal(head2.pixel_decoder.encoder_layers[5].self_attn.value_proj.bias,
+                       state["sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.value_proj.bias"])
+    assert torch.equal(encoder2.visual.stem[0].weight,
+                       state["backbone.clip_model.visual.stem.0.weight"])
+    assert report["head_tensors"] == len(ours)
+    out = capsys.readouterr().out
+    assert "dropped 1 keys" in out and "SAM" in out and "void" in out
+    teacher = clouds.EMATeacher(head2)
+    clouds.load_official_checkpoint(torch.load(path, weights_only=True), encoder2, head2, teacher)
+    assert torch.equal(teacher.head.transformer_decoder.query_feat.weight,
+                       state["sem_seg_head_ema.predictor.query_feat.weight"])
+    # an unknown key is refused, not ignored
+    state["something.else"] = torch.zeros(1)
+    with pytest.raises(common.UsageError, match="unexpected keys"):
+        clouds.split_official_state_dict({"model": state})
+
+
+# =================================================================================================
+# The script on the toy data
+# =================================================================================================
+
+
+def run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "clouds.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def toy_args(toy_data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--source", "toy", "--pretrained", "none", "--device", "cpu", "--data", str(toy_data),
+            "--out", str(out), "--batch-size", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def warmup_run(toy_data, tmp_path_factory):
+    """Warm-up, 2 iterations, evaluated on one toy target."""
+    tmp = tmp_path_factory.mktemp("clouds_warmup")
+    proc = run(toy_args(toy_data, tmp / "warm", "--iters", "2", "--targets", "toy-city"), tmp)
+    return tmp / "warm", proc
+
+
+def test_warmup_run_outputs(warmup_run):
+    out, proc = warmup_run
+    assert "parameters: total" in proc.stdout and "head 19,537,108" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"toy-city"}
+    assert 0 <= results["toy-city"]["miou"] <= 100
+    assert set(results["toy-city"]["per_class_iou"]) == set(common.CLASS_NAMES)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["method"] == "clouds" and ckpt["iter"] == 2 and ckpt["teacher"] is None
+    assert any(k.startswith("head.") for k in ckpt["model"])
+    header = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert header["parameters"]["head"] == 19_537_108 and header["args"]["phase"] == "warmup"
+
+
+def test_joint_training_resume_equals_straight_run(toy_data, warmup_run, tmp_path):
+    """joint 1 + resume 1 == joint 2: student, teacher, EMA counter, optimizer, sampler, SAM."""
+    warm = str(warmup_run[0] / "last.pt")
+    joint = ["--phase", "joint", "--generated", str(tmp_path / "gen"), "--make-toy-generated", "6",
+             "--gen-factor", "100", "--targets", "", "--ema-every", "1"]
+    # the straight run as a subprocess, the split one in this process
+    run(toy_args(toy_data, tmp_path / "a", "--iters", "2", "--init", warm, *joint), tmp_path)
+    clouds.main(toy_args(toy_data, tmp_path / "b", "--iters", "1", "--init", warm, *joint))
+    clouds.main(toy_args(toy_data, tmp_path / "b", "--iters", "2", "--resume",
+                         str(tmp_path / "b" / "last.pt"), *joint))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["iter"] == b["iter"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["teacher"]["iteration"] == b["teacher"]["iteration"] == 2
+    for k in a["teacher"]["head"]:
+        assert torch.equal(a["teacher"]["head"][k], b["teacher"]["head"][k]), k
+    assert len(list((tmp_path / "gen").glob("im_*_p*.png"))) == 6
+    # the generated images were used: the log counts them
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert sum(r.get("generated", 0) for r in logs if r.get("type") == "train") >= 2
+
+
+def test_joint_without_sam_in_process(toy_data, warmup_run, tmp_path, capsys):
+    """--sam none: the teacher's argmax targets are used as they are (no-SAM ablation)."""
+    warm = str(warmup_run[0] / "last.pt")
+    clouds.main(toy_args(toy_data, tmp_path / "j", "--phase", "joint", "--init", warm, "--sam",
+                         "none", "--generated", str(tmp_path / "gen"), "--make-toy-generated", "4",
+                         "--gen-factor", "1000", "--iters", "1", "--targets", ""))
+    ckpt = torch.load(tmp_path / "j" / "last.pt", weights_only=True)
+    assert ckpt["args"]["sam"] == "none" and ckpt["teacher"]["iteration"] == 1
+    logs = [json.loads(line) for line in (tmp_path / "j" / "log.jsonl").read_text().splitlines()]
+    assert [r["generated"] for r in logs if r.get("type") == "train"][0] > 0
+
+
+def test_eval_only_in_process(toy_data, warmup_run, tmp_path, capsys):
+    warm = str(warmup_run[0] / "last.pt")
+    clouds.main(toy_args(toy_data, tmp_path / "e", "--eval-only", "--init", warm, "--targets",
+                         "toy-fog"))
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert common.format_results(results) in out
+    assert 0 <= results["toy-fog"]["miou"] <= 100 and results["toy-fog"]["num_images"] == 48
+
+
+def test_bad_input_exits_2_with_one_line(toy_data, tmp_path):
+    proc = run(toy_args(toy_data, tmp_path / "o", "--phase", "joint", "--iters", "1",
+                        "--init", str(tmp_path / "nope.pt")), tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --init"), proc.stderr
+
+
+@pytest.mark.parametrize("case", ["empty_generated", "sam_not_installed", "joint_without_init"])
+def test_bad_inputs_are_usage_errors(toy_data, warmup_run, tmp_path, monkeypatch, case):
+    warm = str(warmup_run[0] / "last.pt")
+    (tmp_path / "empty").mkdir()
+    extra, expected = {
+        "empty_generated": (["--init", warm, "--generated", str(tmp_path / "empty")], "no *.png"),
+        "sam_not_installed": (["--init", warm, "--generated", str(tmp_path / "gen"),
+                               "--make-toy-generated", "2", "--sam", "vit_b"], "segment_anything"),
+        "joint_without_init": ([], "--phase joint needs --init"),
+    }[case]
+    monkeypatch.setitem(sys.modules, "segment_anything", None)  # not importable, even if installed
+    with pytest.raises(common.UsageError) as info:
+        clouds.main(toy_args(toy_data, tmp_path / "o", "--phase", "joint", "--iters", "1",
+                             "--targets", "", *extra))
+    message = str(info.value)
+    assert expected in message and "\n" not in message
