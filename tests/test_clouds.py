@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,17 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 # =================================================================================================
-# Model: head counts and shapes [spec §1.9, §8]
+# Model: head counts and shapes
 # =================================================================================================
 
 
 @pytest.mark.parametrize(
     "backbone, expected",
-    [("convnext_large_d_320", 20_253_908), ("RN50-quickgelu", 20_499_668),
-     ("RN101-quickgelu", 20_499_668)],
+    [
+        ("convnext_large_d_320", 20_253_908),
+        ("RN50-quickgelu", 20_499_668),
+        ("RN101-quickgelu", 20_499_668),
+    ],
 )
 def test_head_parameter_counts(backbone, expected):
     encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
@@ -50,7 +54,7 @@ def test_head_parameter_counts(backbone, expected):
 
 
 def test_encoder_keeps_only_the_image_trunk():
-    # [spec §1.2] ConvNeXt-L visual has 199,770,816 parameters; the text tower, the projection MLP
+    # ConvNeXt-L visual has 199,770,816 parameters; the text tower, the projection MLP
     # and the pooling head are not kept (only the stem and the four stages are used)
     encoder = clouds.FrozenCLIPEncoder("convnext_large_d_320", "none", device="meta")
     keys = list(encoder.state_dict())
@@ -60,15 +64,19 @@ def test_encoder_keeps_only_the_image_trunk():
     assert not any(k.startswith("visual.attnpool") for k in rn.state_dict())
 
 
-@pytest.mark.parametrize("backbone, channels", [("convnext_large_d_320", CONVNEXT_L),
-                                                ("RN50-quickgelu", RESNET)])
+@pytest.mark.parametrize(
+    "backbone, channels", [("convnext_large_d_320", CONVNEXT_L), ("RN50-quickgelu", RESNET)]
+)
 def test_shapes_at_768(backbone, channels):
-    """[spec §8] a 768x768 batch: res2..res5, mask features, 12,096 encoder tokens, outputs."""
+    """a 768x768 batch: res2..res5, mask features, 12,096 encoder tokens, outputs."""
     encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
     feats = encoder(torch.zeros(2, 3, 768, 768, device="meta"))
     assert [tuple(f.shape) for f in feats] == [
-        (2, channels[0], 192, 192), (2, channels[1], 96, 96), (2, channels[2], 48, 48),
-        (2, channels[3], 24, 24)]
+        (2, channels[0], 192, 192),
+        (2, channels[1], 96, 96),
+        (2, channels[2], 48, 48),
+        (2, channels[3], 24, 24),
+    ]
     torch.manual_seed(0)
     head = clouds.Mask2FormerHead(list(channels))
     with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only, no arithmetic
@@ -76,8 +84,11 @@ def test_shapes_at_768(backbone, channels):
         mask_features, multi_scale = head.pixel_decoder(fake)
         out = head.transformer_decoder(mask_features, multi_scale)
         assert tuple(mask_features.shape) == (2, 256, 192, 192)
-        assert [tuple(m.shape) for m in multi_scale] == [(2, 256, 24, 24), (2, 256, 48, 48),
-                                                         (2, 256, 96, 96)]
+        assert [tuple(m.shape) for m in multi_scale] == [
+            (2, 256, 24, 24),
+            (2, 256, 48, 48),
+            (2, 256, 96, 96),
+        ]
         assert sum(m.shape[-2] * m.shape[-1] for m in multi_scale) == 12_096
         assert tuple(out["pred_logits"].shape) == (2, 100, 20)
         assert tuple(out["pred_masks"].shape) == (2, 100, 192, 192)
@@ -101,8 +112,11 @@ def test_normalize_and_pad():
     images[0, :, 0, 0] = torch.tensor([255, 0, 128], dtype=torch.uint8)
     x = clouds.normalize_and_pad(images)
     assert tuple(x.shape) == (1, 3, 64, 96)
-    expected = [(255 - 122.7709383) / 68.5005327, (0 - 116.7460125) / 66.6321579,
-                (128 - 104.09373615) / 70.32316305]
+    expected = [
+        (255 - 122.7709383) / 68.5005327,
+        (0 - 116.7460125) / 66.6321579,
+        (128 - 104.09373615) / 70.32316305,
+    ]
     assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
     assert (x[..., 40:, :] == 0).all() and (x[..., :, 70:] == 0).all()
     assert clouds.PIXEL_MEAN == pytest.approx(tuple(255 * m for m in common.CLIP_MEAN))
@@ -110,7 +124,7 @@ def test_normalize_and_pad():
 
 def test_segment_is_the_semantic_inference_rule():
     """score[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q) with mask logits upsampled to the
-    padded size, then cropped [spec §1.7]."""
+    padded size, then cropped."""
     torch.manual_seed(0)
     encoder = clouds.FrozenCLIPEncoder("test", "none")
     head = clouds.build_head(encoder, num_queries=5).eval()
@@ -118,8 +132,9 @@ def test_segment_is_the_semantic_inference_rule():
     with torch.no_grad():
         scores = clouds.segment(encoder, head, images)
         out = head(encoder(clouds.normalize_and_pad(images)))
-        up = torch.nn.functional.interpolate(out["pred_masks"], size=(64, 96), mode="bilinear",
-                                             align_corners=False)[..., :40, :70]
+        up = torch.nn.functional.interpolate(
+            out["pred_masks"], size=(64, 96), mode="bilinear", align_corners=False
+        )[..., :40, :70]
         probs = out["pred_logits"].softmax(-1)[..., :19]
         manual = torch.einsum("bqc,bqhw->bchw", probs, up.sigmoid())
     assert tuple(scores.shape) == (1, 19, 40, 70)
@@ -142,24 +157,30 @@ def test_declared_mask2former_copy_identical_to_rein():
 
 
 # =================================================================================================
-# Augmentation [spec §2.4, §8]
+# Augmentation
 # =================================================================================================
 
 
 def test_resize_scale_sizes():
     g = torch.Generator().manual_seed(0)
     gta = torch.zeros(3, 1052, 1914, dtype=torch.uint8)
-    image, label = clouds.resize_scale(gta, torch.zeros(1052, 1914, dtype=torch.int64), g,
-                                       (1052, 1914), scale_range=(0.5, 0.5))
+    image, label = clouds.resize_scale(
+        gta, torch.zeros(1052, 1914, dtype=torch.int64), g, (1052, 1914), scale_range=(0.5, 0.5)
+    )
     assert tuple(image.shape) == (3, 526, 957) and tuple(label.shape) == (526, 957)
     # a 1046-row GTA5 frame: the width term decides, scale = s
-    image, _ = clouds.resize_scale(torch.zeros(3, 1046, 1914, dtype=torch.uint8),
-                                   torch.zeros(1046, 1914, dtype=torch.int64), g, (1052, 1914),
-                                   scale_range=(0.5, 0.5))
+    image, _ = clouds.resize_scale(
+        torch.zeros(3, 1046, 1914, dtype=torch.uint8),
+        torch.zeros(1046, 1914, dtype=torch.int64),
+        g,
+        (1052, 1914),
+        scale_range=(0.5, 0.5),
+    )
     assert tuple(image.shape) == (3, 523, 957)
     synthia = torch.zeros(3, 760, 1280, dtype=torch.uint8)
-    image, _ = clouds.resize_scale(synthia, torch.zeros(760, 1280, dtype=torch.int64), g,
-                                   (760, 1280), scale_range=(1.5, 1.5))
+    image, _ = clouds.resize_scale(
+        synthia, torch.zeros(760, 1280, dtype=torch.int64), g, (760, 1280), scale_range=(1.5, 1.5)
+    )
     assert tuple(image.shape) == (3, 1140, 1920)
 
 
@@ -180,7 +201,9 @@ def test_fixed_size_crop_pads_and_uses_one_draw_for_both_axes():
     h, w = 526, 957
     rows = torch.arange(h)[:, None].expand(h, w)
     cols = torch.arange(w)[None, :].expand(h, w)
-    image = torch.stack([rows % 256, cols % 256, torch.zeros(h, w, dtype=torch.int64)]).to(torch.uint8)
+    image = torch.stack([rows % 256, cols % 256, torch.zeros(h, w, dtype=torch.int64)]).to(
+        torch.uint8
+    )
     label = cols.clone()  # label = column index, to read the offset back
     g = torch.Generator().manual_seed(3)
     u = torch.rand((), generator=torch.Generator().manual_seed(3)).item()
@@ -202,11 +225,17 @@ def test_fixed_size_crop_pads_and_uses_one_draw_for_both_axes():
 
 
 def test_hsv_conversion_follows_opencv_uint8_convention():
-    pixels = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0]],
-                          dtype=torch.uint8).T[:, None, :]  # (3, 1, 5)
+    pixels = torch.tensor(
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0]], dtype=torch.uint8
+    ).T[:, None, :]  # (3, 1, 5)
     hsv = clouds._rgb_to_hsv_cv(pixels)[:, 0].T
-    assert hsv.tolist() == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128],
-                            [30, 255, 255]]
+    assert hsv.tolist() == [
+        [0, 255, 255],
+        [60, 255, 255],
+        [120, 255, 255],
+        [0, 0, 128],
+        [30, 255, 255],
+    ]
     rgb = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     back = clouds._hsv_cv_to_rgb(clouds._rgb_to_hsv_cv(rgb))
     assert (back.int() - rgb.int()).abs().max() <= 4  # rounding of uint8 H/S, as in cv2
@@ -263,21 +292,22 @@ def test_source_transform_is_deterministic_per_seed():
 
 
 # =================================================================================================
-# Repeat-factor mixing [spec §2.3, §7.5]
+# Repeat-factor mixing
 # =================================================================================================
 
 
 @pytest.mark.parametrize("factor", [2.0, 0.7])
 def test_sampler_long_run_generated_fraction(factor):
     n_src, n_gen = 60, 30
-    factors = [1.0] * n_src + [factor] * n_gen
+    factors = clouds.repeat_factors(n_src, n_gen, factor)
+    assert factors[:n_src] == [1.0] * n_src and factors[n_src:] == [factor] * n_gen
     picks = np.concatenate([common.epoch_indices(n_src + n_gen, 0, e, factors) for e in range(400)])
     fraction = (picks >= n_src).mean()
     assert abs(fraction - factor * n_gen / (n_src + factor * n_gen)) < 0.01
 
 
 # =================================================================================================
-# EMA teacher [spec §2.3, §7.5]
+# EMA teacher
 # =================================================================================================
 
 
@@ -291,7 +321,8 @@ def test_ema_teacher_schedule():
         assert not t.requires_grad
     optimizer = torch.optim.SGD(clouds.param_groups(student), lr=0.1)
     assert not {id(p) for p in teacher.head.parameters()} & {
-        id(p) for g in optimizer.param_groups for p in g["params"]}
+        id(p) for g in optimizer.param_groups for p in g["params"]
+    }
     for it in range(1, 101):
         with torch.no_grad():
             for p in student.parameters():
@@ -308,7 +339,7 @@ def test_ema_teacher_schedule():
 
 
 def test_ema_share_of_warmup_weights_after_gta_joint_training():
-    """[spec §2.3] 40k iterations, updates at 0, 100, ..., 39900: the initial weights keep
+    """40k iterations, updates at 0, 100, ..., 39900: the initial weights keep
     0.999^399 = 0.67 of the teacher."""
     student = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -325,7 +356,7 @@ def test_ema_share_of_warmup_weights_after_gta_joint_training():
 
 
 # =================================================================================================
-# SAM refinement [spec §4.2, §7.5]
+# SAM refinement
 # =================================================================================================
 
 
@@ -355,8 +386,9 @@ def test_sam_refinement_keeps_large_components_only():
     pl = scene()
     image = np.zeros((100, 100, 3), np.uint8)
     predictor, calls = recording(clouds.fake_sam_predictor(pl))
-    out = clouds.refine_pseudo_label_with_sam(pl, image, predictor, np.random.default_rng(0),
-                                              min_area=100, num_points=5)
+    out = clouds.refine_pseudo_label_with_sam(
+        pl, image, predictor, np.random.default_rng(0), min_area=100, num_points=5
+    )
     assert out["labels"].tolist() == [0, 1, 2]  # class 3 (only small components) disappears
     expected = {0: pl == 0, 1: pl == 1, 2: torch.zeros_like(pl, dtype=torch.bool)}
     expected[2][50:90, 0:20] = True  # the small class-2 block is not kept
@@ -378,9 +410,12 @@ def test_sam_refinement_area_threshold_is_strict():
     pl = torch.full((101, 100), 2, dtype=torch.int64)
     pl[:50, :] = 1  # 5000
     pl[100, 1:] = 0  # class 2: rows 50..99 (5000) + (100, 0) = 5001; class 0: 99 px
-    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((101, 100, 3), np.uint8),
-                                              clouds.fake_sam_predictor(pl),
-                                              np.random.default_rng(0))  # default min_area 5000
+    out = clouds.refine_pseudo_label_with_sam(
+        pl,
+        np.zeros((101, 100, 3), np.uint8),
+        clouds.fake_sam_predictor(pl),
+        np.random.default_rng(0),
+    )  # default min_area 5000
     assert int((pl == 1).sum()) == 5000 and int((pl == 2).sum()) == 5001
     assert out["labels"].tolist() == [2]
 
@@ -390,8 +425,9 @@ def test_sam_refinement_uses_4_connectivity():
     pl[0:10, 0:10] = 1
     pl[10:20, 10:20] = 1  # touches the first block only at a corner
     predictor, calls = recording(clouds.fake_sam_predictor(pl))
-    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((40, 40, 3), np.uint8), predictor,
-                                              np.random.default_rng(0), min_area=50)
+    out = clouds.refine_pseudo_label_with_sam(
+        pl, np.zeros((40, 40, 3), np.uint8), predictor, np.random.default_rng(0), min_area=50
+    )
     assert calls[0].shape[0] == 3  # background + two separate class-1 components
     assert out["labels"].tolist() == [0, 1]
     assert torch.equal(out["masks"][1].bool(), pl == 1)  # union of both components
@@ -414,8 +450,9 @@ def test_sam_refinement_picks_best_score_and_clears_overlaps():
         scores = torch.tensor([[0.2, 0.1, 0.9]]).expand(k, 3)  # mask 2 wins
         return masks, scores
 
-    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((30, 30, 3), np.uint8), predictor,
-                                              np.random.default_rng(0), min_area=100)
+    out = clouds.refine_pseudo_label_with_sam(
+        pl, np.zeros((30, 30, 3), np.uint8), predictor, np.random.default_rng(0), min_area=100
+    )
     assert out["labels"].tolist() == [0, 1]
     overlap = torch.zeros(30, 30, dtype=torch.bool)
     overlap[:, 12:18] = True
@@ -432,8 +469,9 @@ def test_sam_refinement_keeps_a_class_whose_masks_vanished():
         masks = torch.ones(len(points), 3, 30, 30, dtype=torch.bool)
         return masks, torch.rand(len(points), 3)
 
-    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((30, 30, 3), np.uint8), everything,
-                                              np.random.default_rng(0), min_area=100)
+    out = clouds.refine_pseudo_label_with_sam(
+        pl, np.zeros((30, 30, 3), np.uint8), everything, np.random.default_rng(0), min_area=100
+    )
     assert out["labels"].tolist() == [0, 1] and out["masks"].sum() == 0
 
 
@@ -445,8 +483,9 @@ def test_sam_refinement_falls_back_when_no_component_is_large():
     def never(image, points):
         raise AssertionError("SAM must not be called")
 
-    out = clouds.refine_pseudo_label_with_sam(pl, np.zeros((20, 20, 3), np.uint8), never,
-                                              np.random.default_rng(0), min_area=5000)
+    out = clouds.refine_pseudo_label_with_sam(
+        pl, np.zeros((20, 20, 3), np.uint8), never, np.random.default_rng(0), min_area=5000
+    )
     assert out["labels"].tolist() == [0, 4, 7]
     for c, mask in zip([0, 4, 7], out["masks"]):
         assert torch.equal(mask.bool(), pl == c)
@@ -459,7 +498,7 @@ def test_sam_backend_not_installed_is_a_usage_error(monkeypatch):
 
 
 # =================================================================================================
-# Generation and prompts [spec §3]
+# Generation and prompts
 # =================================================================================================
 
 
@@ -468,25 +507,33 @@ class FakePipeline:
         self.calls = []
 
     def __call__(self, prompt, height, width, num_inference_steps, guidance_scale, generator):
-        self.calls.append(dict(prompt=prompt, height=height, width=width,
-                               steps=num_inference_steps, guidance=guidance_scale,
-                               generator=generator))
+        self.calls.append(
+            dict(
+                prompt=prompt,
+                height=height,
+                width=width,
+                steps=num_inference_steps,
+                guidance=guidance_scale,
+                generator=generator,
+            )
+        )
 
-        class Out:
-            images = [Image.new("RGB", (width, height), (len(self.calls), 0, 0))]
-
-        return Out()
+        return types.SimpleNamespace(
+            images=[Image.new("RGB", (width, height), (len(self.calls), 0, 0))]
+        )
 
 
 def test_generation_names_prompts_and_size(tmp_path):
     pipe = FakePipeline()
     prompts = ["a", "b", "c"]
-    paths = clouds.generate_images(pipe, prompts, tmp_path, num_images=7, part=2, seed=10,
-                                   make_generator=lambda s: s)
+    paths = clouds.generate_images(
+        pipe, prompts, tmp_path, num_images=7, part=2, seed=10, make_generator=lambda s: s
+    )
     assert [p.name for p in paths] == [f"im_{14 + j}_p{j % 3}.png" for j in range(7)]
     assert [c["prompt"] for c in pipe.calls] == ["a", "b", "c", "a", "b", "c", "a"]
     assert {(c["height"], c["width"], c["steps"], c["guidance"]) for c in pipe.calls} == {
-        (768, 768, 50, 7.5)}
+        (768, 768, 50, 7.5)
+    }
     assert [c["generator"] for c in pipe.calls] == [10 + 14 + j for j in range(7)]
     assert Image.open(paths[0]).size == (768, 768)
     # a second call keeps the existing files (restartable jobs)
@@ -532,7 +579,7 @@ def test_generated_folder_layouts(tmp_path):
 
 
 # =================================================================================================
-# Optimisation [spec §2.1, §8]
+# Optimisation
 # =================================================================================================
 
 
@@ -545,16 +592,29 @@ def test_param_groups_no_decay_for_norms_and_embeddings():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert len(decay_names) + len(no_decay_names) == len(names)
-    assert {"transformer_decoder.query_feat.weight", "transformer_decoder.query_embed.weight",
-            "transformer_decoder.level_embed.weight", "transformer_decoder.decoder_norm.weight",
-            "pixel_decoder.input_proj.0.1.weight", "pixel_decoder.encoder_layers.0.norm1.bias",
-            "transformer_decoder.layers.3.norm_cross.weight"} <= no_decay_names
+    assert {
+        "transformer_decoder.query_feat.weight",
+        "transformer_decoder.query_embed.weight",
+        "transformer_decoder.level_embed.weight",
+        "transformer_decoder.decoder_norm.weight",
+        "pixel_decoder.input_proj.0.1.weight",
+        "pixel_decoder.encoder_layers.0.norm1.bias",
+        "transformer_decoder.layers.3.norm_cross.weight",
+    } <= no_decay_names
     assert "pixel_decoder.level_embed" in decay_names  # a plain Parameter: decays, as official
     assert "transformer_decoder.class_embed.bias" in decay_names
-    norm_params = sum(p.numel() for m in head.modules() if isinstance(m, clouds.NORM_TYPES)
-                      for p in m.parameters(recurse=False))
-    embed_params = sum(p.numel() for m in head.modules() if isinstance(m, torch.nn.Embedding)
-                       for p in m.parameters())
+    norm_params = sum(
+        p.numel()
+        for m in head.modules()
+        if isinstance(m, clouds.NORM_TYPES)
+        for p in m.parameters(recurse=False)
+    )
+    embed_params = sum(
+        p.numel()
+        for m in head.modules()
+        if isinstance(m, torch.nn.Embedding)
+        for p in m.parameters()
+    )
     assert sum(p.numel() for p in no_decay["params"]) == norm_params + embed_params
 
 
@@ -570,8 +630,13 @@ def test_recipe_table():
     r = clouds.RECIPE
     assert (r[("gta", "warmup")]["iters"], r[("gta", "joint")]["iters"]) == (40000, 40000)
     assert r[("synthia", "joint")] == dict(iters=30000, lr=1e-5, schedule="poly", eval_every=1500)
-    assert (r[("cityscapes", "warmup")]["iters"], r[("cityscapes", "joint")]["iters"]) == (5000, 10000)
-    assert r[("cityscapes", "joint")]["lr"] == 1e-4 and r[("gta", "joint")]["schedule"] == "constant"
+    assert (r[("cityscapes", "warmup")]["iters"], r[("cityscapes", "joint")]["iters"]) == (
+        5000,
+        10000,
+    )
+    assert (
+        r[("cityscapes", "joint")]["lr"] == 1e-4 and r[("gta", "joint")]["schedule"] == "constant"
+    )
     assert clouds.GEN_FACTOR == {"gta": 2.0, "synthia": 0.7, "cityscapes": 0.2, "toy": 1.0}
 
 
@@ -608,25 +673,55 @@ def official_head_keys() -> list[str]:
     keys.append(f"{pd}transformer.level_embed")
     for i in range(6):
         layer = f"{pd}transformer.encoder.layers.{i}."
-        for m in ("self_attn.sampling_offsets", "self_attn.attention_weights",
-                  "self_attn.value_proj", "self_attn.output_proj", "norm1", "linear1", "linear2",
-                  "norm2"):
+        for m in (
+            "self_attn.sampling_offsets",
+            "self_attn.attention_weights",
+            "self_attn.value_proj",
+            "self_attn.output_proj",
+            "norm1",
+            "linear1",
+            "linear2",
+            "norm2",
+        ):
             keys += [f"{layer}{m}.weight", f"{layer}{m}.bias"]
-    keys += [f"{pd}mask_features.weight", f"{pd}mask_features.bias", f"{pd}adapter_1.weight",
-             f"{pd}adapter_1.norm.weight", f"{pd}adapter_1.norm.bias", f"{pd}layer_1.weight",
-             f"{pd}layer_1.norm.weight", f"{pd}layer_1.norm.bias"]
+    keys += [
+        f"{pd}mask_features.weight",
+        f"{pd}mask_features.bias",
+        f"{pd}adapter_1.weight",
+        f"{pd}adapter_1.norm.weight",
+        f"{pd}adapter_1.norm.bias",
+        f"{pd}layer_1.weight",
+        f"{pd}layer_1.norm.weight",
+        f"{pd}layer_1.norm.bias",
+    ]
     pr = "sem_seg_head.predictor."
     for i in range(9):
-        for group, attn in (("transformer_self_attention_layers", "self_attn"),
-                            ("transformer_cross_attention_layers", "multihead_attn")):
-            keys += [f"{pr}{group}.{i}.{attn}.{t}" for t in
-                     ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+        for group, attn in (
+            ("transformer_self_attention_layers", "self_attn"),
+            ("transformer_cross_attention_layers", "multihead_attn"),
+        ):
+            keys += [
+                f"{pr}{group}.{i}.{attn}.{t}"
+                for t in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+            ]
             keys += [f"{pr}{group}.{i}.norm.weight", f"{pr}{group}.{i}.norm.bias"]
-        keys += [f"{pr}transformer_ffn_layers.{i}.{m}.{t}" for m in ("linear1", "linear2", "norm")
-                 for t in ("weight", "bias")]
-    keys += [f"{pr}{m}" for m in ("decoder_norm.weight", "decoder_norm.bias", "query_feat.weight",
-                                   "query_embed.weight", "level_embed.weight", "class_embed.weight",
-                                   "class_embed.bias")]
+        keys += [
+            f"{pr}transformer_ffn_layers.{i}.{m}.{t}"
+            for m in ("linear1", "linear2", "norm")
+            for t in ("weight", "bias")
+        ]
+    keys += [
+        f"{pr}{m}"
+        for m in (
+            "decoder_norm.weight",
+            "decoder_norm.bias",
+            "query_feat.weight",
+            "query_embed.weight",
+            "level_embed.weight",
+            "class_embed.weight",
+            "class_embed.bias",
+        )
+    ]
     keys += [f"{pr}mask_embed.layers.{i}.{t}" for i in range(3) for t in ("weight", "bias")]
     return keys
 
@@ -635,13 +730,17 @@ def test_official_head_names_cover_the_head_exactly():
     with torch.device("meta"):
         head = clouds.Mask2FormerHead(list(CONVNEXT_L))
     ours = head.state_dict()
-    mapped = [clouds.rename_official_head_key(k[len("sem_seg_head."):]) for k in official_head_keys()]
+    mapped = [
+        clouds.rename_official_head_key(k[len("sem_seg_head.") :]) for k in official_head_keys()
+    ]
     assert len(mapped) == len(set(mapped)) == len(ours)
     assert set(mapped) == set(ours)
     assert clouds.rename_official_head_key("predictor.mask_embed.layers.2.bias") == (
-        "transformer_decoder.mask_embed.4.bias")
+        "transformer_decoder.mask_embed.4.bias"
+    )
     assert clouds.rename_official_head_key("pixel_decoder.adapter_1.norm.weight") == (
-        "pixel_decoder.lateral_conv.1.weight")
+        "pixel_decoder.lateral_conv.1.weight"
+    )
 
 
 @pytest.mark.parametrize("backbone", ["convnext_large_d_320", "RN50-quickgelu"])
@@ -674,9 +773,9 @@ def test_official_checkpoint_end_to_end(tmp_path, capsys):
     ours = head.state_dict()
     state = {}
     for key in official_head_keys():
-        name = clouds.rename_official_head_key(key[len("sem_seg_head."):])
+        name = clouds.rename_official_head_key(key[len("sem_seg_head.") :])
         state[key] = torch.randn(ours[name].shape)
-        state["sem_seg_head_ema." + key[len("sem_seg_head."):]] = torch.randn(ours[name].shape)
+        state["sem_seg_head_ema." + key[len("sem_seg_head.") :]] = torch.randn(ours[name].shape)
     for k, v in encoder.visual.state_dict().items():
         state[f"backbone.clip_model.visual.{k}"] = torch.randn(v.shape)
     state["backbone.clip_model.logit_scale"] = torch.tensor(4.6)
@@ -690,19 +789,26 @@ def test_official_checkpoint_end_to_end(tmp_path, capsys):
     args = parser.parse_args(argv)
     clouds.resolve_args(parser, args, argv)
     encoder2, head2, report = clouds.build_models(args, torch.device("cpu"))
-    assert torch.equal(head2.transformer_decoder.mask_embed[2].weight,
-                       state["sem_seg_head.predictor.mask_embed.layers.1.weight"])
-    assert torch.equal(head2.pixel_decoder.encoder_layers[5].self_attn.value_proj.bias,
-                       state["sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.value_proj.bias"])
-    assert torch.equal(encoder2.visual.stem[0].weight,
-                       state["backbone.clip_model.visual.stem.0.weight"])
+    assert torch.equal(
+        head2.transformer_decoder.mask_embed[2].weight,
+        state["sem_seg_head.predictor.mask_embed.layers.1.weight"],
+    )
+    assert torch.equal(
+        head2.pixel_decoder.encoder_layers[5].self_attn.value_proj.bias,
+        state["sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.value_proj.bias"],
+    )
+    assert torch.equal(
+        encoder2.visual.stem[0].weight, state["backbone.clip_model.visual.stem.0.weight"]
+    )
     assert report["head_tensors"] == len(ours)
     out = capsys.readouterr().out
     assert "dropped 1 keys" in out and "SAM" in out and "void" in out
     teacher = clouds.EMATeacher(head2)
     clouds.load_official_checkpoint(torch.load(path, weights_only=True), encoder2, head2, teacher)
-    assert torch.equal(teacher.head.transformer_decoder.query_feat.weight,
-                       state["sem_seg_head_ema.predictor.query_feat.weight"])
+    assert torch.equal(
+        teacher.head.transformer_decoder.query_feat.weight,
+        state["sem_seg_head_ema.predictor.query_feat.weight"],
+    )
     # an unknown key is refused, not ignored
     state["something.else"] = torch.zeros(1)
     with pytest.raises(common.UsageError, match="unexpected keys"):
@@ -715,16 +821,35 @@ def test_official_checkpoint_end_to_end(tmp_path, capsys):
 
 
 def run(args: list[str], tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "clouds.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "clouds.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def toy_args(toy_data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--source", "toy", "--pretrained", "none", "--device", "cpu", "--data", str(toy_data),
-            "--out", str(out), "--batch-size", "2", *extra]
+    return [
+        "--source",
+        "toy",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--data",
+        str(toy_data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -752,13 +877,34 @@ def test_warmup_run_outputs(warmup_run):
 def test_joint_training_resume_equals_straight_run(toy_data, warmup_run, tmp_path):
     """joint 1 + resume 1 == joint 2: student, teacher, EMA counter, optimizer, sampler, SAM."""
     warm = str(warmup_run[0] / "last.pt")
-    joint = ["--phase", "joint", "--generated", str(tmp_path / "gen"), "--make-toy-generated", "6",
-             "--gen-factor", "100", "--targets", "", "--ema-every", "1"]
+    joint = [
+        "--phase",
+        "joint",
+        "--generated",
+        str(tmp_path / "gen"),
+        "--make-toy-generated",
+        "6",
+        "--gen-factor",
+        "100",
+        "--targets",
+        "",
+        "--ema-every",
+        "1",
+    ]
     # the straight run as a subprocess, the split one in this process
     run(toy_args(toy_data, tmp_path / "a", "--iters", "2", "--init", warm, *joint), tmp_path)
     clouds.main(toy_args(toy_data, tmp_path / "b", "--iters", "1", "--init", warm, *joint))
-    clouds.main(toy_args(toy_data, tmp_path / "b", "--iters", "2", "--resume",
-                         str(tmp_path / "b" / "last.pt"), *joint))
+    clouds.main(
+        toy_args(
+            toy_data,
+            tmp_path / "b",
+            "--iters",
+            "2",
+            "--resume",
+            str(tmp_path / "b" / "last.pt"),
+            *joint,
+        )
+    )
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["iter"] == b["iter"] == 2
@@ -777,19 +923,39 @@ def test_joint_training_resume_equals_straight_run(toy_data, warmup_run, tmp_pat
 def test_joint_without_sam_in_process(toy_data, warmup_run, tmp_path, capsys):
     """--sam none: the teacher's argmax targets are used as they are (no-SAM ablation)."""
     warm = str(warmup_run[0] / "last.pt")
-    clouds.main(toy_args(toy_data, tmp_path / "j", "--phase", "joint", "--init", warm, "--sam",
-                         "none", "--generated", str(tmp_path / "gen"), "--make-toy-generated", "4",
-                         "--gen-factor", "1000", "--iters", "1", "--targets", ""))
+    clouds.main(
+        toy_args(
+            toy_data,
+            tmp_path / "j",
+            "--phase",
+            "joint",
+            "--init",
+            warm,
+            "--sam",
+            "none",
+            "--generated",
+            str(tmp_path / "gen"),
+            "--make-toy-generated",
+            "4",
+            "--gen-factor",
+            "1000",
+            "--iters",
+            "1",
+            "--targets",
+            "",
+        )
+    )
     ckpt = torch.load(tmp_path / "j" / "last.pt", weights_only=True)
     assert ckpt["args"]["sam"] == "none" and ckpt["teacher"]["iteration"] == 1
     logs = [json.loads(line) for line in (tmp_path / "j" / "log.jsonl").read_text().splitlines()]
-    assert [r["generated"] for r in logs if r.get("type") == "train"][0] > 0
+    assert next(r["generated"] for r in logs if r.get("type") == "train") > 0
 
 
 def test_eval_only_in_process(toy_data, warmup_run, tmp_path, capsys):
     warm = str(warmup_run[0] / "last.pt")
-    clouds.main(toy_args(toy_data, tmp_path / "e", "--eval-only", "--init", warm, "--targets",
-                         "toy-fog"))
+    clouds.main(
+        toy_args(toy_data, tmp_path / "e", "--eval-only", "--init", warm, "--targets", "toy-fog")
+    )
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert common.format_results(results) in out
@@ -797,8 +963,20 @@ def test_eval_only_in_process(toy_data, warmup_run, tmp_path, capsys):
 
 
 def test_bad_input_exits_2_with_one_line(toy_data, tmp_path):
-    proc = run(toy_args(toy_data, tmp_path / "o", "--phase", "joint", "--iters", "1",
-                        "--init", str(tmp_path / "nope.pt")), tmp_path, check=False)
+    proc = run(
+        toy_args(
+            toy_data,
+            tmp_path / "o",
+            "--phase",
+            "joint",
+            "--iters",
+            "1",
+            "--init",
+            str(tmp_path / "nope.pt"),
+        ),
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --init"), proc.stderr
@@ -810,13 +988,35 @@ def test_bad_inputs_are_usage_errors(toy_data, warmup_run, tmp_path, monkeypatch
     (tmp_path / "empty").mkdir()
     extra, expected = {
         "empty_generated": (["--init", warm, "--generated", str(tmp_path / "empty")], "no *.png"),
-        "sam_not_installed": (["--init", warm, "--generated", str(tmp_path / "gen"),
-                               "--make-toy-generated", "2", "--sam", "vit_b"], "segment_anything"),
+        "sam_not_installed": (
+            [
+                "--init",
+                warm,
+                "--generated",
+                str(tmp_path / "gen"),
+                "--make-toy-generated",
+                "2",
+                "--sam",
+                "vit_b",
+            ],
+            "segment_anything",
+        ),
         "joint_without_init": ([], "--phase joint needs --init"),
     }[case]
     monkeypatch.setitem(sys.modules, "segment_anything", None)  # not importable, even if installed
     with pytest.raises(common.UsageError) as info:
-        clouds.main(toy_args(toy_data, tmp_path / "o", "--phase", "joint", "--iters", "1",
-                             "--targets", "", *extra))
+        clouds.main(
+            toy_args(
+                toy_data,
+                tmp_path / "o",
+                "--phase",
+                "joint",
+                "--iters",
+                "1",
+                "--targets",
+                "",
+                *extra,
+            )
+        )
     message = str(info.value)
     assert expected in message and "\n" not in message
