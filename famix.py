@@ -115,7 +115,12 @@ VOID = common.IGNORE_INDEX  # dominant "class" of a patch that is mostly unlabel
 # [C main.py] which part of the encoder is trained, per source: number of frozen layer4 blocks
 # (stem and layer1..3 are always frozen; None = nothing frozen, full fine-tuning).
 FREEZE_SCHEMES = {"layer4.2": 2, "layer4": 0, "head": 3, "none": None}
-FREEZE_BY_SOURCE = {"gta": "layer4.2", "synthia": "layer4.2", "cityscapes": "layer4", "toy": "layer4.2"}
+FREEZE_BY_SOURCE = {
+    "gta": "layer4.2",
+    "synthia": "layer4.2",
+    "cityscapes": "layer4",
+    "toy": "layer4.2",
+}
 
 # [C patch_PIN.py] the 20 random styles R; the prompt of a patch is "<style> <class name>".
 STYLE_PROMPTS = (
@@ -160,13 +165,17 @@ TEMPLATES = (
 
 # Toy-sized values for `--source toy` (CPU, a few minutes); the paper values are the defaults.
 TOY_DEFAULTS = {
-    "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8, "iters": 240,
-    "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3, "pin_iters": 10,
-    "templates": 2,
+    "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8,
+    "iters": 240, "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3,
+    "pin_iters": 10, "templates": 2,
+    # Random-init layer1 features are ~100x smaller than CLIP's: PIN's lr 1 would throw the
+    # statistics far outside their range (even negative sigma), so the toy run steps gently.
+    "pin_lr": 0.05,
 }  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # fmt: off
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -182,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = parser.add_argument_group("FAMix")
     a = m.add_argument
     a("--backbone", default="RN50-quickgelu", choices=list(BACKBONES),
-      help="CLIP ResNet (paper: RN50 and RN101 [C main.py --BB])")
+      help="CLIP ResNet (paper: RN50 and RN101 [C main.py --BB]); test = tiny random-init size "
+           "for CPU tests and the toy run")
     a("--freeze", default="auto", choices=["auto", *FREEZE_SCHEMES],
       help="trained encoder part: auto = layer4.2 for GTA5/SYNTHIA, layer4 for Cityscapes "
            "[C utils/freeze.py]; head = encoder fully frozen; none = full fine-tuning (ablation)")
@@ -191,33 +201,49 @@ def build_parser() -> argparse.ArgumentParser:
            "augmentation (Freeze only); pure = mined style without mixing (s = 0); mixstyle = mix "
            "with another image's statistics; noise = mix with Gaussian-noise statistics "
            "(ablations [P poster])")
-    a("--beta", type=float, default=0.1, help="mixing weight s ~ Beta(a, a) (paper: 0.1 [C network/utils.py])")
+    a("--beta", type=float, default=0.1,
+      help="mixing weight s ~ Beta(a, a) (paper: 0.1 [C network/utils.py])")
     a("--noise-snr", type=float, default=15.0,
       help="--style noise: SNR in dB of the noisy statistics (poster curve: 5..25 dB)")
-    a("--grid", type=int, default=3, help="patches per side for mining and mixing (paper: 3 [C patch_PIN.py])")
+    a("--grid", type=int, default=3,
+      help="patches per side for mining and mixing (paper: 3 [C patch_PIN.py])")
     a("--lr", type=float, default=0.1, help="decoder learning rate (paper: 0.1 [C main.py])")
-    a("--backbone-lr", type=float, default=0.01, help="encoder learning rate (paper: 0.01 = 0.1 x lr [C main.py])")
+    a("--backbone-lr", type=float, default=0.01,
+      help="encoder learning rate (paper: 0.01 = 0.1 x lr [C main.py])")
     a("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9 [C main.py])")
     a("--weight-decay", type=float, default=1e-4, help="SGD weight decay (paper: 1e-4 [C main.py])")
-    a("--poly-power", type=float, default=0.9, help="poly schedule power (paper: 0.9 [C utils/scheduler.py])")
-    a("--min-lr", type=float, default=1e-6, help="poly schedule floor (official: 1e-6 [C utils/scheduler.py])")
-    a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (official: 0.1 [C main.py])")
+    a("--poly-power", type=float, default=0.9,
+      help="poly schedule power (paper: 0.9 [C utils/scheduler.py])")
+    a("--min-lr", type=float, default=1e-6,
+      help="poly schedule floor (official: 1e-6 [C utils/scheduler.py])")
+    a("--label-smoothing", type=float, default=0.1,
+      help="cross-entropy label smoothing (official: 0.1 [C main.py])")
     a("--style-bank", default=None, help="style bank file (default: <out>/style_bank.pt)")
     a("--mine", default="auto", choices=["auto", "only", "never"],
       help="auto: mine the style bank if the file is missing, then train; only: mine (or keep "
            "the existing bank) and exit; never: the bank must exist")
-    a("--mine-batch-size", type=int, default=16, help="mining batch, per process (official: 16 [C patch_PIN.py])")
+    a("--mine-batch-size", type=int, default=16,
+      help="mining batch, per process (official: 16 [C patch_PIN.py])")
     a("--mine-batches", type=int, default=0,
-      help="mining batches per process; 0 = one pass over the source (official: one pass [C patch_PIN.py])")
-    a("--pin-iters", type=int, default=100, help="PIN optimisation steps per batch (official: 100 [C patch_PIN.py])")
-    a("--pin-lr", type=float, default=1.0, help="PIN SGD learning rate (official: 1.0 [C patch_PIN.py])")
-    a("--pin-momentum", type=float, default=0.9, help="PIN SGD momentum (official: 0.9 [C patch_PIN.py])")
-    a("--pin-weight-decay", type=float, default=1e-4, help="PIN SGD weight decay (official: 1e-4 [C patch_PIN.py])")
-    a("--templates", type=int, default=80, help="use the first N prompt templates (official: all 80 [C patch_PIN.py])")
+      help="mining batches per process; 0 = one pass over the source "
+           "(official: one pass [C patch_PIN.py])")
+    a("--pin-iters", type=int, default=100,
+      help="PIN optimisation steps per batch (official: 100 [C patch_PIN.py])")
+    a("--pin-lr", type=float, default=1.0,
+      help="PIN SGD learning rate (official: 1.0 [C patch_PIN.py])")
+    a("--pin-momentum", type=float, default=0.9,
+      help="PIN SGD momentum (official: 0.9 [C patch_PIN.py])")
+    a("--pin-weight-decay", type=float, default=1e-4,
+      help="PIN SGD weight decay (official: 1e-4 [C patch_PIN.py])")
+    a("--templates", type=int, default=80,
+      help="use the first N prompt templates (official: all 80 [C patch_PIN.py])")
     a("--scale", type=float, default=1.0,
       help="test-time input scale (official post-publication option; paper: 1 [C main.py])")
-    a("--ensemble", action="store_true", help="average the logits at scale 1 and --scale [C main.py]")
-    a("--bench-paper", action="store_true", help="--bench on CPU: also time the paper setting (slow)")
+    a("--ensemble", action="store_true",
+      help="average the logits at scale 1 and --scale [C main.py]")
+    a("--bench-paper", action="store_true",
+      help="--bench on CPU: also time the paper setting (slow)")
+    # fmt: on
     return parser
 
 
@@ -315,7 +341,9 @@ class CLIPResNet(nn.Module):
         self.low_channels, self.high_channels = w * 4, w * 32  # layer1, layer4 outputs
         self.attnpool = None
         if attnpool:
-            self.attnpool = AttentionPool2d(CLIP_INPUT_SIZE // 32, w * 32, cfg["heads"], cfg["embed_dim"])
+            self.attnpool = AttentionPool2d(
+                CLIP_INPUT_SIZE // 32, w * 32, cfg["heads"], cfg["embed_dim"]
+            )
 
     def _make_layer(self, planes: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
         # [C network/backbone/resnet_clip.py::_make_layer] a dilated layer: stride 1 everywhere,
@@ -377,8 +405,14 @@ class DeepLabV3PlusHead(nn.Module):
     """ASPP on layer4, upsampled to layer1's size, concatenated with a 48-channel projection of the
     layer1 features, 3x3 conv, 1x1 classifier."""
 
-    def __init__(self, low_channels: int, high_channels: int, aspp: int, low_proj: int,
-                 num_classes: int = common.NUM_CLASSES):
+    def __init__(
+        self,
+        low_channels: int,
+        high_channels: int,
+        aspp: int,
+        low_proj: int,
+        num_classes: int = common.NUM_CLASSES,
+    ):
         super().__init__()
         self.low_level_proj = conv_bn_relu(low_channels, low_proj, 1)
         self.aspp = ASPP(high_channels, aspp)
@@ -395,7 +429,9 @@ class DeepLabV3PlusHead(nn.Module):
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         low = self.low_level_proj(low)  # (B, 48, H/4, W/4)
-        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = F.interpolate(
+            self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
         return self.classifier(self.fuse(torch.cat([low, high], 1)))  # (B, 19, H/4, W/4)
 
 
@@ -411,7 +447,7 @@ class FAMixSegmenter(nn.Module):
         cfg = BACKBONES[backbone]
         self.encoder = CLIPResNet(backbone, output_stride=16, attnpool=False)
         self.head = DeepLabV3PlusHead(self.encoder.low_channels, self.encoder.high_channels,
-                                      cfg["aspp"], cfg["low_proj"], num_classes)
+                                      cfg["aspp"], cfg["low_proj"], num_classes)  # fmt: skip
         self.frozen_layer4_blocks: int | None = None  # set by freeze(); None = nothing frozen
 
     def forward(self, x: torch.Tensor, stylize: Callable | None = None) -> torch.Tensor:
@@ -482,6 +518,28 @@ def backbone_of_state(state: dict, prefix: str) -> str | None:
     return next((name for name, c in BACKBONES.items() if c["layers"][2] == n), None)
 
 
+def check_backbone(state: dict, path: str, backbone: str) -> None:
+    found = backbone_of_state(state, "encoder.")
+    if found is None:
+        raise common.CheckpointError(
+            f"{path} holds no CLIP ResNet encoder of a known size ({', '.join(BACKBONES)})"
+        )
+    if found != backbone:
+        raise common.CheckpointError(f"{path} holds a {found} model; add --backbone {found}")
+
+
+def load_weights_file(path: str) -> object:
+    """torch.load(weights_only=True) that also accepts numpy scalars: the official checkpoints
+    store best_score as a numpy float64 [C main.py::save_ckpt]."""
+    import numpy as np
+
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType")]
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def sniff_weights(path: str) -> tuple[str, object]:
     """Classify a --pretrained file: ("clip-jit", None) for an OpenAI TorchScript archive,
     ("official", model_state), ("famix", checkpoint) or ("clip", None) for a CLIP state dict."""
@@ -490,7 +548,7 @@ def sniff_weights(path: str) -> tuple[str, object]:
             if any(n.endswith("constants.pkl") for n in z.namelist()):
                 return "clip-jit", None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_file(path)
     except Exception as e:
         raise common.CheckpointError(
             f"cannot read --pretrained {path} ({type(e).__name__}): expected a CLIP weight file, "
@@ -564,7 +622,9 @@ def visual_state(clip_model, backbone: str) -> dict:
 def encoder_fingerprint(encoder_state: dict) -> float:
     """A number identifying the frozen encoder weights, stored in the style bank: styles mined
     with other weights live in another feature space."""
-    return float(sum(encoder_state[k].double().sum() for k in ("conv1.weight", "layer1.0.conv1.weight")))
+    return float(
+        sum(encoder_state[k].double().sum() for k in ("conv1.weight", "layer1.0.conv1.weight"))
+    )
 
 
 # =============================================================================================
@@ -625,13 +685,14 @@ def unpatchify(patches: torch.Tensor, grid: int) -> torch.Tensor:
     return x.reshape(b, c, grid * h, grid * w)
 
 
-def dominant_classes(labels: torch.Tensor, grid: int, num_classes: int = common.NUM_CLASSES
-                     ) -> torch.Tensor:
+def dominant_classes(
+    labels: torch.Tensor, grid: int, num_classes: int = common.NUM_CLASSES
+) -> torch.Tensor:
     """Most frequent label of each patch, void (255) pixels included; ties go to the smallest id
     (void, 255, is the largest): exactly torch.mode [C patch_PIN.py]. (B, H, W) -> (B, grid*grid).
     Counted with one bincount instead of torch.mode: same result, much faster on GPU."""
     patches = patchify(labels[:, None], grid).flatten(2)  # (B, P, h*w)
-    b, p, n = patches.shape
+    b, p, _ = patches.shape
     bins = torch.where((patches >= 0) & (patches < num_classes), patches, num_classes)  # void last
     offset = torch.arange(b * p, device=labels.device).view(b, p, 1) * (num_classes + 1)
     counts = torch.bincount((bins + offset).flatten(), minlength=b * p * (num_classes + 1))
@@ -660,8 +721,14 @@ def style_prompt(cls: int, rng: random.Random) -> str:
 
 
 @torch.no_grad()
-def encode_prompts(clip_model, tokenizer, prompts: list[str], templates: tuple, device: torch.device,
-                   chunk: int = 512) -> torch.Tensor:
+def encode_prompts(
+    clip_model,
+    tokenizer,
+    prompts: list[str],
+    templates: tuple,
+    device: torch.device,
+    chunk: int = 512,
+) -> torch.Tensor:
     """Text targets: each prompt in every template, the raw embeddings averaged, then
     L2-normalised [C patch_PIN.py]. (N, embed_dim) unit vectors.
     DEVIATION: fp32 (official: fp16 OpenAI CLIP on GPU)."""
@@ -673,9 +740,15 @@ def encode_prompts(clip_model, tokenizer, prompts: list[str], templates: tuple, 
     return F.normalize(emb, dim=-1)
 
 
-def pin_optimize(patches: torch.Tensor, targets: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                 iters: int, lr: float, momentum: float, weight_decay: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def pin_optimize(
+    patches: torch.Tensor,
+    targets: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    iters: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Prompt-driven Instance Normalisation [C utils/PPIN.py] on K patches at once.
 
     [P poster] PIN(f) = sigma * (f - mu(f)) / sigma(f) + mu, followed by ReLU; mu, sigma in R^C
@@ -696,19 +769,29 @@ def pin_optimize(patches: torch.Tensor, targets: torch.Tensor, embed: Callable[[
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() here: no device sync per step
+    losses = torch.stack(losses).tolist() if losses else []
     return mu.detach().flatten(1), sigma.detach().flatten(1), losses
 
 
-def mine_styles(encoder: CLIPResNet, text_targets: Callable[[list[str]], torch.Tensor], batches,
-                n_batches: int, grid: int, pin_cfg: dict, rng: random.Random, log: Callable = print
-                ) -> dict:
+def mine_styles(
+    encoder: CLIPResNet,
+    text_targets: Callable[[list[str]], torch.Tensor],
+    batches,
+    n_batches: int,
+    grid: int,
+    pin_cfg: dict,
+    rng: random.Random,
+    log: Callable = print,
+) -> dict:
     """Local style mining, one pass [C patch_PIN.py]. `encoder`: CLIP image tower at OS32 with
     attnpool (frozen, eval). `batches` yields (normalised images (B,3,H,W), labels (B,H,W)) on the
     device. Returns {"mu": (N, C), "sigma": (N, C), "cls": (N,)} on the CPU."""
     # [C patch_PIN.py --resize_feat] patches are pooled so that layer4 (OS32) gives the 7x7 grid
     # attnpool's positional embedding was trained on: 7 * 8 = 56.
-    feat_size = round((encoder.attnpool.positional_embedding.shape[0] - 1) ** 0.5) * OS32_LAYER1_TO_LAYER4
+    feat_size = (
+        round((encoder.attnpool.positional_embedding.shape[0] - 1) ** 0.5) * OS32_LAYER1_TO_LAYER4
+    )
 
     def embed(styled: torch.Tensor) -> torch.Tensor:
         return encoder.embed_low_level(F.adaptive_avg_pool2d(styled, feat_size))
@@ -727,8 +810,10 @@ def mine_styles(encoder: CLIPResNet, text_targets: Callable[[list[str]], torch.T
         mus.append(mu.cpu())
         sigmas.append(sigma.cpu())
         classes.append(cls.cpu())
-        log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, 1 - cos {losses[0]:.4f} -> "
-            f"{losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
+        log(
+            f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, 1 - cos {losses[0]:.4f} -> "
+            f"{losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)"
+        )
     return {"mu": torch.cat(mus), "sigma": torch.cat(sigmas), "cls": torch.cat(classes)}
 
 
@@ -749,7 +834,7 @@ class StyleBank:
         start[: self.ALL] = torch.cumsum(count[: self.ALL], 0) - count[: self.ALL]
         self.count, self.start = count, start
 
-    def to(self, device: torch.device) -> "StyleBank":
+    def to(self, device: torch.device) -> StyleBank:
         for name in ("mu", "sigma", "cls", "count", "start"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -774,15 +859,21 @@ def load_style_bank(path: Path, backbone: str, fingerprint: float | None) -> Sty
         raw = torch.load(path, map_location="cpu", weights_only=True)
         mu, sigma, cls = raw["mu"], raw["sigma"], raw["cls"]
     except Exception as e:
-        raise common.UsageError(f"cannot read style bank {path} ({type(e).__name__}); delete it to "
-                                "mine again") from None
+        raise common.UsageError(
+            f"cannot read style bank {path} ({type(e).__name__}); delete it to mine again"
+        ) from None
     if raw.get("backbone") != backbone:
-        raise common.UsageError(f"style bank {path} was mined with {raw.get('backbone')}, this run "
-                                f"uses {backbone}; pass another --style-bank or delete it")
-    if fingerprint is not None and not math.isclose(raw.get("fingerprint", math.nan), fingerprint,
-                                                    rel_tol=1e-6, abs_tol=1e-6):
-        raise common.UsageError(f"style bank {path} was mined with other encoder weights "
-                                f"(--pretrained {raw.get('pretrained')}); delete it to mine again")
+        raise common.UsageError(
+            f"style bank {path} was mined with {raw.get('backbone')}, this run "
+            f"uses {backbone}; pass another --style-bank or delete it"
+        )
+    if fingerprint is not None and not math.isclose(
+        raw.get("fingerprint", math.nan), fingerprint, rel_tol=1e-6, abs_tol=1e-6
+    ):
+        raise common.UsageError(
+            f"style bank {path} was mined with other encoder weights "
+            f"(--pretrained {raw.get('pretrained')}); delete it to mine again"
+        )
     if len(cls) == 0:
         raise common.UsageError(f"style bank {path} is empty; delete it and mine on more data")
     return StyleBank(mu, sigma, cls)
@@ -793,8 +884,14 @@ def load_style_bank(path: Path, backbone: str, fingerprint: float | None) -> Sty
 # =============================================================================================
 
 
-def mix_statistics(x_hat: torch.Tensor, mu_s: torch.Tensor, sigma_s: torch.Tensor,
-                   mu_t: torch.Tensor, sigma_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def mix_statistics(
+    x_hat: torch.Tensor,
+    mu_s: torch.Tensor,
+    sigma_s: torch.Tensor,
+    mu_t: torch.Tensor,
+    sigma_t: torch.Tensor,
+    s: torch.Tensor,
+) -> torch.Tensor:
     """[P poster] mu_mix = (1 - a) mu(f) + a mu_t, sigma_mix likewise, a ~ Beta(0.1, 0.1).
     DEVIATION (convention only): the code's s weights the source, s = 1 - a (Beta symmetric).
     Returns sigma_mix * x_hat + mu_mix, before the ReLU."""
@@ -803,9 +900,15 @@ def mix_statistics(x_hat: torch.Tensor, mu_s: torch.Tensor, sigma_s: torch.Tenso
     return sigma_mix * x_hat + mu_mix
 
 
-def target_statistics(mode: str, mu_s: torch.Tensor, sigma_s: torch.Tensor, labels: torch.Tensor,
-                      bank: StyleBank | None, grid: int, noise_snr: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def target_statistics(
+    mode: str,
+    mu_s: torch.Tensor,
+    sigma_s: torch.Tensor,
+    labels: torch.Tensor,
+    bank: StyleBank | None,
+    grid: int,
+    noise_snr: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The statistics each patch is mixed with. mu_s, sigma_s (B, P, C, 1, 1).
     famix / pure: a mined style of the patch's dominant class (label patch (r, c) <-> feature
     patch (r, c)); mixstyle: the same patch of another image of the batch; noise: the patch's own
@@ -817,15 +920,24 @@ def target_statistics(mode: str, mu_s: torch.Tensor, sigma_s: torch.Tensor, labe
         perm = torch.randperm(mu_s.shape[0], device=mu_s.device)
         return mu_s[perm], sigma_s[perm]
     if mode == "noise":
+
         def noisy(v: torch.Tensor) -> torch.Tensor:
             power = v.pow(2).mean(2, keepdim=True)  # (B, P, 1, 1, 1)
             return v + torch.randn_like(v) * (power / 10 ** (noise_snr / 10)).sqrt()
+
         return noisy(mu_s), noisy(sigma_s)
     raise ValueError(f"unknown style mode {mode!r}")
 
 
-def stylize(f1: torch.Tensor, labels: torch.Tensor, bank: StyleBank | None, mode: str, grid: int,
-            beta: float, noise_snr: float) -> torch.Tensor:
+def stylize(
+    f1: torch.Tensor,
+    labels: torch.Tensor,
+    bank: StyleBank | None,
+    mode: str,
+    grid: int,
+    beta: float,
+    noise_snr: float,
+) -> torch.Tensor:
     """Patch-wise style mixing, every image, every iteration (probability 1) [C network/utils.py].
     f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop.
     Statistics and mixing run in fp32 even under autocast."""
@@ -849,27 +961,36 @@ def stylize(f1: torch.Tensor, labels: torch.Tensor, bank: StyleBank | None, mode
 # =============================================================================================
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
     """Cross-entropy, ignore 255, label smoothing 0.1 (in the official code; the paper body could
     not be checked for it) [C main.py]."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=common.IGNORE_INDEX,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.float(), labels, ignore_index=common.IGNORE_INDEX, label_smoothing=label_smoothing
+    )
 
 
 def build_optimizer(model: FAMixSegmenter, args: argparse.Namespace) -> torch.optim.SGD:
     """SGD: encoder (trainable part) lr 0.01, decoder lr 0.1, momentum 0.9, wd 1e-4 [C main.py].
     DEVIATION: only trainable parameters are handed to SGD (same updates)."""
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
-    groups = [{"params": enc, "lr": args.backbone_lr, "base_lr": args.backbone_lr},
-              {"params": list(model.head.parameters()), "lr": args.lr, "base_lr": args.lr}]
+    groups = [
+        {"params": enc, "lr": args.backbone_lr, "base_lr": args.backbone_lr},
+        {"params": list(model.head.parameters()), "lr": args.lr, "base_lr": args.lr},
+    ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Namespace) -> float:
     """[C utils/scheduler.py::PolyLR] lr_t = max(lr_0 (1 - t/T)^0.9, 1e-6), every iteration."""
     for group in optimizer.param_groups:
-        group["lr"] = common.poly_lr(group["base_lr"], iteration, args.iters, args.poly_power, args.min_lr)
+        group["lr"] = common.poly_lr(
+            group["base_lr"], iteration, args.iters, args.poly_power, args.min_lr
+        )
     return optimizer.param_groups[-1]["lr"]
 
 
@@ -880,11 +1001,15 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
 # Per-target input geometry [C utils/get_dataset.py]: Mapillary is resized to height 1536
 # (bicubic, label nearest) and centre-cropped to 1536x1536 (labels padded with 255); the rest
 # are fed whole at native size.
-EVAL_RESIZE = {"mapillary": common.EvalResize(("height_crop", 1536), resize_gt=True, image_interp="bicubic")}
+EVAL_RESIZE = {
+    "mapillary": common.EvalResize(("height_crop", 1536), resize_gt=True, image_interp="bicubic")
+}
 GTA_VAL_CROP_HW = (1046, 1914)  # [C utils/get_dataset.py] centre crop of GTA5 val
 
 
-def center_crop(image: torch.Tensor, label: torch.Tensor, g: torch.Generator, size_hw=GTA_VAL_CROP_HW):
+def center_crop(
+    image: torch.Tensor, label: torch.Tensor, g: torch.Generator, size_hw=GTA_VAL_CROP_HW
+):
     h, w = image.shape[-2:]
     ch, cw = min(size_hw[0], h), min(size_hw[1], w)
     y, x = (h - ch) // 2, (w - cw) // 2
@@ -897,8 +1022,9 @@ def fork_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def make_predictor(model: nn.Module, scale: float, ensemble: bool, amp_ctx: Callable
-                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_predictor(
+    model: nn.Module, scale: float, ensemble: bool, amp_ctx: Callable
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 (1,3,H,W) -> logits (1,19,H,W). --scale s: bilinear (align_corners=True) down by s,
     predict, bilinear back; --ensemble: mean of the raw logits at 1 and s [C main.py]."""
 
@@ -909,7 +1035,9 @@ def make_predictor(model: nn.Module, scale: float, ensemble: bool, amp_ctx: Call
             logits = None if scale != 1 and not ensemble else model(x).float()
             if scale != 1:
                 xs = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
-                ls = F.interpolate(model(xs).float(), size=size, mode="bilinear", align_corners=True)
+                ls = F.interpolate(
+                    model(xs).float(), size=size, mode="bilinear", align_corners=True
+                )
                 logits = ls if logits is None else (logits + ls) / 2
         return logits
 
@@ -920,17 +1048,26 @@ def eval_dataset(name: str, args: argparse.Namespace):
     """A target (or the source's validation split, name "source-val")."""
     if name == "source-val":
         if args.source == "gta":
-            return common.build_dataset("gta", args.data, "val", gta_list="famix", transform=center_crop)
+            return common.build_dataset(
+                "gta", args.data, "val", gta_list="famix", transform=center_crop
+            )
         if args.source == "toy":
             return common.build_dataset("toy", args.data, "val", transform=center_crop)
         return common.build_dataset(args.source, args.data, "val")
     if name == "gta":  # as a target: FAMix's 1,000 validation images, centre crop
-        return common.build_dataset("gta", args.data, "val", gta_list="famix", transform=center_crop)
+        return common.build_dataset(
+            "gta", args.data, "val", gta_list="famix", transform=center_crop
+        )
     return common.build_dataset(name, args.data, "val", mapillary_map="hrda")
 
 
-def evaluate(model: FAMixSegmenter, datasets: dict, args: argparse.Namespace, dist: common.Dist,
-             amp_ctx: Callable) -> dict:
+def evaluate(
+    model: FAMixSegmenter,
+    datasets: dict,
+    args: argparse.Namespace,
+    dist: common.Dist,
+    amp_ctx: Callable,
+) -> dict:
     """mIoU (nanmean over 19 classes, one confusion matrix per dataset) and per-class IoU of each
     dataset in `datasets` (name -> Dataset)."""
     model.eval()
@@ -940,10 +1077,17 @@ def evaluate(model: FAMixSegmenter, datasets: dict, args: argparse.Namespace, di
     with fork_rng(dist.device):  # evaluating must not shift the training random stream
         for name, dataset in datasets.items():
             results[name] = common.evaluate_dataset(
-                predict, dataset, resize=EVAL_RESIZE.get(name, common.EvalResize()),
-                dist=dist, miou_mode="nanmean", align_corners=True, workers=args.workers,
-                save_preds=args.save_preds, save_dir=Path(args.out) / "preds" / name,
-                subsets=subsets, desc=name,
+                predict,
+                dataset,
+                resize=EVAL_RESIZE.get(name, common.EvalResize()),
+                dist=dist,
+                miou_mode="nanmean",
+                align_corners=True,
+                workers=args.workers,
+                save_preds=args.save_preds,
+                save_dir=Path(args.out) / "preds" / name,
+                subsets=subsets,
+                desc=name,
             )
     set_train_mode(model)  # DEVIATION: for every source (official: GTA5 only)
     return results
@@ -978,11 +1122,19 @@ def train_transform(source: str, crop: int, jitter: bool = True) -> common.Trans
 
 def source_dataset(args: argparse.Namespace, transform: common.Transform):
     gta_list = "famix"  # [C datasets/gta5_list] 12,382 training images
-    return common.build_dataset(args.source, args.data, "train", gta_list=gta_list, transform=transform)
+    return common.build_dataset(
+        args.source, args.data, "train", gta_list=gta_list, transform=transform
+    )
 
 
-def run_mining(args: argparse.Namespace, dist: common.Dist, clip_model, encoder_state: dict,
-               dataset, bank_path: Path) -> None:
+def run_mining(
+    args: argparse.Namespace,
+    dist: common.Dist,
+    clip_model,
+    encoder_state: dict,
+    dataset,
+    bank_path: Path,
+) -> None:
     """Mine the style bank and save it (rank 0). Each process mines whole batches."""
     import open_clip
 
@@ -997,7 +1149,9 @@ def run_mining(args: argparse.Namespace, dist: common.Dist, clip_model, encoder_
     def text_targets(prompts: list[str]) -> torch.Tensor:
         new = sorted({p for p in prompts if p not in cache})
         if new:
-            for p, e in zip(new, encode_prompts(clip_model, tokenizer, new, templates, dist.device)):
+            for p, e in zip(
+                new, encode_prompts(clip_model, tokenizer, new, templates, dist.device)
+            ):
                 cache[p] = e
         return torch.stack([cache[p] for p in prompts])  # (K, D)
 
@@ -1006,8 +1160,10 @@ def run_mining(args: argparse.Namespace, dist: common.Dist, clip_model, encoder_
     global_batch = args.mine_batch_size * dist.world_size
     n_batches = args.mine_batches or len(dataset) // global_batch  # one pass, drop_last
     if n_batches == 0:
-        raise common.UsageError(f"the source has {len(dataset)} images, fewer than one mining batch "
-                                f"of {global_batch}; lower --mine-batch-size")
+        raise common.UsageError(
+            f"the source has {len(dataset)} images, fewer than one mining batch "
+            f"of {global_batch}; lower --mine-batch-size"
+        )
     loader = common.TrainLoader(dataset, global_batch, dist, args.seed + 1, args.workers)
 
     def batches():
@@ -1016,33 +1172,63 @@ def run_mining(args: argparse.Namespace, dist: common.Dist, clip_model, encoder_
             images = common.normalize(images.to(dist.device), common.CLIP_MEAN, common.CLIP_STD)
             yield images, labels.to(dist.device)
 
-    common.print0(f"mining styles: {n_batches} batches of {args.mine_batch_size} per process, "
-                  f"{args.pin_iters} PIN steps, {len(templates)} templates")
-    pin_cfg = {"iters": args.pin_iters, "lr": args.pin_lr, "momentum": args.pin_momentum,
-               "weight_decay": args.pin_weight_decay}
+    common.print0(
+        f"mining styles: {n_batches} batches of {args.mine_batch_size} per process, "
+        f"{args.pin_iters} PIN steps, {len(templates)} templates"
+    )
+    pin_cfg = {
+        "iters": args.pin_iters,
+        "lr": args.pin_lr,
+        "momentum": args.pin_momentum,
+        "weight_decay": args.pin_weight_decay,
+    }
     t0 = time.perf_counter()
-    bank = mine_styles(encoder, text_targets, batches(), n_batches, args.grid, pin_cfg,
-                       random.Random(args.seed + dist.rank), log=common.print0)
+    bank = mine_styles(
+        encoder,
+        text_targets,
+        batches(),
+        n_batches,
+        args.grid,
+        pin_cfg,
+        random.Random(args.seed + dist.rank),
+        log=common.print0,
+    )
     if dist.enabled:  # DEVIATION: gather the per-process banks
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, bank)
         bank = {k: torch.cat([g[k] for g in gathered]) for k in bank}
-    meta = {"backbone": args.backbone, "pretrained": args.pretrained, "crop": args.crop,
-            "grid": args.grid, "fingerprint": encoder_fingerprint(encoder_state),
-            "pin_iters": args.pin_iters, "templates": len(templates), "batches": n_batches * dist.world_size}
+    meta = {
+        "backbone": args.backbone,
+        "pretrained": args.pretrained,
+        "crop": args.crop,
+        "grid": args.grid,
+        "fingerprint": encoder_fingerprint(encoder_state),
+        "pin_iters": args.pin_iters,
+        "templates": len(templates),
+        "batches": n_batches * dist.world_size,
+    }
     if dist.is_main:
         save_style_bank(bank_path, bank, meta)
     sizes = torch.bincount(bank["cls"], minlength=VOID + 1)
     per_class = {("void" if c == VOID else common.CLASS_NAMES[c]): int(sizes[c])
                  for c in [*range(common.NUM_CLASSES), VOID] if sizes[c]}  # fmt: skip
-    common.print0(f"style bank: {len(bank['cls'])} styles in {time.perf_counter() - t0:.1f} s -> "
-                  f"{bank_path}; per class {per_class}")
+    common.print0(
+        f"style bank: {len(bank['cls'])} styles in {time.perf_counter() - t0:.1f} s -> "
+        f"{bank_path}; per class {per_class}"
+    )
     clip_model.cpu()
 
 
-def train(model: FAMixSegmenter, bank: StyleBank | None, dataset, eval_sets: dict,
-          args: argparse.Namespace, dist: common.Dist, log: common.RunLog, start_ckpt: dict | None
-          ) -> dict:
+def train(
+    model: FAMixSegmenter,
+    bank: StyleBank | None,
+    dataset,
+    eval_sets: dict,
+    args: argparse.Namespace,
+    dist: common.Dist,
+    log: common.RunLog,
+    start_ckpt: dict | None,
+) -> dict:
     # PLUMBING: device, AMP, DDP, optimiser and resume state
     device = dist.device
     amp_ctx, scaler = common.autocast(device, args.amp)
@@ -1056,24 +1242,33 @@ def train(model: FAMixSegmenter, bank: StyleBank | None, dataset, eval_sets: dic
     if bank is not None:
         bank.to(device)
     with fork_rng(device):
-        loader = common.TrainLoader(dataset, args.batch_size, dist, args.seed, args.workers, start_iter=start)
-    common.print0(f"source {args.source}: {len(dataset)} training images; batch {args.batch_size} "
-                  f"global, {args.batch_size // dist.world_size} per process; iterations {start} -> {args.iters}")
+        loader = common.TrainLoader(
+            dataset, args.batch_size, dist, args.seed, args.workers, start_iter=start
+        )
+    per_process = args.batch_size // dist.world_size
+    common.print0(
+        f"source {args.source}: {len(dataset)} training images; batch {args.batch_size} global, "
+        f"{per_process} per process; iterations {start} -> {args.iters}"
+    )
     set_train_mode(model)
     results = {}
     bar = common.progress(args.iters, start, dist.is_main)
     for it in range(start, args.iters):
         # PLUMBING: batch
         images, labels, _ = next(loader)
-        images = common.normalize(images.to(device, non_blocking=True), common.CLIP_MEAN, common.CLIP_STD)
+        images = common.normalize(
+            images.to(device, non_blocking=True), common.CLIP_MEAN, common.CLIP_STD
+        )
         labels = labels.to(device, non_blocking=True)
         # METHOD: poly learning rate [C utils/scheduler.py]
         lr = set_lr(optimizer, it, args)
         # METHOD: Mix — restyle the layer1 patches with mined styles [C network/utils.py]
         hook = None
         if args.style != "none":
+
             def hook(f1, labels=labels):
                 return stylize(f1, labels, bank, args.style, args.grid, args.beta, args.noise_snr)
+
         # METHOD: forward (frozen part without grad) and loss [C main.py]
         with amp_ctx():
             logits = ddp_model(images, stylize=hook)
@@ -1087,11 +1282,14 @@ def train(model: FAMixSegmenter, bank: StyleBank | None, dataset, eval_sets: dic
         else:
             loss.backward()
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at iteration {it}; lower --lr or disable --amp")
-        bar.update(1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(
+                f"loss is {loss_value} at iteration {it}; lower --lr or use --no-amp"
+            )
+        bar.update(1, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         if (it + 1) % 50 == 0 or it + 1 == args.iters:
-            log.log({"type": "train", "iter": it + 1, "loss": loss.item(), "lr": lr})
+            log.log({"type": "train", "iter": it + 1, "loss": loss_value, "lr": lr})
         # PLUMBING: periodic evaluation on the source validation split, checkpoint
         last = it + 1 == args.iters
         if last or (args.eval_every and (it + 1) % args.eval_every == 0):
@@ -1115,77 +1313,103 @@ def train(model: FAMixSegmenter, bank: StyleBank | None, dataset, eval_sets: dic
 # =============================================================================================
 
 
+def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device):
+    """Random images and blocky labels (cell x cell blocks of one class) for benchmarks."""
+    images = torch.randn(batch, 3, crop, crop, device=device)
+    n = crop // cell
+    labels = torch.randint(0, common.NUM_CLASSES, (batch, n, n), device=device)
+    return images, labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # (B, crop, crop)
+
+
+def bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx) -> Callable:
+    def step():
+        def hook(f1):
+            return stylize(f1, labels, bank, "famix", args.grid, args.beta, args.noise_snr)
+
+        with amp_ctx():
+            logits = model(images, stylize=hook)
+        loss = segmentation_loss(logits, labels, args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_mine_batch(encoder, images, labels, iters: int, grid: int) -> Callable:
+    targets = F.normalize(torch.randn(VOID + 1, encoder.embed_dim, device=images.device), dim=-1)
+    pin_cfg = {"iters": iters, "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4}
+
+    def step():
+        mine_styles(encoder, lambda prompts: targets[: len(prompts)], iter([(images, labels)]), 1,
+                    grid, pin_cfg, random.Random(0), log=lambda s: None)  # fmt: skip
+
+    return step
+
+
+# (name, batch, crop) of the timed training steps and (name, batch, crop, PIN steps) of the timed
+# mining batches; "paper" runs on GPU, or on CPU with --bench-paper.
+BENCH_TRAIN = (("small", 2, 192), ("paper", 8, 768))
+BENCH_MINE = (("small", 4, 192, 10), ("paper", 16, 768, 100))
+
+
 def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
-    """Training step (GTA5 scheme, FAMix mixing) and mining batch on synthetic data, random
+    """Training step (GTA5 scheme, FAMix mixing) and one mining batch on synthetic data, random
     weights. CPU: a small setting (and the paper setting with --bench-paper); GPU: paper setting."""
     device = dist.device
-    amp_ctx, scaler = common.autocast(device, args.amp)
-    settings = [("small", 2, 192)]
-    if device.type == "cuda" or args.bench_paper:
-        settings.append(("paper", 8, 768))
+    amp_ctx, _ = common.autocast(device, args.amp)
+    paper = device.type == "cuda" or args.bench_paper
     torch.manual_seed(0)
     model = FAMixSegmenter(args.backbone)
     freeze(model, "layer4.2")
     model.to(device)
     set_train_mode(model)
     optimizer = build_optimizer(model, args)
-    n = 2000
-    c = model.encoder.low_channels
+    n, c = 2000, model.encoder.low_channels
     bank = StyleBank(torch.rand(n, c), torch.rand(n, c) + 0.1,
-                     torch.randint(0, common.NUM_CLASSES, (n,))).to(device)
-    for name, batch, crop in settings:
-        images = torch.randn(batch, 3, crop, crop, device=device)
-        labels = torch.randint(0, common.NUM_CLASSES, (batch, crop // 16, crop // 16), device=device)
-        labels = labels.repeat_interleave(16, 1).repeat_interleave(16, 2)
-
-        def step():
-            hook = lambda f1: stylize(f1, labels, bank, "famix", args.grid, args.beta, args.noise_snr)  # noqa: E731
-            with amp_ctx():
-                logits = model(images, stylize=hook)
-            loss = segmentation_loss(logits, labels, args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        common.benchmark(f"famix/train_step/{name}", step, device=device, warmup=1,
-                         steps=2 if device.type == "cpu" else 10, images_per_step=batch,
-                         extra={"batch": batch, "crop": crop, "backbone": args.backbone, "amp": args.amp})
-    # Mining: one batch = forward of layer1 + PIN on one patch per class through layer2..attnpool.
-    encoder = CLIPResNet(args.backbone, output_stride=32, attnpool=True).to(device).eval().requires_grad_(False)
-    mine_settings = [("small", 4, 192, 10)]
-    if device.type == "cuda" or args.bench_paper:
-        mine_settings.append(("paper", 16, 768, 100))
-    for name, batch, crop, iters in mine_settings:
-        images = torch.randn(batch, 3, crop, crop, device=device)
-        labels = torch.randint(0, common.NUM_CLASSES, (batch, 3, 3), device=device)
-        labels = labels.repeat_interleave(crop // 3, 1).repeat_interleave(crop // 3, 2)
-        targets = F.normalize(torch.randn(VOID + 1, encoder.embed_dim, device=device), dim=-1)
-        pin_cfg = {"iters": iters, "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4}
-        it = iter(lambda: (images, labels), None)
+                     torch.randint(0, common.NUM_CLASSES, (n,))).to(device)  # fmt: skip
+    for name, batch, crop in [s for s in BENCH_TRAIN if paper or s[0] != "paper"]:
+        images, labels = synthetic_batch(batch, crop, 16, device)
+        common.benchmark(
+            f"famix/train_step/{name}",
+            bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx),
+            device=device, warmup=1, steps=2 if device.type == "cpu" else 10,
+            images_per_step=batch,
+            extra={"batch": batch, "crop": crop, "backbone": args.backbone, "amp": args.amp},
+        )  # fmt: skip
+    # Mining: layer1 of one batch, then PIN on one patch per class through layer2..attnpool.
+    encoder = CLIPResNet(args.backbone, output_stride=32, attnpool=True)
+    encoder.to(device).eval().requires_grad_(False)
+    for name, batch, crop, iters in [s for s in BENCH_MINE if paper or s[0] != "paper"]:
+        images, labels = synthetic_batch(batch, crop, crop // args.grid, device)
         k = int(first_patch_per_class(dominant_classes(labels, args.grid))[2].numel())
-
-        def mine_step():
-            mine_styles(encoder, lambda prompts: targets[: len(prompts)], it, 1, args.grid, pin_cfg,
-                        random.Random(0), log=lambda s: None)
-
-        common.benchmark(f"famix/mine_batch/{name}", mine_step, device=device, warmup=0, steps=1,
-                         images_per_step=batch,
-                         extra={"batch": batch, "crop": crop, "pin_iters": iters, "patches": k})
+        common.benchmark(
+            f"famix/mine_batch/{name}",
+            bench_mine_batch(encoder, images, labels, iters, args.grid),
+            device=device, warmup=0, steps=1, images_per_step=batch,
+            extra={"batch": batch, "crop": crop, "pin_iters": iters, "patches": k},
+        )  # fmt: skip
 
 
 def check_args(args: argparse.Namespace, dist: common.Dist) -> None:
     unit = LAYER1_STRIDE * args.grid
     if args.crop % unit:
-        raise common.UsageError(f"--crop {args.crop} must be divisible by {unit} (layer1 stride 4 x "
-                                f"--grid {args.grid}) so the patch grid tiles it; e.g. --crop "
-                                f"{args.crop // unit * unit}")
+        raise common.UsageError(
+            f"--crop {args.crop} must be divisible by {unit} (layer1 stride 4 x "
+            f"--grid {args.grid}) so the patch grid tiles it; e.g. --crop "
+            f"{args.crop // unit * unit}"
+        )
     if args.batch_size // dist.world_size < 2 and not (dist.enabled and dist.device.type == "cuda"):
-        raise common.UsageError("--batch-size must give at least 2 images per process (the decoder's "
-                                "BatchNorm needs more than one value per channel)")
+        raise common.UsageError(
+            "--batch-size must give at least 2 images per process (the decoder's "
+            "BatchNorm needs more than one value per channel)"
+        )
     if not 0 < args.scale <= 1:
         raise common.UsageError(f"--scale {args.scale}: use a value in (0, 1], e.g. 0.5")
     if args.ensemble and args.scale == 1:
-        raise common.UsageError("--ensemble averages scale 1 with --scale; also pass e.g. --scale 0.5")
+        raise common.UsageError(
+            "--ensemble averages scale 1 with --scale; also pass e.g. --scale 0.5"
+        )
     if not 1 <= args.templates <= len(TEMPLATES):
         raise common.UsageError(f"--templates must be in 1..{len(TEMPLATES)}")
 
@@ -1210,12 +1434,19 @@ def main(argv: list[str] | None = None) -> None:
     # PLUMBING: every dataset is opened before any heavy work, so a bad --data or --targets fails
     # now and not after 40k iterations.
     targets = [t for t in common.parse_targets(args) if t != args.source]
-    eval_sets = {name: eval_dataset(name, args) for name in ["source-val", *targets]}
-    if args.eval_only and args.source != "toy":
-        del eval_sets["source-val"]
-    train_set = None if args.eval_only else source_dataset(args, train_transform(args.source, args.crop))
-    common.print0("datasets: " + ", ".join(f"{k} {len(v)}" for k, v in
-                                            {"source-train": train_set or [], **eval_sets}.items()))
+    with_source_val = not args.eval_only or args.source == "toy"
+    eval_sets = {
+        name: eval_dataset(name, args) for name in ["source-val"] * with_source_val + targets
+    }
+    train_set = (
+        None if args.eval_only else source_dataset(args, train_transform(args.source, args.crop))
+    )
+    common.print0(
+        "datasets: "
+        + ", ".join(
+            f"{k} {len(v)}" for k, v in {"source-train": train_set or [], **eval_sets}.items()
+        )
+    )
 
     # PLUMBING: weights. Our checkpoint (--resume), an official/our FAMix checkpoint
     # (--pretrained FILE, evaluation), or CLIP weights (training; also needed for mining).
@@ -1223,33 +1454,39 @@ def main(argv: list[str] | None = None) -> None:
     start_ckpt, clip_model, encoder_state = None, None, None
     if args.resume:
         start_ckpt = common.load_checkpoint(args.resume, "famix")
-        found = backbone_of_state(start_ckpt["model"], "encoder.")
-        if found != args.backbone:
-            raise common.CheckpointError(f"{args.resume} holds a {found} model; add --backbone {found}")
+        check_backbone(start_ckpt["model"], args.resume, args.backbone)
         load_state_strict(model, start_ckpt["model"], args.resume)
     else:
-        kind, obj = sniff_weights(args.pretrained) if os.path.isfile(args.pretrained) else ("clip", None)
+        kind, obj = (
+            sniff_weights(args.pretrained) if os.path.isfile(args.pretrained) else ("clip", None)
+        )
         if kind in ("official", "famix"):
             state = map_official_state(obj) if kind == "official" else obj["model"]
-            found = backbone_of_state(state, "encoder.")
-            if found != args.backbone:
-                raise common.CheckpointError(f"{args.pretrained} holds a {found} model; add --backbone {found}")
+            check_backbone(state, args.pretrained, args.backbone)
             load_state_strict(model, state, args.pretrained)
             if not args.eval_only and not bank_path.is_file():
-                raise common.UsageError(f"{args.pretrained} is a segmentation checkpoint without the "
-                                        "CLIP text tower needed for mining: use it with --eval-only, "
-                                        "or give an existing --style-bank")
+                raise common.UsageError(
+                    f"{args.pretrained} is a segmentation checkpoint without the "
+                    "CLIP text tower needed for mining: use it with --eval-only, "
+                    "or give an existing --style-bank"
+                )
         elif not (args.eval_only and args.pretrained == "none"):
             clip_model = load_clip(args.backbone, args.pretrained, args.seed)
             encoder_state = visual_state(clip_model, args.backbone)
-            load_state_strict(model.encoder, {k: v for k, v in encoder_state.items()
-                                              if not k.startswith("attnpool.")}, "the CLIP image tower")
+            load_state_strict(
+                model.encoder,
+                {k: v for k, v in encoder_state.items() if not k.startswith("attnpool.")},
+                "the CLIP image tower",
+            )
     freeze(model, args.freeze)
     total, trainable = common.count_parameters(model)
-    common.print0(f"FAMix {args.backbone}: {total:,} parameters, {trainable:,} trainable "
-                  f"(freeze {args.freeze}, style {args.style})")
-    log = common.RunLog(args.out, args, {"params_total": total, "params_trainable": trainable},
-                        enabled=dist.is_main)
+    common.print0(
+        f"FAMix {args.backbone}: {total:,} parameters, {trainable:,} trainable "
+        f"(freeze {args.freeze}, style {args.style})"
+    )
+    log = common.RunLog(
+        args.out, args, {"params_total": total, "params_trainable": trainable}, enabled=dist.is_main
+    )
 
     if args.eval_only:
         model.to(dist.device)
@@ -1266,11 +1503,15 @@ def main(argv: list[str] | None = None) -> None:
         encoder = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
         if not bank_path.is_file():
             if args.mine == "never":
-                raise common.UsageError(f"style bank {bank_path} is missing; mine it first "
-                                        "(--mine only) or drop --mine never")
+                raise common.UsageError(
+                    f"style bank {bank_path} is missing; mine it first "
+                    "(--mine only) or drop --mine never"
+                )
             if clip_model is None:
-                raise common.UsageError(f"style bank {bank_path} is missing and mining needs CLIP "
-                                        "weights: run without --resume first, or pass --style-bank")
+                raise common.UsageError(
+                    f"style bank {bank_path} is missing and mining needs CLIP "
+                    "weights: run without --resume first, or pass --style-bank"
+                )
             run_mining(args, dist, clip_model, encoder_state, train_set, bank_path)
         if dist.enabled:
             torch_dist.barrier()
