@@ -17,55 +17,82 @@ The recipe, in three words (Freeze, Augment, Mix):
     class's bank, mixed with its own by s ~ Beta(0.1, 0.1) per image and channel.
 
 Launch (data layout: see README and common.py; --data holds gta5/ synthia/ cityscapes/ ...):
-  1 GPU   python famix.py --source gta --data ./data --out out/famix-gta
-          (mines the style bank into out/famix-gta/style_bank.pt first if it is missing)
-  8 GPUs  torchrun --nproc_per_node 8 famix.py --source gta --data ./data --batch-size 8
-  mining only   python famix.py --source gta --data ./data --mine only
-  CPU toy run   python famix.py --source toy --pretrained none --out out/famix-demo
-  evaluate an official checkpoint (the .pth files linked from the official README):
-          python famix.py --eval-only --pretrained best_deeplabv3plus_resnet_clip_gta5.pth \
-              --targets cityscapes,mapillary [--scale 0.5 --ensemble]
-  benchmark     python famix.py --bench [--bench-paper]
+  1 GPU    python famix.py --source gta --data ./data --out out/famix-gta
+           (mines the style bank into out/famix-gta/style_bank.pt first if it is missing)
+  8 GPUs   torchrun --nproc_per_node 8 famix.py --source gta --data ./data --out out/famix-gta
+           (--batch-size is global: 8 as in the paper, one image per GPU, SyncBN)
+  mining   python famix.py --source gta --data ./data --out out/famix-gta --mine only
+  CPU toy  python famix.py --source toy --pretrained none --out out/famix-demo
+           (tiny random-init "test" size, toy data written by common.py: mine, train, evaluate)
+  bench    python famix.py --bench [--bench-paper] [--amp]
+  --pretrained: "openai" (open_clip downloads it), a local OpenAI RN50.pt / RN101.pt or CLIP state
+  dict, an official FAMix .pth or a famix.py checkpoint (evaluation), or none (random init).
 
-Paper component -> code (paper section numbers could not be checked against the paper body,
-so components are named as on the poster and in the official code):
+Evaluating the released checkpoints (official README, single run, GTA5 -> targets):
+  python famix.py --eval-only --pretrained <RN50 .pth> --data ./data \
+      --targets cityscapes,mapillary,acdc-night,acdc-snow,acdc-rain,acdc-fog
+  should print about (C, M, ACDC night/snow/rain/fog):
+    RN50   scale 1      48.51  52.39  15.02  37.38  39.56  40.99
+    RN50   --scale 0.5  48.02  54.00  21.58  38.27  39.53  44.94
+    RN50   --scale 0.5 --ensemble   50.80  56.04  20.05  40.40  42.10  44.93
+    RN101  scale 1      49.13  53.41  21.28  41.49  42.19  44.30   (add --backbone RN101-quickgelu)
+    RN101  --scale 0.5  50.06  55.31  23.97  40.34  42.41  44.98
+    RN101  --scale 0.5 --ensemble   51.46  56.95  24.53  43.33  44.77  47.39
+  Mapillary may differ slightly: its few portrait images are padded with ignore here, with road
+  in the official code (deviation 4). Paper numbers (mean of 3 runs, RN50, scale 1) [P poster]:
+  C 48.15, B 45.61, M 52.11, S 34.23, ACDC night/snow/rain/fog 14.96 / 37.09 / 38.66 / 40.25.
+
+Paper component -> code (the paper body could not be checked, so components are named as on
+the poster and in the official code; [P poster] tags cite the poster):
   CLIP ResNet encoder, OS16 surgery .......... CLIPResNet, Bottleneck, AttentionPool2d
   DeepLabv3+ decoder ......................... ASPP, DeepLabV3PlusHead, FAMixSegmenter
   Freeze (L4' scheme) ........................ freeze, trainable_modules, set_train_mode
   Augment: local style mining, PIN ........... patchify, dominant_classes, first_patch_per_class,
-                                               encode_prompts, pin_optimize, mine_styles
+                                               style_prompt, encode_prompts, pin_optimize,
+                                               mine_styles, run_mining
   class-wise style banks ..................... StyleBank, save_style_bank, load_style_bank
   Mix: patch-wise style mixing ............... calc_mean_std, mix_statistics, target_statistics,
                                                stylize
   loss, optimiser, poly schedule ............. segmentation_loss, build_optimizer, set_lr
   evaluation (whole image, --scale/--ensemble) make_predictor, evaluate
-  official checkpoints ....................... OFFICIAL_KEY_MAP, load_official_state
+  official checkpoints ....................... OFFICIAL_KEY_MAP, map_official_state,
+                                               load_weights_file
+  ablations [P poster] ....................... --style none|pure|mixstyle|noise, --freeze
 
-Deviations and choices (each is also marked `DEVIATION:` where it happens):
-  1. Style mining optimises all selected patches of a batch in one PIN batch (as the official
-     code) but the text embeddings are computed in fp32 (official: fp16 on GPU), cached per
-     prompt, and with `--templates N` only the first N of the 80 templates are used (toy runs;
-     default 80 as the official code).
-  2. The official RN101 mining crashes (text buffer hard-coded to 1024 dims); the embedding size
-     comes from the model here. The patch size is derived from the crop (official: 64/256
-     hard-coded for 768 crops); crops must be divisible by 4 x grid.
-  3. Classes with an empty bank draw from the void bank (as the official code); if the void bank
-     is empty too (possible on tiny data), from the whole bank (the official code would crash).
-  4. SYNTHIA: random-size crop pads labels with 255, not 0 (= road) as the official
-     RandomSizeAndCrop; Mapillary evaluation pads labels with 255, not 0 (common.py). SYNTHIA is
-     mined with its training geometry (the official plain 768 crop crashes on 760-px images).
-  5. After each evaluation the trainable parts go back to train mode for every source (official:
-     only for GTA5; for SYNTHIA layer4[2]'s BN stayed in eval mode until the next epoch).
-  6. The optimiser holds only the trainable parameters (official: all backbone parameters with
-     lr x 0.1, the frozen ones simply never get a gradient): same updates.
-  7. Mining under DDP splits the batches over the processes (each process mines whole batches of
-     --mine-batch-size) and gathers the banks; the official script runs on one GPU.
-  8. Ablation switches (--style, --freeze) re-create the poster's ablation rows. The MixStyle-like
-     partner (statistics of the same patch position in another image of the batch) and the
-     Gaussian-noise statistics (SNR in dB w.r.t. the patch's own statistics) are this file's
-     definitions: the official repository does not contain those ablation runs.
-  9. The periodic evaluation during training uses the source validation split only (as the
-     official code); the targets are evaluated once at the end. The last iteration is reported.
+Deviations and choices (marked `DEVIATION:` where they happen):
+  1. Text targets are computed in fp32 (official: fp16 CLIP on GPU) and cached per prompt;
+     `--templates N` keeps the first N of the 80 templates (default 80; 2 in the toy run).
+  2. Bug fixes: official RN101 mining crashes (text buffer hard-coded to 1024 dims): the size
+     comes from the model here. The official patch size is hard-coded for 768 crops (64 / 256):
+     here it is crop / (4 x grid) and crop / grid, and the crop must be divisible by 4 x grid.
+  3. Classes with an empty bank draw from the void bank (official); if the void bank is empty
+     too (possible on tiny data) from the whole bank (the official code would crash).
+  4. Bug fixes: SYNTHIA random-size crops pad labels with 255, not 0 (= road) as the official
+     RandomSizeAndCrop; Mapillary evaluation pads labels with 255 (common.py). SYNTHIA is mined
+     with its training augmentation (the official plain 768 crop crashes on 760-px images).
+  5. Bug fix: after each evaluation the trainable parts return to train mode for every source
+     (official: only for GTA5; for SYNTHIA layer4[2]'s BN stayed in eval mode until the next
+     epoch).
+  6. The optimiser holds only the trainable parameters (official: all backbone parameters, the
+     frozen ones never get a gradient): same updates.
+  7. Mining under DDP splits the batches over the processes (whole batches of --mine-batch-size
+     each) and gathers the banks; the official script runs on one GPU.
+  8. Ablations: the MixStyle-like partner (the same patch position in another image of the
+     batch) and the Gaussian-noise statistics (SNR in dB relative to the patch's own mean square
+     statistics) are this file's definitions; the official repository has no code for them.
+  9. Mixing convention: the code's s weights the source, the poster's alpha the style
+     (s = 1 - alpha; same distribution since Beta(0.1, 0.1) is symmetric).
+  10. The dominant class is counted with one bincount instead of torch.mode (same result, ties
+      to the smallest id, void = 255 last). Evaluation and loader seeding do not consume the
+      training random stream (exact --resume).
+  11. Style bank file: <out>/style_bank.pt, flat float32 tensors mu (N, C), sigma (N, C), cls (N,)
+      plus metadata (official: a pickle of per-class lists of (C, 1, 1) tensors). Checkpoints
+      hold the whole model (frozen encoder included), so --eval-only needs no CLIP weights.
+  12. "test" backbone size (tiny random-init CLIP ResNet, width 16, layers 1/1/1/3, ASPP 64) for
+      CPU tests and the toy run, where the toy defaults also lower the PIN lr to 0.05: random
+      layer1 features are about 100x smaller than CLIP's and lr 1 would throw them out of range.
+  Periodic evaluation uses the source validation split only (official); the targets are
+  evaluated once, at the end, on the last iteration's weights (no selection on targets).
 """
 
 from __future__ import annotations
@@ -93,8 +120,8 @@ import common
 # Fixed architecture values [C network/backbone/resnet_clip.py, network/_deeplab.py].
 # CLIP ModifiedResNet sizes: blocks per layer, width (layer1..4 give 4, 8, 16, 32 x width
 # channels: 256 ... 2048 for the paper sizes), CLIP embedding size, attnpool heads, and the
-# DeepLabv3+ widths (ASPP 256, low-level projection 48). "test" is a tiny random-init size for
-# CPU tests and the toy run (no such CLIP weights exist).
+# DeepLabv3+ widths (ASPP 256, low-level projection 48). DEVIATION: "test" is a tiny random-init
+# size for CPU tests and the toy run (no such CLIP weights exist).
 BACKBONES = {
     "RN50-quickgelu": {"layers": (3, 4, 6, 3), "width": 64, "embed_dim": 1024, "heads": 32,
                        "aspp": 256, "low_proj": 48},
@@ -690,7 +717,7 @@ def dominant_classes(
 ) -> torch.Tensor:
     """Most frequent label of each patch, void (255) pixels included; ties go to the smallest id
     (void, 255, is the largest): exactly torch.mode [C patch_PIN.py]. (B, H, W) -> (B, grid*grid).
-    Counted with one bincount instead of torch.mode: same result, much faster on GPU."""
+    DEVIATION: counted with one bincount instead of torch.mode: same result, faster on GPU."""
     patches = patchify(labels[:, None], grid).flatten(2)  # (B, P, h*w)
     b, p, _ = patches.shape
     bins = torch.where((patches >= 0) & (patches < num_classes), patches, num_classes)  # void last
@@ -730,8 +757,9 @@ def encode_prompts(
     chunk: int = 512,
 ) -> torch.Tensor:
     """Text targets: each prompt in every template, the raw embeddings averaged, then
-    L2-normalised [C patch_PIN.py]. (N, embed_dim) unit vectors.
-    DEVIATION: fp32 (official: fp16 OpenAI CLIP on GPU)."""
+    L2-normalised [C patch_PIN.py]. (N, embed_dim) unit vectors; embed_dim from the model.
+    DEVIATION: fp32 (official: fp16 OpenAI CLIP on GPU); embed_dim is not hard-coded (official:
+    1024, which crashes RN101 mining)."""
     texts = [t.format(p) for p in prompts for t in templates]
     tokens = tokenizer(texts)  # (N*T, 77)
     emb = torch.cat([clip_model.encode_text(tokens[i : i + chunk].to(device)).float()
@@ -851,6 +879,8 @@ class StyleBank:
 
 
 def save_style_bank(path: Path, bank: dict, meta: dict) -> None:
+    """DEVIATION: one torch file of flat tensors + metadata (official: saved_params.pkl, per-class
+    lists of (256, 1, 1) tensors)."""
     common.atomic_torch_save({**bank, **meta}, path)
 
 
@@ -910,6 +940,7 @@ def target_statistics(
     noise_snr: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The statistics each patch is mixed with. mu_s, sigma_s (B, P, C, 1, 1).
+    DEVIATION: mixstyle and noise are this file's definitions of the poster's ablations.
     famix / pure: a mined style of the patch's dominant class (label patch (r, c) <-> feature
     patch (r, c)); mixstyle: the same patch of another image of the batch; noise: the patch's own
     statistics plus Gaussian noise at `noise_snr` dB (signal power = mean square over channels)."""
@@ -1018,7 +1049,8 @@ def center_crop(
 
 def fork_rng(device: torch.device):
     """Run a block without touching the global random state (loader seeding, evaluation), so
-    that an interrupted and resumed run draws the same numbers as an uninterrupted one."""
+    that an interrupted and resumed run draws the same numbers as an uninterrupted one.
+    DEVIATION: in the official loop evaluation draws from the training random stream."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
@@ -1108,7 +1140,8 @@ def train_transform(source: str, crop: int, jitter: bool = True) -> common.Trans
         if source == "synthia":
             pre = round(crop * 720 / 768)
             image, label = common.random_scale(image, label, (0.5, 2.0), g, image_interp="bicubic")
-            image, label = common.random_crop(image, label, pre, g)  # pads labels with 255
+            # DEVIATION: pads labels with 255 (official RandomSizeAndCrop: 0 = road)
+            image, label = common.random_crop(image, label, pre, g)
             image, label = common.resize_pair(image, label, (crop, crop))
         else:
             image, label = common.random_crop(image, label, crop, g)
@@ -1392,6 +1425,7 @@ def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
 
 
 def check_args(args: argparse.Namespace, dist: common.Dist) -> None:
+    # DEVIATION: the patch grid follows the crop (official: 64 / 256-pixel patches hard-coded).
     unit = LAYER1_STRIDE * args.grid
     if args.crop % unit:
         raise common.UsageError(
