@@ -170,6 +170,9 @@ GEN_NUM_IMAGES = 5000  # --num-images per call (5,000 in total [unverified])
 # Evaluation [C mapper_test.py: ResizeShortestEdge(1024)]; mIoU over classes with GT pixels
 # [C semantic_evaluation.py]. toy: short side 64 (CPU-sized).
 EVAL_SHORT_SIDE = {"gta": 1024, "synthia": 1024, "cityscapes": 1024, "toy": 64}
+# SYNTHIA-source runs are trained and scored with 19 classes [C configs]; the 16- and 13-class
+# means usual for SYNTHIA are logged beside them (miou_16, miou_13).
+SYNTHIA_SUBSETS = {"16": common.SYNTHIA16, "13": common.SYNTHIA13}
 
 
 # =================================================================================================
@@ -352,7 +355,8 @@ class FrozenCLIPEncoder(nn.Module):
 
     [C modeling/backbone/clip.py::CLIP] ConvNeXt: res2..res5 = outputs of `visual.trunk.stages`;
     ResNet: 3-conv stem + avgpool, then layer1..layer4. The parts the closed-set head never
-    uses (text tower, ConvNeXt head / ResNet attention pool) are not kept (DEVIATION 1).
+    uses (text tower, ConvNeXt head / ResNet attention pool) are not kept.
+    DEVIATION: (1) official: the whole CLIP model is built and kept; here: the image trunk only.
     """
 
     def __init__(
@@ -1288,7 +1292,7 @@ def fixed_size_crop(
     image: torch.Tensor, label: torch.Tensor, g: torch.Generator, crop: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """detectron2 FixedSizeCrop((crop, crop), pad=True): ONE u ~ U(0,1) scales both axes' maximum
-    offsets (crop corners lie on a diagonal: a detectron2 quirk, kept), then bottom/right padding with
+    offsets (crop corners on a diagonal: a detectron2 quirk, kept), then bottom/right padding with
     0 (image) and 255 (label)."""
     h, w = image.shape[-2:]
     u = torch.rand((), generator=g).item()
@@ -1305,7 +1309,9 @@ def fixed_size_crop(
 
 def _rgb_to_hsv_cv(img: torch.Tensor) -> torch.Tensor:
     """uint8 RGB (3, H, W) -> float HSV in OpenCV's uint8 convention: H in [0, 180), S, V in
-    [0, 255], each rounded to an integer as cv2.cvtColor(COLOR_BGR2HSV) stores it."""
+    [0, 255], each rounded to an integer as cv2.cvtColor(COLOR_BGR2HSV) stores it.
+    DEVIATION: (5) official: cv2's integer tables; here: float formulas (rounding may differ by 1)
+    """
     rgb = img.float()
     r, g, b = rgb
     v, _ = rgb.max(0)
@@ -1478,8 +1484,8 @@ def generate_images(
     """Stable Diffusion 2 over the prompts, round-robin, one 768x768 image per call
     [C generate_txt_im.py::main]. `pipe(prompt, height, width, num_inference_steps,
     guidance_scale, generator)` returns an object whose `.images[0]` is a PIL image. Image k
-    (global index k = j + part * num_images) uses generator seed `seed + k` (DEVIATION 7: the
-    official run had no seed); files that already exist are kept (restartable jobs)."""
+    (global index k = j + part * num_images) uses generator seed `seed + k`; files that already
+    exist are kept (restartable jobs). DEVIATION: (7) official: no seed; here: seed + k."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -1628,7 +1634,7 @@ class JointTrainSet(torch.utils.data.Dataset):
             return image, None, label, False
         image, _ = self.generated[index - len(self.source)]
         if tuple(image.shape[-2:]) != (self.crop, self.crop):
-            # DEVIATION 3: the official images are 768x768 = the crop and never resized
+            # DEVIATION: (3) official: 768x768 images = the crop, never resized; here: resized
             image, _ = resize_image_label(image, None, (self.crop, self.crop))
         student, teacher = generated_views(image, g)
         label = torch.full((self.crop, self.crop), IGNORE_INDEX, dtype=torch.int64)
@@ -1703,6 +1709,8 @@ class EMATeacher:
         return segment(backbone, self.head, clean_images).argmax(1)
 
     def state_dict(self) -> dict:
+        # DEVIATION: (4) official: neither the teacher nor its counter is saved (a restarted run
+        # re-copies the student); here both are, so --resume continues exactly.
         return {"head": self.head.state_dict(), "iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
@@ -1735,6 +1743,8 @@ def refine_pseudo_label_with_sam(
       6. no component larger than min_area at all: the unrefined teacher targets are used.
     `predictor(image uint8 (H, W, 3), points (K, P, 2) float (x, y)) -> (masks (K, 3, H, W) bool,
     scores (K, 3))` hides the SAM backend.
+    DEVIATION: (9) official: each refined map is also drawn with matplotlib and written to a PNG
+    (debug code left in the loop); here: not.
     """
     device = pseudo_label.device
     pl = pseudo_label.cpu().numpy()
@@ -1789,7 +1799,9 @@ def build_sam_predictor(kind: str, checkpoint: str | None, device: torch.device)
     """SAM behind the predictor interface. mobile_sam: the `mobile_sam` package ("vit_t",
     released default [C sam.py, config.py SAM.MOBILE=True]); vit_h/vit_l/vit_b: `segment_anything`.
     Both: ResizeLongestSide(1024) + SAM normalisation (set_image), points scaled into that frame,
-    multimask_output=True, masks binarised at logit 0. DEVIATION 2: eval mode."""
+    multimask_output=True, masks binarised at logit 0.
+    DEVIATION: (2) official: MobileSAM left in train mode (BatchNorm batch statistics); here:
+    eval mode."""
     package = "mobile_sam" if kind == "mobile_sam" else "segment_anything"
     try:
         if kind == "mobile_sam":
@@ -1856,7 +1868,8 @@ def param_groups(head: nn.Module, weight_decay: float = WEIGHT_DECAY) -> list[di
 
 def lr_at(iteration: int, base_lr: float, schedule: str, max_iters: int) -> float:
     """constant (GTA5, Cityscapes: the multi-step milestone 100000 is beyond MAX_ITER) or
-    poly: base * (1 - i / max_iters)^0.9 (SYNTHIA, no warm-up) [C configs, detectron2 lr_scheduler.py]."""
+    poly: base * (1 - i / max_iters)^0.9 (SYNTHIA, no warm-up)
+    [C configs, detectron2 lr_scheduler.py]."""
     if schedule == "constant":
         return base_lr
     return common.poly_lr(base_lr, iteration, max_iters, POLY_POWER)
@@ -2044,7 +2057,9 @@ def evaluate(
 ) -> dict[str, dict]:
     """Per target: whole image, short side 1024 (bilinear; label nearest to the same size), one
     confusion matrix, mIoU over the classes with ground-truth pixels [C semantic_evaluation.py].
-    Toy targets: short side 64. Training randomness is untouched (RNG restored)."""
+    Toy targets: short side 64. Training randomness is untouched (RNG restored).
+    DEVIATION: (8) official: Cityscapes scored by cityscapesScripts at full resolution; here the
+    same confusion matrix as the other targets (1024x2048 is already short side 1024: same mIoU)."""
     rng_state = common.get_rng_state()
     resize = common.EvalResize(rule=("short", EVAL_SHORT_SIDE[args.source]), resize_gt=True)
     head.eval()
@@ -2065,6 +2080,7 @@ def evaluate(
             workers=min(args.workers, 2),
             save_preds=args.save_preds,
             save_dir=os.path.join(args.out, "preds", target) if args.save_preds else None,
+            subsets=SYNTHIA_SUBSETS if args.source == "synthia" else None,
             desc=target,
         )
     head.train()
@@ -2124,7 +2140,8 @@ def train_step(
         clean = clean.to(device, non_blocking=True)
         with autocast():
             pseudo = teacher.pseudo_labels(backbone, clean)  # (G, H, W)
-        rng = np.random.default_rng([args.seed, iteration, rank])  # DEVIATION 6
+        # DEVIATION: (6) official: numpy's global RNG; here: seeded by (seed, iteration, rank)
+        rng = np.random.default_rng([args.seed, iteration, rank])
         for k, b in enumerate(generated):
             if args.sam == "none":  # "without SAM" ablation: the teacher's targets as they are
                 target = semantic_to_targets(pseudo[k : k + 1])[0]
@@ -2430,12 +2447,14 @@ def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
 # =================================================================================================
 
 # --source toy: CPU-sized settings (not paper values): tiny random encoder, 64 px crops, 20 queries,
-# 1024 matcher/criterion points, fake SAM, no evaluation before training.
+# 1024 matcher/criterion points, fake SAM with the 5000 px threshold scaled from 768^2 to 64^2
+# images (35 px), no evaluation before training.
 TOY_DEFAULTS = dict(
     crop=64,
     batch_size=4,
     backbone="test",
     sam="fake",
+    sam_min_area=35,
     num_points=1024,
     num_queries=20,
     workers=0,
