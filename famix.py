@@ -1469,18 +1469,13 @@ def main(argv: list[str] | None = None) -> None:
     # now and not after 40k iterations.
     targets = [t for t in common.parse_targets(args) if t != args.source]
     with_source_val = not args.eval_only or args.source == "toy"
-    eval_sets = {
-        name: eval_dataset(name, args) for name in ["source-val"] * with_source_val + targets
-    }
-    train_set = (
-        None if args.eval_only else source_dataset(args, train_transform(args.source, args.crop))
-    )
-    common.print0(
-        "datasets: "
-        + ", ".join(
-            f"{k} {len(v)}" for k, v in {"source-train": train_set or [], **eval_sets}.items()
-        )
-    )
+    names = ["source-val"] * with_source_val + targets
+    eval_sets = {name: eval_dataset(name, args) for name in names}
+    train_set = None
+    if not args.eval_only:
+        train_set = source_dataset(args, train_transform(args.source, args.crop))
+    sizes = {"source-train": len(train_set or []), **{k: len(v) for k, v in eval_sets.items()}}
+    common.print0("datasets: " + ", ".join(f"{k} {n}" for k, n in sizes.items()))
 
     # PLUMBING: weights. Our checkpoint (--resume), an official/our FAMix checkpoint
     # (--pretrained FILE, evaluation), or CLIP weights (training; also needed for mining).
@@ -1491,9 +1486,9 @@ def main(argv: list[str] | None = None) -> None:
         check_backbone(start_ckpt["model"], args.resume, args.backbone)
         load_state_strict(model, start_ckpt["model"], args.resume)
     else:
-        kind, obj = (
-            sniff_weights(args.pretrained) if os.path.isfile(args.pretrained) else ("clip", None)
-        )
+        kind, obj = ("clip", None)
+        if os.path.isfile(args.pretrained):
+            kind, obj = sniff_weights(args.pretrained)
         if kind in ("official", "famix"):
             state = map_official_state(obj) if kind == "official" else obj["model"]
             check_backbone(state, args.pretrained, args.backbone)
