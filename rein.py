@@ -25,19 +25,19 @@ Weights (nothing is downloaded; put the files in ./checkpoints or pass paths):
                         --backbone dinov2_l (the file named in VFM_SIZES for the others); the
                         original (patch 14) or Rein-converted (patch 16) file, resampled here.
   Evaluate a released Rein checkpoint (backbone.reins.* + decode_head.*, mmdet names):
-  python rein.py --eval-only --official-ckpt checkpoints/dinov2_rein_and_head.pth --data ./data
-        prints per-target mIoU; the release should give Cityscapes 66.7, BDD 60.0 (README).
+  python rein.py --eval-only --official-ckpt checkpoints/iter_40000_published.pth --data ./data
+        prints per-target mIoU; the README gives Cityscapes 66.7 and BDD 60.0 for this file.
 
-Paper -> code map (section numbers of the paper are [unverified]; the code is the reference):
-  frozen VFM, features after blocks [7, 11, 15, 23] + fixed rescaling  -> ReinsBackbone
-  Rein layer: token attention, layer-shared MLPs, scale                 -> Reins.forward
-  low-rank tokens T_i = A_i B_i                                          -> Reins.get_tokens
-  linking tokens to instances (queries)                                  -> Reins.link_queries
-  Mask2Former head with the linked queries                               -> ReinMask2FormerHead
-  training recipe                                               -> param_groups, lr_at, train
-  sliding-window evaluation                                              -> slide_segment, evaluate
-  official weights                                                       -> load_vfm_weights,
-                                                                            load_official_rein
+Paper -> code map (the paper's section numbers are [unverified]; the code is the reference):
+  frozen VFM, features after blocks [7, 11, 15, 23], fixed rescaling -> ReinsBackbone
+  Rein layer: token attention, layer-shared MLPs, scale              -> Reins.forward
+  low-rank tokens T_i = A_i B_i                                      -> Reins.get_tokens
+  linking tokens to instances (queries)                              -> Reins.link_queries
+  Mask2Former head with the linked queries                           -> ReinMask2FormerHead
+  training recipe                                                    -> param_groups, lr_at, train
+  sliding-window evaluation                                          -> slide_segment, evaluate
+  official weights                                                   -> load_vfm_weights,
+                                                                        load_official_rein
 
 Deviations from the official code (numbered; `DEVIATION:` in the code):
   1. timm's VisionTransformer / Eva replace the official DINOv2 / EVA-02 copies: same layers,
@@ -67,6 +67,9 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
      the training run (official: evaluation advances the global RNG).
  10. The poly schedule follows mmengine exactly: lr(t) = lr0 (1 - t/(T-1))^0.9, T = iterations
      after the warm-up, and the warm-up factor runs from 1e-6 to 1 over its W-1 steps.
+ 11. --seed defaults to 0 like every script here (official randomness.seed 42); out/last.pt is
+     written at each evaluation and at the end (official: every 4000 iterations, keep 3).
+ 12. GTA5 + SYNTHIA joint training (README: 68.1 on Cityscapes) is not offered: one --source.
 """
 
 from __future__ import annotations
@@ -2151,6 +2154,8 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist = common.setup_distributed(args.device)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # [C default_runtime.py: env_cfg]
     if args.bench:
         bench(args, dist)
         return
