@@ -46,8 +46,9 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
      768x768 and never resized); SAM works at the image's own size (official: hard-coded 768).
   4. Exact resume: the EMA teacher and its iteration counter are saved in the checkpoint
      (official: the teacher is re-initialised from the student when a run restarts).
-  5. SSD colour jitter implemented in torch with OpenCV's uint8 HSV convention; rounding of the
-     HSV conversion may differ from cv2 by one grey level.
+  5. SSD colour jitter in torch, no OpenCV: the uint8 HSV conversions follow opencv-python 4.8
+     (the official environment) bit for bit except rare float ties (7 of 196,608 random pixels
+     differ by one grey level); Python's `random` draws are replaced by the loader's generator.
   6. Pseudo-random streams: augmentation draws come from the loader's per-sample torch.Generator,
      SAM point draws from a numpy Generator seeded by (seed, iteration, rank); the official code
      uses Python's and numpy's global RNGs (not reproducible).
@@ -1314,34 +1315,42 @@ def fixed_size_crop(
     return image, label
 
 
+# OpenCV's uint8 HSV arithmetic (imgproc color_hsv: 12-bit fixed point with division tables).
+HSV_SHIFT = 12
+_DIVISORS = torch.arange(256, dtype=torch.float64)
+# S = diff * 255 / V and H = hue numerator * 180 / (6 * diff), each as a rounded 12-bit multiplier
+# (cvRound rounds half to even, as torch.round does); entry 0 is 0
+HSV_SDIV = torch.where(_DIVISORS > 0, (255 << HSV_SHIFT) / _DIVISORS, 0).round().long()
+HSV_HDIV = torch.where(_DIVISORS > 0, (180 << HSV_SHIFT) / (6 * _DIVISORS), 0).round().long()
+
+
 def _rgb_to_hsv_cv(img: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (3, H, W) -> float HSV in OpenCV's uint8 convention: H in [0, 180), S, V in
-    [0, 255], each rounded to an integer as cv2.cvtColor(COLOR_BGR2HSV) stores it.
-    DEVIATION: (5) official: cv2's integer tables; here: float formulas (rounding may differ by 1)
-    """
-    rgb = img.float()
-    r, g, b = rgb
-    v, _ = rgb.max(0)
-    mn, _ = rgb.min(0)
-    diff = v - mn
-    s = torch.where(v > 0, diff * 255.0 / v.clamp(min=1), torch.zeros_like(v)).round()
-    d = diff.clamp(min=1e-6)
-    h = torch.where(
-        v == r,
-        60.0 * (g - b) / d,
-        torch.where(v == g, 120.0 + 60.0 * (b - r) / d, 240.0 + 60.0 * (r - g) / d),
-    )
-    h = torch.where(diff > 0, h, torch.zeros_like(h))
-    h = torch.remainder(h, 360.0)
-    h = torch.remainder((h / 2.0).round(), 180.0)
-    return torch.stack([h, s, v])  # (3, H, W)
+    """uint8 RGB (3, H, W) -> HSV (3, H, W) int64 exactly as cv2.cvtColor(COLOR_BGR2HSV) computes
+    it for uint8: H in [0, 180), S and V in [0, 255] [OpenCV color_hsv RGB2HSV_b]."""
+    r, g, b = img.long()
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (HSV_SHIFT - 1)
+    s = (diff * HSV_SDIV[v] + half) >> HSV_SHIFT
+    # hue numerator in units of diff/60 degrees: R max -> g - b, G max -> b - r + 2 diff, else
+    # r - g + 4 diff (R is tested first, then G)
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * HSV_HDIV[diff] + half) >> HSV_SHIFT  # arithmetic shift: floor for negatives
+    h = torch.where(h < 0, h + 180, h)
+    return torch.stack([h, s, v])
 
 
 def _hsv_cv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """Inverse of _rgb_to_hsv_cv (cv2 COLOR_HSV2BGR for uint8), returns uint8 RGB (3, H, W)."""
-    h, s, v = hsv[0] * 2.0 / 60.0, hsv[1] / 255.0, hsv[2] / 255.0
-    sector = torch.floor(h).long() % 6
-    f = h - torch.floor(h)
+    """Inverse of _rgb_to_hsv_cv: cv2 COLOR_HSV2BGR for uint8 as opencv-python 4.8 (the official
+    environment) computes it: float32 H*6/180, S/255, V/255 (as products with 1/255), sector
+    formulas, then * 255 truncated [OpenCV color_hsv HSV2RGB_b, its vectorised path]; returns
+    uint8 RGB (3, H, W). DEVIATION: (5) float ties may differ by one grey level (7 of 196,608
+    random pixels)."""
+    h = hsv[0].float() * (6.0 / 180.0)
+    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
+    sector = torch.floor(h)
+    f = h - sector
+    sector = sector.long() % 6
     p = v * (1 - s)
     q = v * (1 - s * f)
     t = v * (1 - s * (1 - f))
@@ -1349,7 +1358,7 @@ def _hsv_cv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     r = torch.stack([v, q, p, p, t, v]).gather(0, sector[None])[0]
     gg = torch.stack([t, v, v, q, p, p]).gather(0, sector[None])[0]
     b = torch.stack([p, p, t, v, v, q]).gather(0, sector[None])[0]
-    return (torch.stack([r, gg, b]) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return (torch.stack([r, gg, b]) * 255.0).clamp(0, 255).to(torch.uint8)  # truncation
 
 
 def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
@@ -1381,7 +1390,7 @@ def color_aug_ssd(
     def saturation(img: torch.Tensor) -> torch.Tensor:
         if _coin(g):
             hsv = _rgb_to_hsv_cv(img)
-            hsv[1] = _convert(hsv[1], alpha=_uniform(g, *saturation_range)).float()
+            hsv[1] = _convert(hsv[1], alpha=_uniform(g, *saturation_range)).long()
             return _hsv_cv_to_rgb(hsv)
         return img
 
@@ -1389,7 +1398,7 @@ def color_aug_ssd(
         if _coin(g):
             hsv = _rgb_to_hsv_cv(img)
             delta = int(torch.randint(-hue_delta, hue_delta + 1, (), generator=g))
-            hsv[0] = torch.remainder(hsv[0] + delta, 180.0)
+            hsv[0] = torch.remainder(hsv[0] + delta, 180)
             return _hsv_cv_to_rgb(hsv)
         return img
 
