@@ -226,7 +226,7 @@ def test_fixed_size_crop_pads_and_uses_one_draw_for_both_axes():
 
 def test_hsv_conversion_matches_opencv_48():
     """Reference values from cv2.cvtColor of opencv-python 4.8.0 (the official environment):
-    BGR2HSV per pixel; HSV2RGB on a 64-pixel row (its vectorised path, the one whole images take)."""
+    BGR2HSV per pixel; HSV2RGB on a 64-pixel row (its vectorised path, taken by whole images)."""
     rgb = torch.tensor(
         [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
         dtype=torch.uint8,
