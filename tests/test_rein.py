@@ -655,6 +655,33 @@ def test_segment_pads_sides_that_are_not_patch_multiples():
     assert out.shape == (1, 19, 40, 70) and torch.isfinite(out).all()
 
 
+def test_eval_protocol_on_real_layouts(data_root, mapillary_tree):
+    """Rein's per-target test resize [C configs; spec §5]: Mapillary halved (image and label) then
+    fit into (1024, 512); BDD fit into (1280, 720); Cityscapes into (1024, 512); labels keep their
+    stored size; Mapillary uses Rein's 66 -> 19 table."""
+    args = rein.parse_args(["--data", str(data_root)])
+    ds = rein.eval_dataset("mapillary", args)
+    assert len(ds) == 3
+    for i in range(len(ds)):
+        image, label, name = ds[i]
+        h0, w0 = mapillary_tree.images[name].shape[:2]
+        half = (h0 // 2, w0 // 2)
+        assert tuple(label.shape) == half
+        assert tuple(image.shape[-2:]) == common.fit_size(*half, 1024, 512)
+        # [datasets spec §9] 4:3 and portrait -> 683 x 512, 16:9 -> 910 x 512
+        assert min(image.shape[-2:]) == 512
+        assert max(image.shape[-2:]) == (910 if w0 * 9 == h0 * 16 else 683)
+        rein_ids = torch.from_numpy(mapillary_tree.extra["rein"][name]).long()
+        _, want = common.resize_pair(torch.zeros(3, h0, w0, dtype=torch.uint8), rein_ids, half)
+        assert torch.equal(label, want)
+    for target, scale in (("bdd", (1280, 720)), ("cityscapes", (1024, 512))):
+        raw = common.build_dataset(target, data_root, "val")
+        image, label, _ = rein.eval_dataset(target, args)[0]
+        raw_image, raw_label, _ = raw[0]
+        assert torch.equal(label, raw_label)
+        assert tuple(image.shape[-2:]) == common.fit_size(*raw_image.shape[-2:], *scale)
+
+
 # ================================================================================================
 # The script end to end (toy data, subprocess + in-process), resume, bad inputs
 # ================================================================================================
