@@ -221,7 +221,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 _TREES = {
-    "gta": "gta5/\n  images/00001.png ...        (RGB)\n  labels/00001.png ...        (palette PNG, index = Cityscapes labelId)\n  gtav_split_{train,val}.txt  (only for --gta-list famix)",
+    "gta": "gta5/\n  images/00001.png ...        (RGB)\n  labels/00001.png ...        (palette PNG, index = Cityscapes labelId)\n  gtav_split_{train,val}.txt  (FAMix image list only)",
     "synthia": "synthia/\n  RGB/0000000.png ...\n  GT/LABELS/0000000.png ...   (16-bit RGB PNG, class id in R)\n  synthia_split_val.txt       (optional list of val names)\nor the split layout RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
     "cityscapes": "cityscapes/\n  leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n  gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
     "bdd": "bdd100k/\n  images/10k/{train,val}/<stem>.jpg\n  labels/sem_seg/masks/{train,val}/<stem>.png\nor seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
@@ -292,7 +292,7 @@ class GTA5(_PairDataset):
         if image_list == "famix":
             list_file = root / f"gtav_split_{split}.txt"
             if not list_file.is_file():
-                raise _layout_error("gta", root, f"missing {list_file.name} (needed by --gta-list famix; "
+                raise _layout_error("gta", root, f"missing {list_file.name} (FAMix's image list; "
                                     "copy it from the FAMix repository's datasets/gta5_list/)")
             names = [Path(line.strip()).stem for line in list_file.read_text().split() if line.strip()]
         elif image_list in ("all", "clouds"):
@@ -893,7 +893,9 @@ class TrainLoader:
         self.loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers,
                                  collate_fn=collate, worker_init_fn=_seed_worker,
                                  pin_memory=dist.device.type == "cuda",
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0,
+                                 # own generator: building the loader leaves the global RNG alone
+                                 generator=torch.Generator().manual_seed(seed))
         self._it = iter(self.loader)
 
     def __next__(self):
@@ -1079,7 +1081,10 @@ def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: D
     "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16)."""
     indices = range(dist.rank, len(dataset), dist.world_size)
     view = _EvalView(dataset, indices, resize)
-    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=_single)
+    # Own generator: evaluating does not consume the global RNG, so training resumes exactly
+    # whether or not an evaluation happened in between.
+    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=_single,
+                        generator=torch.Generator().manual_seed(0))
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
     for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
         logits = predict(image[None].to(dist.device, non_blocking=True))
