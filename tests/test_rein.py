@@ -24,6 +24,16 @@ import rein  # noqa: E402
 m2f = rein  # the Mask2Former block lives in rein.py's namespace
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many small ops: one intra-op thread is faster on a shared 2-core machine
+    and makes the in-process and subprocess runs use the same kernels (bit-equal resume)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -719,7 +729,8 @@ def toy_root(tmp_path_factory) -> pathlib.Path:
 
 
 def run_script(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # same thread count as this process: the in-process runs below must match bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run(
         [sys.executable, str(ROOT / "rein.py"), *args],
         cwd=ROOT,
