@@ -111,7 +111,8 @@ RECIPES = {
 # on the 256x128 toy images (a 64 crop would need 18 windows each). lr 5e-4: Rein's 100 queries
 # start nearly identical (tiny tokens A·B behind shared linear layers), and with 250 steps of
 # batch 2 the paper's 1e-4 does not separate them before the end (measured: ~3 mIoU vs ~30).
-# Any flag written on the command line wins.
+# One CPU thread: the toy's many small ops ran 10-30x slower with 2 threads on a 2-core machine
+# that had any other load. Any flag written on the command line wins.
 TOY_DEFAULTS = dict(
     backbone="dinov2_s",
     crop=64,
@@ -124,6 +125,7 @@ TOY_DEFAULTS = dict(
     log_every=10,
     num_points=256,
     inference="whole",
+    cpu_threads=1,
 )
 
 
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         cite={
             "source": "official: GTA5 [C dg_gta_512x512.py]; toy selects ViT-S (ViT-L cannot "
                       "train on a CPU in minutes), crop 64, batch 2, 250 iterations, lr 5e-4, "
-                      "256 points, whole-image inference, no workers, evaluation at the end",
+                      "256 points, whole-image inference, no workers, 1 CPU thread, "
+                      "evaluation at the end",
             "iters": "official: 40000 [C rein_dinov2_mask2former_512x512_bs1x4.py]",
             "batch_size": "official: 4 on one GPU [C ..._512x512_bs1x4.py]",
             "crop": "official: 512; must be a multiple of the patch size 16 [C configs]",
@@ -232,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MASK_POINTS,
         help=f"points per mask for the matcher and the mask losses (default "
         f"{MASK_POINTS} [C configs train_cfg.num_points]; toy 256)",
+    )
+    g.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="intra-op CPU threads; 0 = PyTorch's default (default 0; toy 1)",
     )
     g.add_argument(
         "--log-every",
@@ -2153,6 +2162,8 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     dist = common.setup_distributed(args.device)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # [C default_runtime.py: env_cfg]

@@ -853,18 +853,10 @@ def test_recipe_and_toy_defaults():
     assert acdc.find_unused and acdc.targets.startswith("acdc-fog")
     assert rein.parse_args(["--recipe", "citys2acdc", "--crop", "512"]).stride == 341
     toy = rein.parse_args(["--source", "toy", "--iters", "7"])
-    assert (toy.backbone, toy.crop, toy.iters, toy.num_points, toy.lr) == (
-        "dinov2_s",
-        64,
-        7,
-        256,
-        5e-4,
-    )
-    assert (
-        toy.inference == "whole"
-        and toy.stride == 43
-        and toy.targets == "toy-city,toy-fog,toy-night"
-    )
+    got = (toy.backbone, toy.crop, toy.iters, toy.num_points, toy.lr, toy.inference, toy.stride)
+    assert got == ("dinov2_s", 64, 7, 256, 5e-4, "whole", 43)
+    assert toy.cpu_threads == 1 and args.cpu_threads == 0
+    assert toy.targets == "toy-city,toy-fog,toy-night"
     assert rein.parse_args(["--source", "toy", "--lr", "1e-4"]).lr == 1e-4
 
 
