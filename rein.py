@@ -53,7 +53,8 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
      antialiasing and nearest labels, as cv2 does (mmcv imresize); OpenCV's fixed-point rounding
      may differ by one grey level.
   5. PhotoMetricDistortion reimplemented in torch with OpenCV's 8-bit HSV formulas (fixed-point
-     RGB->HSV, float HSV->RGB); random draws from the loader's per-sample torch.Generator
+     RGB->HSV, float HSV->RGB truncated, checked against opencv-python 4.8 values; float ties
+     may differ by one grey level); random draws from the loader's per-sample torch.Generator
      (official: numpy's global RNG, not reproducible).
   6. Sliding window: the windows of one image run as one batch (same result: no cross-sample
      interaction in eval mode). A window whose side is not a multiple of the patch size (only
@@ -1615,21 +1616,20 @@ def rgb_to_hsv_cv2(image: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb_cv2(hsv: torch.Tensor) -> torch.Tensor:
-    """int (h, s, v) (3, H, W) -> uint8 RGB with OpenCV's float formulas [OpenCV
-    color_hsv.simd.hpp::HSV2RGB_native]: sector = floor(6h/180), then the v·(1-s·...) table."""
+    """int (h, s, v) (3, H, W) -> uint8 RGB as OpenCV's 8-bit HSV2RGB computes it for whole images
+    (its vectorised path in opencv-python 4.8): float32 h·6/180, s·(1/255), v·(1/255), the sector
+    table v·(1 - s·...), then ·255 truncated [OpenCV color_hsv.simd.hpp::HSV2RGB_b]."""
     h = hsv[0].float() * (6.0 / HUE_RANGE)
-    s, v = hsv[1].float() / 255.0, hsv[2].float() / 255.0
-    h = torch.remainder(h, 6.0)
+    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
     sector = h.floor()
     frac = h - sector
-    sector = sector.long().clamp(0, 5)
+    sector = sector.long() % 6
     tab = torch.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))])  # (4, H, W)
     # rows: (b, g, r) indices into tab per sector [OpenCV sector_data]
     sector_data = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
     idx = sector_data[sector].permute(2, 0, 1)  # (3, H, W) as (b, g, r)
     bgr = torch.gather(tab, 0, idx)
-    bgr = torch.where(s[None] == 0, v[None].expand(3, -1, -1), bgr)
-    return torch.round(bgr.flip(0) * 255).clamp(0, 255).to(torch.uint8)  # (r, g, b)
+    return (bgr.flip(0) * 255.0).clamp(0, 255).to(torch.uint8)  # (r, g, b), truncated
 
 
 def _pmd_convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:

@@ -567,6 +567,23 @@ def test_cv2_hsv_conversion_hand_values():
     assert rein.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
 
 
+def test_hsv_conversion_matches_opencv_reference_values():
+    """cv2.cvtColor values of opencv-python 4.8.0 (BGR2HSV per pixel, HSV2BGR on a whole row)."""
+    rgb = torch.tensor(
+        [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
+        dtype=torch.uint8,
+    ).T[:, None]  # (3, 1, 6)
+    assert rein.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
+        [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
+    ]  # fmt: skip
+    hsv = torch.tensor(
+        [[0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]]
+    ).T[:, None]  # fmt: skip
+    assert rein.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
+        [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
+    ]  # fmt: skip
+
+
 def test_pmd_convert_truncates_and_clips_like_numpy():
     x = torch.tensor([10, 100, 250], dtype=torch.uint8)
     assert rein._pmd_convert(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
