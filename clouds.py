@@ -2314,6 +2314,11 @@ def train(args: argparse.Namespace, dist: common.Dist) -> dict:
     start, ckpt = 0, None
     if args.resume:
         ckpt = common.load_checkpoint(args.resume, "clouds")
+        if ckpt["args"].get("phase") != args.phase:
+            raise common.UsageError(
+                f"--resume {args.resume} is a --phase {ckpt['args'].get('phase')} checkpoint; "
+                f"resume it with that phase (a joint run starts from it with --init)"
+            )
         load_strict(head, _strip(ckpt["model"], "head."), f"{args.resume} head")
         if backbone.size == "test":
             load_strict(backbone, _strip(ckpt["model"], "backbone."), "test encoder")

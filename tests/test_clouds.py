@@ -1016,7 +1016,9 @@ def test_bad_input_exits_2_with_one_line(toy_data, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --init"), proc.stderr
 
 
-@pytest.mark.parametrize("case", ["empty_generated", "sam_not_installed", "joint_without_init"])
+@pytest.mark.parametrize(
+    "case", ["empty_generated", "sam_not_installed", "joint_without_init", "resume_other_phase"]
+)
 def test_bad_inputs_are_usage_errors(toy_data, warmup_run, tmp_path, monkeypatch, case):
     warm = str(warmup_run[0] / "last.pt")
     (tmp_path / "empty").mkdir()
@@ -1036,6 +1038,10 @@ def test_bad_inputs_are_usage_errors(toy_data, warmup_run, tmp_path, monkeypatch
             "segment_anything",
         ),
         "joint_without_init": ([], "--phase joint needs --init"),
+        "resume_other_phase": (
+            ["--resume", warm, "--generated", str(tmp_path / "gen"), "--make-toy-generated", "2"],
+            "--phase warmup checkpoint",
+        ),
     }[case]
     monkeypatch.setitem(sys.modules, "segment_anything", None)  # not importable, even if installed
     with pytest.raises(common.UsageError) as info:
