@@ -19,10 +19,10 @@ Launch (1 GPU, paper recipe; the official run used 2 GPUs x 4 images, same globa
   python clouds.py ...same flags... --resume out/gta_joint/last.pt    (continue exactly)
 CPU smoke run on the toy data (tiny random encoder, fake SAM; a few minutes on 2 cores):
   python clouds.py --source toy --pretrained none --phase warmup --out out/toy_warmup
-  python clouds.py --source toy --pretrained none --phase joint --init out/toy_warmup/last.pt \
+  python clouds.py --source toy --pretrained none --phase joint --init out/toy_warmup/last.pt \\
       --make-toy-generated 60 --out out/toy_joint
 Evaluate a released CLOUDS checkpoint (detectron2 .pth, keys backbone.* / sem_seg_head.*):
-  python clouds.py --source gta --data ./data --eval-only --pretrained CLOUDS_gta_convnext.pth
+  python clouds.py --source gta --data ./data --eval-only --pretrained path/to/model_final.pth
 Generate the image folder (needs diffusers and a local Stable Diffusion 2 copy):
   python clouds.py generate --prompts prompt_llama70b.txt --sd-path ./stable-diffusion-2 \\
       --out ./data/stable_diffusion/sd_llama70b_v2 --num-images 5000 --part 0 --seed 0
