@@ -26,7 +26,7 @@ demo: data-toy
 	if [ -f clouds.py ]; then ran=1; \
 	  $(PY) clouds.py --source toy --pretrained none --device cpu --data $(DATA) --phase warmup --out out/clouds-demo-warmup || exit 1; \
 	  $(PY) clouds.py --source toy --pretrained none --device cpu --data $(DATA) --phase joint --sam fake \
-	    --init out/clouds-demo-warmup/last.pt --out out/clouds-demo-joint || exit 1; fi; \
+	    --init out/clouds-demo-warmup/last.pt --make-toy-generated 60 --out out/clouds-demo-joint || exit 1; fi; \
 	if [ $$ran = 0 ]; then $(PY) common.py demo --data $(DATA); fi
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
