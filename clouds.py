@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="evaluate before the first iteration (official: yes, the sanity check of "
-        "[C train_net.py], issue #4)",
+        "[C train_net.py], yasserben/CLOUDS GitHub issue #4)",
     )
     m.add_argument("--log-every", type=int, default=20, help="iterations between log records")
     m.add_argument(
@@ -2338,7 +2338,7 @@ def train(args: argparse.Namespace, dist: common.Dist) -> dict:
     if ckpt is not None:  # after everything that draws random numbers at start-up
         common.restore_training_state(ckpt, optimizer, scaler)
 
-    # PLUMBING: evaluation before training (the official "sanity check", issue #4)
+    # PLUMBING: evaluation before training (the official "sanity check", yasserben/CLOUDS GitHub issue #4)
     results = {}
     if start == 0 and args.eval_before:
         results = evaluate(backbone, head, args, dist, autocast)
