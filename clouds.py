@@ -2338,7 +2338,8 @@ def train(args: argparse.Namespace, dist: common.Dist) -> dict:
     if ckpt is not None:  # after everything that draws random numbers at start-up
         common.restore_training_state(ckpt, optimizer, scaler)
 
-    # PLUMBING: evaluation before training (the official "sanity check", yasserben/CLOUDS GitHub issue #4)
+    # PLUMBING: evaluation before training (the official "sanity check",
+    # yasserben/CLOUDS GitHub issue #4)
     results = {}
     if start == 0 and args.eval_before:
         results = evaluate(backbone, head, args, dist, autocast)
