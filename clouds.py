@@ -1315,57 +1315,6 @@ def fixed_size_crop(
     return image, label
 
 
-# OpenCV's uint8 HSV arithmetic (imgproc color_hsv: 12-bit fixed point with division tables).
-HSV_SHIFT = 12
-_DIVISORS = torch.arange(256, dtype=torch.float64)
-# S = diff * 255 / V and H = hue numerator * 180 / (6 * diff), each as a rounded 12-bit multiplier
-# (cvRound rounds half to even, as torch.round does); entry 0 is 0
-HSV_SDIV = torch.where(_DIVISORS > 0, (255 << HSV_SHIFT) / _DIVISORS, 0).round().long()
-HSV_HDIV = torch.where(_DIVISORS > 0, (180 << HSV_SHIFT) / (6 * _DIVISORS), 0).round().long()
-
-
-def _rgb_to_hsv_cv(img: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (3, H, W) -> HSV (3, H, W) int64 exactly as cv2.cvtColor(COLOR_BGR2HSV) computes
-    it for uint8: H in [0, 180), S and V in [0, 255] [OpenCV color_hsv RGB2HSV_b]."""
-    r, g, b = img.long()
-    v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
-    half = 1 << (HSV_SHIFT - 1)
-    s = (diff * HSV_SDIV[v] + half) >> HSV_SHIFT
-    # hue numerator in units of diff/60 degrees: R max -> g - b, G max -> b - r + 2 diff, else
-    # r - g + 4 diff (R is tested first, then G)
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * HSV_HDIV[diff] + half) >> HSV_SHIFT  # arithmetic shift: floor for negatives
-    h = torch.where(h < 0, h + 180, h)
-    return torch.stack([h, s, v])
-
-
-def _hsv_cv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """Inverse of _rgb_to_hsv_cv: cv2 COLOR_HSV2BGR for uint8 as opencv-python 4.8 (the official
-    environment) computes it: float32 H*6/180, S/255, V/255 (as products with 1/255), sector
-    formulas, then * 255 truncated [OpenCV color_hsv HSV2RGB_b, its vectorised path]; returns
-    uint8 RGB (3, H, W). DEVIATION: (5) float ties may differ by one grey level (7 of 196,608
-    random pixels)."""
-    h = hsv[0].float() * (6.0 / 180.0)
-    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
-    sector = torch.floor(h)
-    f = h - sector
-    sector = sector.long() % 6
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    # rows: sector 0..5 -> (r, g, b)
-    r = torch.stack([v, q, p, p, t, v]).gather(0, sector[None])[0]
-    gg = torch.stack([t, v, v, q, p, p]).gather(0, sector[None])[0]
-    b = torch.stack([p, p, t, v, v, q]).gather(0, sector[None])[0]
-    return (torch.stack([r, gg, b]) * 255.0).clamp(0, 255).to(torch.uint8)  # truncation
-
-
-def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-    # [PointRend ColorAugSSDTransform.convert] float32 * alpha + beta, clip, truncate to uint8
-    return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
-
-
 def color_aug_ssd(
     image: torch.Tensor,
     g: torch.Generator,
@@ -1384,26 +1333,26 @@ def color_aug_ssd(
 
     def contrast(img: torch.Tensor) -> torch.Tensor:
         if _coin(g):
-            return _convert(img, alpha=_uniform(g, *contrast_range))
+            return common.to_uint8_truncated(img, alpha=_uniform(g, *contrast_range))
         return img
 
     def saturation(img: torch.Tensor) -> torch.Tensor:
         if _coin(g):
-            hsv = _rgb_to_hsv_cv(img)
-            hsv[1] = _convert(hsv[1], alpha=_uniform(g, *saturation_range)).long()
-            return _hsv_cv_to_rgb(hsv)
+            hsv = common.rgb_to_hsv_cv2(img)
+            hsv[1] = common.to_uint8_truncated(hsv[1], alpha=_uniform(g, *saturation_range)).long()
+            return common.hsv_to_rgb_cv2(hsv)
         return img
 
     def hue(img: torch.Tensor) -> torch.Tensor:
         if _coin(g):
-            hsv = _rgb_to_hsv_cv(img)
+            hsv = common.rgb_to_hsv_cv2(img)
             delta = int(torch.randint(-hue_delta, hue_delta + 1, (), generator=g))
             hsv[0] = torch.remainder(hsv[0] + delta, 180)
-            return _hsv_cv_to_rgb(hsv)
+            return common.hsv_to_rgb_cv2(hsv)
         return img
 
     if _coin(g):
-        image = _convert(image, beta=_uniform(g, -brightness_delta, brightness_delta))
+        image = common.to_uint8_truncated(image, beta=_uniform(g, -brightness_delta, brightness_delta))
     if _coin(g):
         image = hue(saturation(contrast(image)))
     else:

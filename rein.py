@@ -1577,8 +1577,6 @@ PMD_BRIGHTNESS_DELTA = 32
 PMD_CONTRAST_RANGE = (0.5, 1.5)
 PMD_SATURATION_RANGE = (0.5, 1.5)
 PMD_HUE_DELTA = 18
-HSV_SHIFT = 12  # OpenCV's fixed-point precision in RGB2HSV_b
-HUE_RANGE = 180  # OpenCV 8-bit hue range
 
 
 def mmcv_resize(
@@ -1597,46 +1595,6 @@ def mmcv_resize(
     return image, label
 
 
-def rgb_to_hsv_cv2(image: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (3, H, W) -> int64 (h in [0,180), s, v in [0,255]) with OpenCV's fixed-point
-    formulas [OpenCV color_hsv.simd.hpp::RGB2HSV_b]."""
-    r, g, b = image.long()
-    v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
-    one = 1 << (HSV_SHIFT - 1)
-    sdiv = torch.where(v > 0, torch.round((255 << HSV_SHIFT) / v.clamp(min=1).double()), 0).long()
-    s = (diff * sdiv + one) >> HSV_SHIFT
-    hdiv = torch.where(
-        diff > 0, torch.round((HUE_RANGE << HSV_SHIFT) / (6.0 * diff.clamp(min=1).double())), 0
-    ).long()
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * hdiv + one) >> HSV_SHIFT
-    h = torch.where(h < 0, h + HUE_RANGE, h)
-    return torch.stack([h, s, v])
-
-
-def hsv_to_rgb_cv2(hsv: torch.Tensor) -> torch.Tensor:
-    """int (h, s, v) (3, H, W) -> uint8 RGB as OpenCV's 8-bit HSV2RGB computes it for whole images
-    (its vectorised path in opencv-python 4.8): float32 h·6/180, s·(1/255), v·(1/255), the sector
-    table v·(1 - s·...), then ·255 truncated [OpenCV color_hsv.simd.hpp::HSV2RGB_b]."""
-    h = hsv[0].float() * (6.0 / HUE_RANGE)
-    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
-    sector = h.floor()
-    frac = h - sector
-    sector = sector.long() % 6
-    tab = torch.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))])  # (4, H, W)
-    # rows: (b, g, r) indices into tab per sector [OpenCV sector_data]
-    sector_data = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
-    idx = sector_data[sector].permute(2, 0, 1)  # (3, H, W) as (b, g, r)
-    bgr = torch.gather(tab, 0, idx)
-    return (bgr.flip(0) * 255.0).clamp(0, 255).to(torch.uint8)  # (r, g, b), truncated
-
-
-def _pmd_convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-    """mmseg's convert: float · alpha + beta, clip to [0, 255], cast to uint8 (truncation)."""
-    return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
-
-
 def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """mmseg PhotoMetricDistortion on uint8 RGB (3, H, W): brightness ±32, contrast 0.5-1.5 (before
     or after the HSV ops, at random), saturation 0.5-1.5, hue ±18 (of 180), each with p = 0.5,
@@ -1650,24 +1608,24 @@ def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Ten
         return lo + (hi - lo) * torch.rand((), generator=g).item()
 
     def contrast(x: torch.Tensor) -> torch.Tensor:
-        return _pmd_convert(x, alpha=uniform(*PMD_CONTRAST_RANGE)) if coin() else x
+        return common.to_uint8_truncated(x, alpha=uniform(*PMD_CONTRAST_RANGE)) if coin() else x
 
     x = image
     if coin():
-        x = _pmd_convert(x, beta=uniform(-PMD_BRIGHTNESS_DELTA, PMD_BRIGHTNESS_DELTA))
+        x = common.to_uint8_truncated(x, beta=uniform(-PMD_BRIGHTNESS_DELTA, PMD_BRIGHTNESS_DELTA))
     contrast_first = coin()
     if contrast_first:
         x = contrast(x)
     if coin():
-        hsv = rgb_to_hsv_cv2(x)
-        hsv[1] = _pmd_convert(hsv[1], alpha=uniform(*PMD_SATURATION_RANGE)).long()
-        x = hsv_to_rgb_cv2(hsv)
+        hsv = common.rgb_to_hsv_cv2(x)
+        hsv[1] = common.to_uint8_truncated(hsv[1], alpha=uniform(*PMD_SATURATION_RANGE)).long()
+        x = common.hsv_to_rgb_cv2(hsv)
     if coin():
-        hsv = rgb_to_hsv_cv2(x)
+        hsv = common.rgb_to_hsv_cv2(x)
         # numpy randint(-18, 18): high exclusive
         shift = int(torch.randint(-PMD_HUE_DELTA, PMD_HUE_DELTA, (), generator=g))
-        hsv[0] = torch.remainder(hsv[0] + shift, HUE_RANGE)
-        x = hsv_to_rgb_cv2(hsv)
+        hsv[0] = torch.remainder(hsv[0] + shift, common.HSV_HUE_RANGE)
+        x = common.hsv_to_rgb_cv2(hsv)
     if not contrast_first:
         x = contrast(x)
     return x

@@ -232,7 +232,7 @@ def test_hsv_conversion_matches_opencv_48():
         [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
         dtype=torch.uint8,
     ).T[:, None]  # (3, 1, 6)
-    assert clouds._rgb_to_hsv_cv(rgb)[:, 0].T.tolist() == [
+    assert common.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
         [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
     ]  # fmt: skip
     hsv = torch.tensor(
@@ -245,22 +245,22 @@ def test_hsv_conversion_matches_opencv_48():
             [33, 180, 77],
         ]
     ).T[:, None]
-    assert clouds._hsv_cv_to_rgb(hsv)[:, 0].T.tolist() == [
+    assert common.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
         [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
     ]  # fmt: skip
     rgb = torch.randint(
         0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    back = clouds._hsv_cv_to_rgb(clouds._rgb_to_hsv_cv(rgb))
+    back = common.hsv_to_rgb_cv2(common.rgb_to_hsv_cv2(rgb))
     # uint8 H/S quantisation and the truncation: OpenCV itself loses a few grey levels
     assert (back.int() - rgb.int()).abs().max() <= 6 and (back <= rgb).float().mean() > 0.5
 
 
 def test_convert_clips_then_truncates():
     x = torch.tensor([250, 3, 100], dtype=torch.uint8)
-    assert clouds._convert(x, beta=10).tolist() == [255, 13, 110]
-    assert clouds._convert(x, alpha=0.5).tolist() == [125, 1, 50]  # 1.5 -> 1: truncation
-    assert clouds._convert(x, beta=-20.7).tolist() == [229, 0, 79]
+    assert common.to_uint8_truncated(x, beta=10).tolist() == [255, 13, 110]
+    assert common.to_uint8_truncated(x, alpha=0.5).tolist() == [125, 1, 50]  # 1.5 -> 1: truncation
+    assert common.to_uint8_truncated(x, beta=-20.7).tolist() == [229, 0, 79]
 
 
 def test_color_aug_ssd_probabilities_on_grey():

@@ -548,7 +548,7 @@ def test_cv2_hsv_conversion_hand_values():
         [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0], [0, 0, 0]],
         dtype=torch.uint8,
     ).T[:, None, :]  # (3, 1, 6)
-    hsv = rein.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
+    hsv = common.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
     assert hsv == [
         [0, 255, 255],
         [60, 255, 255],
@@ -557,14 +557,14 @@ def test_cv2_hsv_conversion_hand_values():
         [30, 255, 255],
         [0, 0, 0],
     ]
-    assert torch.equal(rein.hsv_to_rgb_cv2(rein.rgb_to_hsv_cv2(pixels)), pixels)
+    assert torch.equal(common.hsv_to_rgb_cv2(common.rgb_to_hsv_cv2(pixels)), pixels)
     # (200, 100, 50): v 200, s = round(255·150/200) = 191, h = round(30·(100-50)/150) = 10
-    assert rein.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[
+    assert common.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[
         :, 0, 0
     ].tolist() == [10, 191, 200]
-    shifted = rein.rgb_to_hsv_cv2(pixels)
+    shifted = common.rgb_to_hsv_cv2(pixels)
     shifted[0] = (shifted[0] + 60) % 180
-    assert rein.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
+    assert common.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
 
 
 def test_hsv_conversion_matches_opencv_reference_values():
@@ -573,22 +573,22 @@ def test_hsv_conversion_matches_opencv_reference_values():
         [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
         dtype=torch.uint8,
     ).T[:, None]  # (3, 1, 6)
-    assert rein.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
+    assert common.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
         [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
     ]  # fmt: skip
     hsv = torch.tensor(
         [[0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]]
     ).T[:, None]  # fmt: skip
-    assert rein.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
+    assert common.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
         [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
     ]  # fmt: skip
 
 
 def test_pmd_convert_truncates_and_clips_like_numpy():
     x = torch.tensor([10, 100, 250], dtype=torch.uint8)
-    assert rein._pmd_convert(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
-    assert rein._pmd_convert(x, alpha=1.5).tolist() == [15, 150, 255]
-    assert rein._pmd_convert(x, beta=-20.5).tolist() == [0, 79, 229]
+    assert common.to_uint8_truncated(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
+    assert common.to_uint8_truncated(x, alpha=1.5).tolist() == [15, 150, 255]
+    assert common.to_uint8_truncated(x, beta=-20.5).tolist() == [0, 79, 229]
 
 
 def test_photometric_distortion_is_seeded_and_keeps_shape():
