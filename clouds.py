@@ -1352,12 +1352,12 @@ def color_aug_ssd(
         return img
 
     if _coin(g):
-        image = common.to_uint8_truncated(image, beta=_uniform(g, -brightness_delta, brightness_delta))
+        image = common.to_uint8_truncated(
+            image, beta=_uniform(g, -brightness_delta, brightness_delta)
+        )
     if _coin(g):
-        image = hue(saturation(contrast(image)))
-    else:
-        image = contrast(hue(saturation(image)))
-    return image
+        return hue(saturation(contrast(image)))
+    return contrast(hue(saturation(image)))
 
 
 def hflip(g: torch.Generator, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -24,9 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
-import math
 import os
 import random
 import resource
@@ -34,9 +32,9 @@ import shutil
 import subprocess
 import sys
 import time
-import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,8 +186,10 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
     """SYNTHIA GT/LABELS/*.png: 16-bit, 3-channel PNG, class id in the first (R) channel.
     Pillow silently keeps only the high byte (all ids become 0), so decode with torchvision."""
     if decode_png is None:
-        raise UsageError("reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which this "
-                         "torchvision lacks; install a torchvision that has it (0.19 to 0.29)")
+        raise UsageError(
+            "reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which this "
+            "torchvision lacks; install a torchvision that has it (0.19 to 0.29)"
+        )
     raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
     if raw.dtype == torch.uint8:
         raise DatasetLayoutError(
@@ -218,7 +218,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
 # 4. Dataset readers. Each returns (image uint8 (3,H,W), label int64 (H,W) trainIds, name).
 # =============================================================================================
 
-Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+Transform = Callable[
+    [torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
 
 _TREES = {
     "gta": "gta5/\n  images/00001.png ...        (RGB)\n  labels/00001.png ...        (palette PNG, index = Cityscapes labelId)\n  gtav_split_{train,val}.txt  (FAMix image list only)",
@@ -238,8 +240,12 @@ def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
 class _PairDataset(Dataset):
     """A list of (image path, label path) pairs with a label decoder and an optional transform."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], decode: Callable[[Path], torch.Tensor],
-                 transform: Transform | None):
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        decode: Callable[[Path], torch.Tensor],
+        transform: Transform | None,
+    ):
         self.pairs = pairs
         self.decode = decode
         self.transform = transform
@@ -284,17 +290,29 @@ class GTA5(_PairDataset):
     skipped (header check) and reported: they cannot be cropped jointly.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
-                 transform: Transform | None = None, check_sizes: bool = True):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        image_list: str = "all",
+        transform: Transform | None = None,
+        check_sizes: bool = True,
+    ):
         root = Path(root)
         if not (root / "images").is_dir() or not (root / "labels").is_dir():
             raise _layout_error("gta", root, "missing images/ or labels/")
         if image_list == "famix":
             list_file = root / f"gtav_split_{split}.txt"
             if not list_file.is_file():
-                raise _layout_error("gta", root, f"missing {list_file.name} (FAMix's image list; "
-                                    "copy it from the FAMix repository's datasets/gta5_list/)")
-            names = [Path(line.strip()).stem for line in list_file.read_text().split() if line.strip()]
+                raise _layout_error(
+                    "gta",
+                    root,
+                    f"missing {list_file.name} (FAMix's image list; "
+                    "copy it from the FAMix repository's datasets/gta5_list/)",
+                )
+            names = [
+                Path(line.strip()).stem for line in list_file.read_text().split() if line.strip()
+            ]
         elif image_list in ("all", "clouds"):
             names = sorted(p.stem for p in (root / "images").glob("*.png"))
             if image_list == "clouds":
@@ -308,15 +326,20 @@ class GTA5(_PairDataset):
             image = root / "images" / f"{n}.png"
             if not image.is_file():
                 raise DatasetLayoutError(f"gta: {image} is listed but missing")
-            label = _pair(image, [root / "labels" / f"{n}.png",
-                                  root / "labels" / f"{n}_labelTrainIds.png"], "gta")
+            label = _pair(
+                image,
+                [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"],
+                "gta",
+            )
             if check_sizes and image_size(image) != image_size(label):
                 self.skipped.append(n)
                 continue
             pairs.append((image, label))
         if self.skipped:
-            print0(f"gta: skipped {len(self.skipped)} image/label pairs of different sizes "
-                   f"(first: {self.skipped[:5]})")
+            print0(
+                f"gta: skipped {len(self.skipped)} image/label pairs of different sizes "
+                f"(first: {self.skipped[:5]})"
+            )
         super().__init__(pairs, self._decode, transform)
 
     @staticmethod
@@ -352,13 +375,16 @@ class Synthia(_PairDataset):
                 val = {Path(s).stem for s in val_file.read_text().split()}
                 images = [p for p in images if (p.stem in val) == (split == "val")]
             elif split == "val":
-                raise _layout_error("synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)")
+                raise _layout_error(
+                    "synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)"
+                )
             rel = lambda p: p.relative_to(root / "RGB")  # noqa: E731
         if not images:
             raise _layout_error("synthia", root, f"no RGB images for split {split!r}")
         pairs = [(p, _pair(p, [root / "GT" / "LABELS" / rel(p)], "synthia")) for p in images]
-        super().__init__(pairs, lambda p: map_ids(read_synthia_label(p), SYNTHIA_ID_TO_TRAINID),
-                         transform)
+        super().__init__(
+            pairs, lambda p: map_ids(read_synthia_label(p), SYNTHIA_ID_TO_TRAINID), transform
+        )
 
 
 class Cityscapes(_PairDataset):
@@ -370,16 +396,28 @@ class Cityscapes(_PairDataset):
         root = Path(root)
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         if not image_dir.is_dir() or not label_dir.is_dir():
-            raise _layout_error("cityscapes", root, f"missing leftImg8bit/{split}/ or gtFine/{split}/")
+            raise _layout_error(
+                "cityscapes", root, f"missing leftImg8bit/{split}/ or gtFine/{split}/"
+            )
         images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         if not images:
-            raise _layout_error("cityscapes", root, f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")
+            raise _layout_error(
+                "cityscapes", root, f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png"
+            )
         pairs = []
         for p in images:
             stem = p.name[: -len("_leftImg8bit.png")]
             d = label_dir / p.parent.name
-            pairs.append((p, _pair(p, [d / f"{stem}_gtFine_labelIds.png",
-                                       d / f"{stem}_gtFine_labelTrainIds.png"], "cityscapes")))
+            pairs.append(
+                (
+                    p,
+                    _pair(
+                        p,
+                        [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"],
+                        "cityscapes",
+                    ),
+                )
+            )
         super().__init__(pairs, self._decode, transform)
 
     @staticmethod
@@ -414,8 +452,15 @@ class BDD100K(_PairDataset):
         images = sorted(image_dir.glob("*.jpg"))
         if not images:
             raise _layout_error("bdd", root, f"no {image_dir}/*.jpg")
-        pairs = [(p, _pair(p, [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"],
-                           "bdd")) for p in images]
+        pairs = [
+            (
+                p,
+                _pair(
+                    p, [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"], "bdd"
+                ),
+            )
+            for p in images
+        ]
         super().__init__(pairs, lambda p: map_ids(read_id_png(p), _TRAINID_IDENTITY), transform)
 
 
@@ -424,15 +469,26 @@ class Mapillary(_PairDataset):
     with `label_map` "hrda" (FAMix, CLOUDS) or "rein" (Rein; 11 ids differ, see the table above).
     Accepts the v1.2 zip layout (validation/labels/) and the v2.0 zip (validation/v1.2/labels/)."""
 
-    def __init__(self, root: str | Path, split: str = "val", label_map: str = "hrda",
-                 transform: Transform | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "val",
+        label_map: str = "hrda",
+        transform: Transform | None = None,
+    ):
         root = Path(root)
         if label_map not in MAPILLARY_V12_TO_19:
             raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
         folder = {"val": "validation", "train": "training"}.get(split, split)
         image_dir = root / folder / "images"
-        label_dir = next((d for d in (root / folder / "labels", root / folder / "v1.2" / "labels")
-                          if d.is_dir()), None)
+        label_dir = next(
+            (
+                d
+                for d in (root / folder / "labels", root / folder / "v1.2" / "labels")
+                if d.is_dir()
+            ),
+            None,
+        )
         if not image_dir.is_dir() or label_dir is None:
             raise _layout_error("mapillary", root, f"missing {folder}/images/ or {folder}/labels/")
         images = sorted(image_dir.glob("*.jpg"))
@@ -451,8 +507,13 @@ class ACDC(_PairDataset):
 
     CONDITIONS = ("fog", "night", "rain", "snow")
 
-    def __init__(self, root: str | Path, condition: str, split: str = "val",
-                 transform: Transform | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        condition: str,
+        split: str = "val",
+        transform: Transform | None = None,
+    ):
         root = Path(root)
         if condition not in self.CONDITIONS:
             raise UsageError(f"unknown ACDC condition {condition!r}; use one of {self.CONDITIONS}")
@@ -466,25 +527,60 @@ class ACDC(_PairDataset):
         for p in images:
             d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
             stem = p.name[: -len("_rgb_anon.png")]
-            pairs.append((p, _pair(p, [d / f"{stem}_gt_labelTrainIds.png",
-                                       d / f"{stem}_gt_labelIds.png"], "acdc")))
+            pairs.append(
+                (
+                    p,
+                    _pair(
+                        p,
+                        [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"],
+                        "acdc",
+                    ),
+                )
+            )
         super().__init__(pairs, self._decode, transform)
 
     @staticmethod
     def _decode(path: Path) -> torch.Tensor:
-        lut = _TRAINID_IDENTITY if path.name.endswith("_labelTrainIds.png") else CITYSCAPES_ID_TO_TRAINID
+        lut = (
+            _TRAINID_IDENTITY
+            if path.name.endswith("_labelTrainIds.png")
+            else CITYSCAPES_ID_TO_TRAINID
+        )
         return map_ids(read_id_png(path), lut)
 
 
 # Folder of each dataset under --data.
-DATA_DIRS = {"gta": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "bdd": "bdd100k",
-             "mapillary": "mapillary", "acdc": "acdc", "toy": "toy"}
-TARGET_NAMES = ("cityscapes", "bdd", "mapillary", "acdc-fog", "acdc-night", "acdc-rain",
-                "acdc-snow", "synthia", "gta")
+DATA_DIRS = {
+    "gta": "gta5",
+    "synthia": "synthia",
+    "cityscapes": "cityscapes",
+    "bdd": "bdd100k",
+    "mapillary": "mapillary",
+    "acdc": "acdc",
+    "toy": "toy",
+}
+TARGET_NAMES = (
+    "cityscapes",
+    "bdd",
+    "mapillary",
+    "acdc-fog",
+    "acdc-night",
+    "acdc-rain",
+    "acdc-snow",
+    "synthia",
+    "gta",
+)
 
 
-def build_dataset(name: str, data_root: str | Path, split: str, *, gta_list: str = "all",
-                  mapillary_map: str = "hrda", transform: Transform | None = None) -> Dataset:
+def build_dataset(
+    name: str,
+    data_root: str | Path,
+    split: str,
+    *,
+    gta_list: str = "all",
+    mapillary_map: str = "hrda",
+    transform: Transform | None = None,
+) -> Dataset:
     """The dataset called `name` (a --source or --targets value) under `data_root`.
     Toy: "toy" is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout)."""
     root = Path(data_root)
@@ -507,8 +603,10 @@ def build_dataset(name: str, data_root: str | Path, split: str, *, gta_list: str
         return Mapillary(root / DATA_DIRS["mapillary"], split, mapillary_map, transform)
     if name.startswith("acdc-"):
         return ACDC(root / DATA_DIRS["acdc"], name[5:], split, transform)
-    raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
-                     f"{', '.join(TOY_TARGETS)}")
+    raise UsageError(
+        f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
+        f"{', '.join(TOY_TARGETS)}"
+    )
 
 
 # =============================================================================================
@@ -535,10 +633,26 @@ _TOY_CLASSES = (0, 1, 2, 5, 8, 10, 11, 13)  # road sidewalk building pole vegeta
 
 # Base RGB per trainId and domain.
 _TOY_COLOURS = {
-    "source": {0: (120, 60, 140), 1: (250, 60, 230), 2: (90, 90, 90), 5: (200, 200, 60),
-               8: (40, 200, 40), 10: (60, 150, 250), 11: (250, 30, 30), 13: (30, 30, 250)},
-    "city": {0: (95, 92, 98), 1: (150, 140, 130), 2: (140, 110, 90), 5: (110, 110, 105),
-             8: (70, 100, 45), 10: (175, 195, 215), 11: (80, 60, 70), 13: (160, 40, 40)},
+    "source": {
+        0: (120, 60, 140),
+        1: (250, 60, 230),
+        2: (90, 90, 90),
+        5: (200, 200, 60),
+        8: (40, 200, 40),
+        10: (60, 150, 250),
+        11: (250, 30, 30),
+        13: (30, 30, 250),
+    },
+    "city": {
+        0: (95, 92, 98),
+        1: (150, 140, 130),
+        2: (140, 110, 90),
+        5: (110, 110, 105),
+        8: (70, 100, 45),
+        10: (175, 195, 215),
+        11: (80, 60, 70),
+        13: (160, 40, 40),
+    },
 }
 _TOY_COLOURS["fog"] = _TOY_COLOURS["city"]
 _TOY_COLOURS["night"] = _TOY_COLOURS["city"]
@@ -554,7 +668,7 @@ def _toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     edges = np.concatenate([[0], xs, [w]])
     for a, b in zip(edges[:-1], edges[1:]):
         top = int(horizon - rng.uniform(0.15, 0.4) * h)
-        label[max(top, 0):horizon, a:b] = 2
+        label[max(top, 0) : horizon, a:b] = 2
     # Vegetation: a few blobs in front of the buildings.
     for _ in range(rng.integers(1, 4)):
         cx, cy = rng.uniform(0, w), horizon - rng.uniform(0, 0.12) * h
@@ -577,21 +691,21 @@ def _toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
             px = int(vx + side * (ty * w * 0.5 + 2))
             width = max(1, int(1 + 3 * ty))
             top = int(py - (0.2 + 0.5 * ty) * h)
-            label[max(top, 0):py, max(px - width, 0):max(px, 1)] = 5
+            label[max(top, 0) : py, max(px - width, 0) : max(px, 1)] = 5
     # Cars on the road and pedestrians on the sidewalks, scaled with distance.
     for _ in range(rng.integers(1, 4)):
         ty = rng.uniform(0.2, 0.9)
         cy = int(horizon + ty * (h - horizon))
         cw, ch = int(10 + 60 * ty), int(6 + 30 * ty)
         cx = int(vx + rng.uniform(-0.6, 0.6) * ty * w * 0.45)
-        label[max(cy - ch, 0):cy, max(cx - cw // 2, 0):max(cx + cw // 2, 0)] = 13
+        label[max(cy - ch, 0) : cy, max(cx - cw // 2, 0) : max(cx + cw // 2, 0)] = 13
     for _ in range(rng.integers(0, 4)):
         ty = rng.uniform(0.2, 0.9)
         py = int(horizon + ty * (h - horizon))
         side = rng.choice([-1, 1])
         px = int(vx + side * ty * w * rng.uniform(0.5, 0.7))
         pw, ph = int(2 + 5 * ty), int(8 + 30 * ty)
-        label[max(py - ph, 0):py, max(px - pw // 2, 0):max(px + pw // 2, 0)] = 11
+        label[max(py - ph, 0) : py, max(px - pw // 2, 0) : max(px + pw // 2, 0)] = 11
     return label
 
 
@@ -666,7 +780,9 @@ def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None =
             if domain == "source":
                 (root / "source" / "images").mkdir(parents=True, exist_ok=True)
                 (root / "source" / "labels").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(root / "source" / "images" / f"{i + 1:05d}.png", compress_level=1)
+                Image.fromarray(image).save(
+                    root / "source" / "images" / f"{i + 1:05d}.png", compress_level=1
+                )
                 _save_palette_png(root / "source" / "labels" / f"{i + 1:05d}.png", ids)
             else:
                 stem = f"toy_{i:06d}_000019"
@@ -688,16 +804,23 @@ def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None =
 # 6. Joint augmentation of (image uint8 (3,H,W), label int64 (H,W)); randomness only from `g`
 # =============================================================================================
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "nearest": InterpolationMode.NEAREST}
+_INTERP = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=g).item()
 
 
-def resize_pair(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int],
-                image_interp: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor | None]:
+def resize_pair(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    size_hw: tuple[int, int],
+    image_interp: str = "bilinear",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize image (antialiased, like Pillow) and label (nearest, pixel-centre rule)."""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
     if tuple(image.shape[-2:]) != size_hw:
@@ -721,16 +844,26 @@ def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
-def random_scale(image: torch.Tensor, label: torch.Tensor, scale_range: tuple[float, float],
-                 g: torch.Generator, image_interp: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+def random_scale(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    scale_range: tuple[float, float],
+    g: torch.Generator,
+    image_interp: str = "bilinear",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale both by s ~ U(scale_range)."""
     s = _uniform(g, *scale_range)
     h, w = image.shape[-2:]
     return resize_pair(image, label, (round(h * s), round(w * s)), image_interp)
 
 
-def random_short_side(image: torch.Tensor, label: torch.Tensor, short_sides: Sequence[int],
-                      max_long: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_short_side(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    short_sides: Sequence[int],
+    max_long: int,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mmseg RandomChoiceResize + ResizeShortestEdge: pick a short side, keep the ratio, long side
     at most `max_long`."""
     short = short_sides[int(torch.randint(len(short_sides), (), generator=g))]
@@ -738,9 +871,15 @@ def random_short_side(image: torch.Tensor, label: torch.Tensor, short_sides: Seq
     return resize_pair(image, label, fit_size(h, w, max_long, short))
 
 
-def random_crop(image: torch.Tensor, label: torch.Tensor, crop_hw: tuple[int, int] | int,
-                g: torch.Generator, cat_max_ratio: float = 1.0, pad: bool = True,
-                max_tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def random_crop(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    crop_hw: tuple[int, int] | int,
+    g: torch.Generator,
+    cat_max_ratio: float = 1.0,
+    pad: bool = True,
+    max_tries: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop; with cat_max_ratio < 1, retry (up to 10 times, as mmseg RandomCrop) until no
     class but ignore covers more than that share of the crop. Pads image with 0 and label with
     255 on the bottom/right when smaller than the crop."""
@@ -755,21 +894,22 @@ def random_crop(image: torch.Tensor, label: torch.Tensor, crop_hw: tuple[int, in
     top, left = draw()
     if cat_max_ratio < 1.0:
         for _ in range(max_tries):
-            window = label[top:top + ch, left:left + cw]
+            window = label[top : top + ch, left : left + cw]
             counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
                 break
             top, left = draw()
-    image = image[:, top:top + ch, left:left + cw]
-    label = label[top:top + ch, left:left + cw]
+    image = image[:, top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw]
     if pad:
         image, label = pad_pair(image, label, (ch, cw))
     return image, label
 
 
-def pad_pair(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pad_pair(
+    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pad bottom/right to at least size_hw: image with 0, label with 255."""
     ph, pw = max(size_hw[0] - image.shape[-2], 0), max(size_hw[1] - image.shape[-1], 0)
     if ph or pw:
@@ -779,15 +919,22 @@ def pad_pair(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int
     return image, label
 
 
-def random_hflip(image: torch.Tensor, label: torch.Tensor, g: torch.Generator, p: float = 0.5
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_hflip(
+    image: torch.Tensor, label: torch.Tensor, g: torch.Generator, p: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.rand((), generator=g).item() < p:
         return image.flip(-1), label.flip(-1)
     return image, label
 
 
-def color_jitter(image: torch.Tensor, g: torch.Generator, brightness: float = 0.0,
-                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0) -> torch.Tensor:
+def color_jitter(
+    image: torch.Tensor,
+    g: torch.Generator,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    saturation: float = 0.0,
+    hue: float = 0.0,
+) -> torch.Tensor:
     """torchvision ColorJitter semantics (factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h), the
     four operations in random order), drawing from `g`."""
     ops = []
@@ -879,8 +1026,9 @@ def _sample_seed(seed: int, position: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def epoch_indices(n: int, seed: int, epoch: int, repeat_factors: Sequence[float] | None
-                  ) -> list[int]:
+def epoch_indices(
+    n: int, seed: int, epoch: int, repeat_factors: Sequence[float] | None
+) -> list[int]:
     """Shuffled indices of one epoch. With repeat factors r_i (detectron2 RepeatFactorTraining-
     Sampler), index i appears floor(r_i) times plus once more with probability frac(r_i)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -896,8 +1044,16 @@ class _BatchPlan:
     """Infinite iterable of per-rank batches of (index, sample_seed), starting at `start_iter`.
     Global batch b of iteration t takes stream positions [t*B, (t+1)*B); rank r takes its slice."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int,
-                 start_iter: int, repeat_factors: Sequence[float] | None):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start_iter: int,
+        repeat_factors: Sequence[float] | None,
+    ):
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.start_iter, self.repeat_factors = seed, start_iter, repeat_factors
 
@@ -919,7 +1075,7 @@ class _BatchPlan:
                     order = epoch_indices(self.n, self.seed, epoch, self.repeat_factors)
                 batch.append((order[p - offset], _sample_seed(self.seed, p)))
             position += self.global_batch
-            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -933,22 +1089,38 @@ class TrainLoader:
     (the dataset's transform gets a generator seeded per sample), depend only on
     (seed, iteration, position), so a run resumed at iteration t sees the same batches."""
 
-    def __init__(self, dataset: Dataset, global_batch: int, dist: "Dist", seed: int, workers: int,
-                 start_iter: int = 0, repeat_factors: Sequence[float] | None = None,
-                 collate: Callable | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_batch: int,
+        dist: Dist,
+        seed: int,
+        workers: int,
+        start_iter: int = 0,
+        repeat_factors: Sequence[float] | None = None,
+        collate: Callable | None = None,
+    ):
         if global_batch % dist.world_size:
-            raise UsageError(f"--batch-size {global_batch} is not divisible by the "
-                             f"{dist.world_size} processes; use a multiple of {dist.world_size}")
+            raise UsageError(
+                f"--batch-size {global_batch} is not divisible by the "
+                f"{dist.world_size} processes; use a multiple of {dist.world_size}"
+            )
         if len(dataset) == 0:
             raise UsageError("the training dataset is empty; check --data and --source")
-        plan = _BatchPlan(len(dataset), global_batch, dist.rank, dist.world_size, seed, start_iter,
-                          repeat_factors)
-        self.loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers,
-                                 collate_fn=collate, worker_init_fn=_seed_worker,
-                                 pin_memory=dist.device.type == "cuda",
-                                 persistent_workers=workers > 0,
-                                 # own generator: building the loader leaves the global RNG alone
-                                 generator=torch.Generator().manual_seed(seed))
+        plan = _BatchPlan(
+            len(dataset), global_batch, dist.rank, dist.world_size, seed, start_iter, repeat_factors
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=plan,
+            num_workers=workers,
+            collate_fn=collate,
+            worker_init_fn=_seed_worker,
+            pin_memory=dist.device.type == "cuda",
+            persistent_workers=workers > 0,
+            # own generator: building the loader leaves the global RNG alone
+            generator=torch.Generator().manual_seed(seed),
+        )
         self._it = iter(self.loader)
 
     def __next__(self):
@@ -1018,8 +1190,10 @@ class ConfusionMatrix:
     def per_class(self, mode: str = "nanmean") -> dict[str, float | None]:
         """IoU (percent) per class name; None for the classes the mode leaves out."""
         ious, keep = self.ious(), self._kept(mode, None)
-        return {n: (round(float(ious[i]) * 100, 4) if keep[i] else None)
-                for i, n in enumerate(CLASS_NAMES[: self.num_classes])}
+        return {
+            n: (round(float(ious[i]) * 100, 4) if keep[i] else None)
+            for i, n in enumerate(CLASS_NAMES[: self.num_classes])
+        }
 
 
 def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -1034,8 +1208,13 @@ def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int
     return out
 
 
-def slide_inference(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                    num_classes: int, crop: int, stride: int) -> torch.Tensor:
+def slide_inference(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    num_classes: int,
+    crop: int,
+    stride: int,
+) -> torch.Tensor:
     """Logits (B, C, H, W): window logits (same size as the window) summed, divided by the number
     of windows covering each pixel [mmseg encoder_decoder.py::slide_inference]."""
     b, _, h, w = image.shape
@@ -1062,8 +1241,9 @@ class EvalResize:
     image_interp: str = "bilinear"
 
 
-def eval_resize(image: torch.Tensor, label: torch.Tensor, spec: EvalResize
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_resize(
+    image: torch.Tensor, label: torch.Tensor, spec: EvalResize
+) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.pre_halve:
         h, w = image.shape[-2:]
         image, label = resize_pair(image, label, (h // 2, w // 2), "bicubic")
@@ -1086,21 +1266,22 @@ def eval_resize(image: torch.Tensor, label: torch.Tensor, spec: EvalResize
     return image, label
 
 
-def _center_crop_pad(image: torch.Tensor, label: torch.Tensor, s: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _center_crop_pad(
+    image: torch.Tensor, label: torch.Tensor, s: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Central s x s window; a narrower image is centred and padded (image 0, label 255). FAMix's
     own CenterCropPad pads labels with 0 (= road) and mis-centres portrait images: not copied."""
     h, w = image.shape[-2:]
     if w >= s:
         x1 = (w - s) // 2
-        image, label = image[..., x1:x1 + s], label[..., x1:x1 + s]
+        image, label = image[..., x1 : x1 + s], label[..., x1 : x1 + s]
     else:
         left = (s - w) // 2
         image = F.pad(image, (left, s - w - left), value=0)
         label = F.pad(label, (left, s - w - left), value=IGNORE_INDEX)
     if h > s:
         y1 = (h - s) // 2
-        image, label = image[..., y1:y1 + s, :], label[..., y1:y1 + s, :]
+        image, label = image[..., y1 : y1 + s, :], label[..., y1 : y1 + s, :]
     return image, label
 
 
@@ -1124,11 +1305,20 @@ def _single(batch: list) -> Any:
 
 
 @torch.no_grad()
-def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, *,
-                     resize: EvalResize, dist: "Dist", miou_mode: str = "nanmean",
-                     align_corners: bool = False, workers: int = 2, save_preds: int = 0,
-                     save_dir: str | Path | None = None, subsets: dict | None = None,
-                     desc: str = "eval") -> dict:
+def evaluate_dataset(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    *,
+    resize: EvalResize,
+    dist: Dist,
+    miou_mode: str = "nanmean",
+    align_corners: bool = False,
+    workers: int = 2,
+    save_preds: int = 0,
+    save_dir: str | Path | None = None,
+    subsets: dict | None = None,
+    desc: str = "eval",
+) -> dict:
     """Score `predict` (uint8 (1,3,h,w) on the device -> logits (1,C,h',w')) on a dataset.
     Logits are bilinearly resized to the label's size, then argmax. Returns {"miou",
     "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16)."""
@@ -1136,21 +1326,30 @@ def evaluate_dataset(predict: Callable[[torch.Tensor], torch.Tensor], dataset: D
     view = _EvalView(dataset, indices, resize)
     # Own generator: evaluating does not consume the global RNG, so training resumes exactly
     # whether or not an evaluation happened in between.
-    loader = DataLoader(view, batch_size=1, num_workers=workers, collate_fn=_single,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        view,
+        batch_size=1,
+        num_workers=workers,
+        collate_fn=_single,
+        generator=torch.Generator().manual_seed(0),
+    )
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
     for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
         logits = predict(image[None].to(dist.device, non_blocking=True))
         if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
-                                   align_corners=align_corners)
+            logits = F.interpolate(
+                logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=align_corners
+            )
         pred = logits.argmax(1)[0]
         cm.update(pred, label)
         if save_dir is not None and index < save_preds:
             save_prediction_strip(Path(save_dir) / f"{index:05d}_{name}.png", image, label, pred)
     cm.all_reduce()
-    result = {"miou": round(cm.miou(miou_mode), 4), "per_class_iou": cm.per_class(miou_mode),
-              "num_images": len(dataset)}
+    result = {
+        "miou": round(cm.miou(miou_mode), 4),
+        "per_class_iou": cm.per_class(miou_mode),
+        "num_images": len(dataset),
+    }
     for key, subset in (subsets or {}).items():
         result[f"miou_{key}"] = round(cm.miou(miou_mode, subset), 4)
     return result
@@ -1190,7 +1389,9 @@ def setup_distributed(device_arg: str | None = None) -> Dist:
     process group (NCCL on GPUs, Gloo on CPU) and use cuda:LOCAL_RANK."""
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is visible; use --device cpu"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -1214,8 +1415,9 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def autocast(device: torch.device, enabled: bool
-             ) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
+def autocast(
+    device: torch.device, enabled: bool
+) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
     """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
     (returns a null context and no scaler)."""
     if not enabled or device.type != "cuda":
@@ -1243,8 +1445,9 @@ def wrap_ddp(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Modu
     if not dist.enabled:
         return model
     ids = [dist.local_rank] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                               find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=find_unused
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -1259,8 +1462,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9,
-            min_lr: float = 0.0) -> float:
+def poly_lr(
+    base_lr: float, iteration: int, max_iters: int, power: float = 0.9, min_lr: float = 0.0
+) -> float:
     """Polynomial decay base * (1 - t/T)^power, floored at min_lr."""
     return max(base_lr * (1 - iteration / max_iters) ** power, min_lr)
 
@@ -1270,10 +1474,21 @@ def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9,
 # =============================================================================================
 
 
-def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: str, iters: int,
-                     batch_size: int, crop: int, amp: bool, pretrained: str, eval_every: int,
-                     workers: int = 4, sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
-                     cite: dict[str, str] | None = None) -> None:
+def add_shared_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    source: str,
+    targets: str,
+    iters: int,
+    batch_size: int,
+    crop: int,
+    amp: bool,
+    pretrained: str,
+    eval_every: int,
+    workers: int = 4,
+    sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
+    cite: dict[str, str] | None = None,
+) -> None:
     """The flags every method file has, with the method's paper defaults passed in (so they are
     visible in the method file). `cite[name]` is appended to that flag's help, e.g.
     cite={"iters": "paper: 40000 [C main.py]"}."""
@@ -1283,33 +1498,82 @@ def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: s
         return f"{text} ({cite[name]})" if name in cite else text
 
     g = parser.add_argument_group("shared")
-    g.add_argument("--source", default=source, choices=list(sources),
-                   help=h(f"training domain; toy = the built-in toy dataset (default {source})", "source"))
-    g.add_argument("--data", default="./data",
-                   help="root holding gta5/ synthia/ cityscapes/ bdd100k/ mapillary/ acdc/ toy/ (see README)")
-    g.add_argument("--targets", default=targets,
-                   help=h(f"comma-separated evaluation targets among {', '.join(TARGET_NAMES)} "
-                          f"(toy: {', '.join(TOY_TARGETS)}) (default {targets})", "targets"))
-    g.add_argument("--iters", type=int, default=iters, help=h(f"optimizer steps (default {iters})", "iters"))
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=h(f"global batch over all GPUs (default {batch_size})", "batch_size"))
-    g.add_argument("--crop", type=int, default=crop, help=h(f"training crop size (default {crop})", "crop"))
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=amp,
-                   help=h(f"mixed precision, bf16 where supported else fp16 (default {amp})", "amp"))
+    g.add_argument(
+        "--source",
+        default=source,
+        choices=list(sources),
+        help=h(f"training domain; toy = the built-in toy dataset (default {source})", "source"),
+    )
+    g.add_argument(
+        "--data",
+        default="./data",
+        help="root holding gta5/ synthia/ cityscapes/ bdd100k/ mapillary/ acdc/ toy/ (see README)",
+    )
+    g.add_argument(
+        "--targets",
+        default=targets,
+        help=h(
+            f"comma-separated evaluation targets among {', '.join(TARGET_NAMES)} "
+            f"(toy: {', '.join(TOY_TARGETS)}) (default {targets})",
+            "targets",
+        ),
+    )
+    g.add_argument(
+        "--iters", type=int, default=iters, help=h(f"optimizer steps (default {iters})", "iters")
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=h(f"global batch over all GPUs (default {batch_size})", "batch_size"),
+    )
+    g.add_argument(
+        "--crop", type=int, default=crop, help=h(f"training crop size (default {crop})", "crop")
+    )
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=amp,
+        help=h(f"mixed precision, bf16 where supported else fp16 (default {amp})", "amp"),
+    )
     g.add_argument("--out", default="out", help="output folder: last.pt, log.jsonl, results.json")
-    g.add_argument("--resume", default=None, help="continue from this checkpoint (e.g. out/last.pt)")
+    g.add_argument(
+        "--resume", default=None, help="continue from this checkpoint (e.g. out/last.pt)"
+    )
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="random seed; each process adds its rank")
-    g.add_argument("--pretrained", default=pretrained,
-                   help=h(f"pretrained weights: a name, a local file, or none for random init "
-                          f"(default {pretrained})", "pretrained"))
+    g.add_argument(
+        "--pretrained",
+        default=pretrained,
+        help=h(
+            f"pretrained weights: a name, a local file, or none for random init "
+            f"(default {pretrained})",
+            "pretrained",
+        ),
+    )
     g.add_argument("--eval-only", action="store_true", help="evaluate the weights and exit")
-    g.add_argument("--eval-every", type=int, default=eval_every,
-                   help=h(f"evaluate on the targets every N iterations; 0 = only at the end "
-                          f"(default {eval_every})", "eval_every"))
-    g.add_argument("--workers", type=int, default=workers, help=f"loader workers per process (default {workers})")
-    g.add_argument("--save-preds", type=int, default=0,
-                   help="save colourised predictions (image | ground truth | prediction) of the first N images per target")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=eval_every,
+        help=h(
+            f"evaluate on the targets every N iterations; 0 = only at the end "
+            f"(default {eval_every})",
+            "eval_every",
+        ),
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"loader workers per process (default {workers})",
+    )
+    g.add_argument(
+        "--save-preds",
+        type=int,
+        default=0,
+        help="save colourised predictions (image | ground truth | prediction) of the first N images per target",
+    )
     g.add_argument("--bench", action="store_true", help="run the benchmarks (JSON lines) and exit")
 
 
@@ -1331,8 +1595,12 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
     return given
 
 
-def apply_toy_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                       argv: Sequence[str] | None, **values: Any) -> None:
+def apply_toy_defaults(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    **values: Any,
+) -> None:
     """With --source toy, replace the paper defaults by toy-sized ones, except the flags the
     user wrote explicitly."""
     if args.source != "toy":
@@ -1349,7 +1617,10 @@ def parse_targets(args: argparse.Namespace) -> list[str]:
 
 def args_to_primitives(args: argparse.Namespace | dict) -> dict:
     d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+        for k, v in d.items()
+    }
 
 
 # =============================================================================================
@@ -1364,8 +1635,12 @@ def get_rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
 
@@ -1375,8 +1650,15 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
@@ -1408,10 +1690,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
-def save_checkpoint(path: str | Path, *, method: str, iteration: int, model_state: dict,
-                    optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
-                    args: argparse.Namespace | dict, metrics: dict | None = None,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    method: str,
+    iteration: int,
+    model_state: dict,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler | None,
+    args: argparse.Namespace | dict,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> None:
     """One plain dict (STYLE §8); loads with torch.load(weights_only=True)."""
     ckpt = {
         "method": method,
@@ -1437,17 +1727,24 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint of this "
-                              f"project ({type(e).__name__}); use another file") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or not a checkpoint of this "
+            f"project ({type(e).__name__}); use another file"
+        ) from None
     if not isinstance(ckpt, dict) or "method" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by this project (no 'method' key)")
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this project (no 'method' key)"
+        )
     if method is not None and ckpt["method"] != method:
-        raise CheckpointError(f"{path} is a {ckpt['method']} checkpoint; {method}.py needs one of its own")
+        raise CheckpointError(
+            f"{path} is a {ckpt['method']} checkpoint; {method}.py needs one of its own"
+        )
     return ckpt
 
 
-def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
-                           scaler: torch.amp.GradScaler | None) -> int:
+def restore_training_state(
+    ckpt: dict, optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None
+) -> int:
     """Optimizer, scaler and RNG states from a checkpoint; returns the iteration to continue at.
     (The model weights are the method's business: load ckpt["model"] yourself.)"""
     if optimizer is not None and ckpt.get("optimizer") is not None:
@@ -1465,8 +1762,13 @@ def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -1476,17 +1778,30 @@ class RunLog:
     """out/log.jsonl: a header record (args, git commit, versions, device, + header_extra), then
     one record per log step and evaluation. out/results.json: the last evaluation."""
 
-    def __init__(self, out_dir: str | Path, args: argparse.Namespace | dict, header_extra: dict,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        args: argparse.Namespace | dict,
+        header_extra: dict,
+        enabled: bool = True,
+    ):
         self.out_dir, self.enabled = Path(out_dir), enabled
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.log({"type": "header", "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "args": args_to_primitives(args), "git_commit": _git_commit(),
-                  "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
-                  **header_extra})
+        self.log(
+            {
+                "type": "header",
+                "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "args": args_to_primitives(args),
+                "git_commit": _git_commit(),
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "device": device,
+                **header_extra,
+            }
+        )
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -1500,7 +1815,9 @@ class RunLog:
             os.replace(tmp, self.out_dir / "results.json")
 
 
-def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> "_Progress":
+def progress(
+    total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
+) -> _Progress:
     """A tqdm bar (rank 0 only): `bar.update(1, loss=...)` in a loop, or `for x in bar(iterable)`."""
     return _Progress(total, initial, enabled, desc)
 
@@ -1511,8 +1828,16 @@ class _Progress:
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
-                        dynamic_ncols=True, leave=False, file=sys.stderr, mininterval=1.0)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            desc=desc,
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
 
     def __call__(self, iterable):
         for item in iterable:
@@ -1540,8 +1865,9 @@ def colorize(label: torch.Tensor | np.ndarray) -> np.ndarray:
     return PALETTE[np.clip(label, 0, 255).astype(np.uint8)]
 
 
-def save_prediction_strip(path: str | Path, image: torch.Tensor, label: torch.Tensor,
-                          pred: torch.Tensor) -> None:
+def save_prediction_strip(
+    path: str | Path, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor
+) -> None:
     """image | ground truth | prediction side by side (prediction alone also saved as _pred)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1564,8 +1890,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmup: int, steps: int,
-              images_per_step: int, extra: dict | None = None) -> dict:
+def benchmark(
+    name: str,
+    step: Callable[[], Any],
+    *,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    images_per_step: int,
+    extra: dict | None = None,
+) -> dict:
     """Time `step` over `steps` calls after `warmup` (CUDA-synchronised). Prints one JSON line."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -1578,10 +1912,17 @@ def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmu
         step()
     sync()
     dt = (time.perf_counter() - t0) / max(steps, 1)
-    record = {"bench": name, "device": str(device), "step_s": round(dt, 5),
-              "images_per_s": round(images_per_step / dt, 3), "steps": steps,
-              ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): round(peak_memory_mb(device), 1),
-              **(extra or {})}
+    record = {
+        "bench": name,
+        "device": str(device),
+        "step_s": round(dt, 5),
+        "images_per_s": round(images_per_step / dt, 3),
+        "steps": steps,
+        ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): round(
+            peak_memory_mb(device), 1
+        ),
+        **(extra or {}),
+    }
     print(json.dumps(record), flush=True)
     return record
 
@@ -1597,9 +1938,15 @@ class _TinyNet(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 2, dilation=2), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 4, dilation=4), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(3, width, 3, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 2, dilation=2),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 4, dilation=4),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.Conv2d(width, NUM_CLASSES, 1),
         )
 
@@ -1624,12 +1971,15 @@ def _demo(args: argparse.Namespace) -> None:
     model = _TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     total, trainable = count_parameters(model)
-    print0(f"tiny net: {total:,} parameters ({trainable:,} trainable); toy source {len(train)} images")
+    print0(
+        f"tiny net: {total:,} parameters ({trainable:,} trainable); toy source {len(train)} images"
+    )
     bar = progress(args.iters, 0, True)
     for _ in range(args.iters):
         images, labels, _ = next(loader)
-        loss = F.cross_entropy(model(normalize(images, IMAGENET_MEAN, IMAGENET_STD)), labels,
-                               ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            model(normalize(images, IMAGENET_MEAN, IMAGENET_STD)), labels, ignore_index=IGNORE_INDEX
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1640,8 +1990,9 @@ def _demo(args: argparse.Namespace) -> None:
     results = {}
     for name in ("toy",) + TOY_TARGETS:
         ds = build_dataset(name, args.data, "val")
-        results[name] = evaluate_dataset(predict, ds, resize=EvalResize(), dist=dist, workers=0,
-                                         desc=name)
+        results[name] = evaluate_dataset(
+            predict, ds, resize=EvalResize(), dist=dist, workers=0, desc=name
+        )
     print(format_results(results))
 
 
@@ -1661,7 +2012,9 @@ def _write_full_size_frames(root: Path, n: int = 8) -> None:
         for kind, (w, h) in (("gta5", (1914, 1052)), ("cityscapes", (2048, 1024))):
             big = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)).astype(np.int16)
             big = np.clip(big + rng.integers(-12, 13, big.shape), 0, 255).astype(np.uint8)
-            ids = trainid_to_id[np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST))]
+            ids = trainid_to_id[
+                np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST))
+            ]
             if kind == "gta5":
                 (root / "gta5/images").mkdir(parents=True, exist_ok=True)
                 (root / "gta5/labels").mkdir(parents=True, exist_ok=True)
@@ -1670,8 +2023,12 @@ def _write_full_size_frames(root: Path, n: int = 8) -> None:
             else:
                 for sub in ("leftImg8bit/val/x", "gtFine/val/x"):
                     (root / "cityscapes" / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(big).save(root / f"cityscapes/leftImg8bit/val/x/x_{i:06d}_000019_leftImg8bit.png")
-                Image.fromarray(ids).save(root / f"cityscapes/gtFine/val/x/x_{i:06d}_000019_gtFine_labelIds.png")
+                Image.fromarray(big).save(
+                    root / f"cityscapes/leftImg8bit/val/x/x_{i:06d}_000019_leftImg8bit.png"
+                )
+                Image.fromarray(ids).save(
+                    root / f"cityscapes/gtFine/val/x/x_{i:06d}_000019_gtFine_labelIds.png"
+                )
     (root / "done").write_text("")
 
 
@@ -1696,14 +2053,34 @@ def _bench(args: argparse.Namespace) -> None:
         ("gta5-1914x1052/crop768+jitter+flip", GTA5(full / "gta5", transform=_crop768_jitter_flip)),
     ]
     for name, ds in cases:
-        loader = TrainLoader(ds, 8, dist, 0, workers=args.workers,
-                             collate=None if "read" not in name or "toy" in name else _as_list)
-        benchmark(f"loader/{name}", lambda: next(loader), device=dist.device, warmup=2,
-                  steps=args.steps, images_per_step=8, extra={"workers": args.workers})
+        loader = TrainLoader(
+            ds,
+            8,
+            dist,
+            0,
+            workers=args.workers,
+            collate=None if "read" not in name or "toy" in name else _as_list,
+        )
+        benchmark(
+            f"loader/{name}",
+            lambda: next(loader),
+            device=dist.device,
+            warmup=2,
+            steps=args.steps,
+            images_per_step=8,
+            extra={"workers": args.workers},
+        )
     cs = Cityscapes(full / "cityscapes", "val")
     it = iter(range(10**9))
-    benchmark("reader/cityscapes-2048x1024", lambda: cs[next(it) % len(cs)], device=dist.device,
-              warmup=2, steps=args.steps, images_per_step=1, extra={"workers": 0})
+    benchmark(
+        "reader/cityscapes-2048x1024",
+        lambda: cs[next(it) % len(cs)],
+        device=dist.device,
+        warmup=2,
+        steps=args.steps,
+        images_per_step=1,
+        extra={"workers": 0},
+    )
 
 
 def _as_list(batch: list) -> list:
@@ -1711,7 +2088,9 @@ def _as_list(batch: list) -> list:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["make-toy", "demo", "bench"])
     parser.add_argument("--data", default="./data")
     parser.add_argument("--seed", type=int, default=0)
@@ -1723,8 +2102,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(f"toy dataset at {make_toy_dataset(args.data, args.seed)}")
         except OSError as e:
-            raise UsageError(f"cannot write the toy dataset under {args.data}: {e.strerror}; "
-                             "pass a writable folder to --data") from None
+            raise UsageError(
+                f"cannot write the toy dataset under {args.data}: {e.strerror}; "
+                "pass a writable folder to --data"
+            ) from None
     elif args.command == "demo":
         _demo(args)
     else:

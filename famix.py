@@ -106,9 +106,9 @@ import random
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as torch_dist

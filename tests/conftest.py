@@ -11,8 +11,8 @@ Mapillary images are JPEG (compare their pixels with a tolerance), all others PN
 
 Each tree fixture returns a `Tree`: its root, and per sample name the RGB image written
 (uint8 H x W x 3), the raw ids written in the label file, and the trainIds a reader must return,
-computed from the hand-written tables below (the dataset specification's synthetic-fixture
-table), never from common.py's own maps.
+computed from the hand-written tables below (written from the official repositories' label
+tables), never from common.py's own maps.
 
 Session fixtures (read-only: copy a tree before changing it, or use `make_tree`):
   data_root          a --data root (Path): gta5/ synthia/ cityscapes/ bdd100k/ mapillary/ acdc/,
@@ -29,8 +29,9 @@ Session fixtures (read-only: copy a tree before changing it, or use `make_tree`)
   mapillary_tree     v1.2 zip layout validation/{images,labels}; 4:3, 16:9 and portrait frames.
   mapillary_v2_tree  v2.0 zip layout validation/images + validation/v1.2/labels (+ a v2.0/labels
                      decoy holding other ids).
-  acdc_tree          rgb_anon/<cond>/<split>/<seq>/... + gt/...; fog val GOPR0476 (labelTrainIds and
-                     labelIds), fog val GOPR0477 (labelIds only), a fog train frame, one night frame,
+  acdc_tree          rgb_anon/<cond>/<split>/<seq>/... + gt/...; fog val GOPR0476 (labelTrainIds
+                     and labelIds), fog val GOPR0477 (labelIds only), a fog train frame, one night
+                     frame,
                      val_ref images that must not be listed, invIds / labelColor decoys.
   toy_data           the --data root holding toy/ written once by common.make_toy_dataset (seed 0,
                      default counts): toy/source (GTA5 layout), toy/{city,fog,night} (Cityscapes
@@ -64,8 +65,8 @@ if str(REPO) not in sys.path:
 import common  # noqa: E402
 
 # =============================================================================================
-# Expected id -> trainId, written out by hand from the dataset specification (not common.py).
-# Each table also lists ids the spec does not name ("unknown"), which must become 255.
+# Expected id -> trainId, written out by hand from the official label tables (not common.py).
+# Each table also lists ids no table names ("unknown"), which must become 255.
 # =============================================================================================
 
 # GTA5 palette index = Cityscapes labelId: {0, 7, 8, 9, 26, 33} -> {255, 0, 1, 255, 13, 18};

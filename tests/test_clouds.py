@@ -120,7 +120,7 @@ def test_normalize_and_pad():
     ]
     assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
     assert (x[..., 40:, :] == 0).all() and (x[..., :, 70:] == 0).all()
-    assert clouds.PIXEL_MEAN == pytest.approx(tuple(255 * m for m in common.CLIP_MEAN))
+    assert pytest.approx(tuple(255 * m for m in common.CLIP_MEAN)) == clouds.PIXEL_MEAN
 
 
 def test_segment_is_the_semantic_inference_rule():

@@ -96,7 +96,9 @@ def test_gta5_palette_index_is_read_not_colour(gta5_tree):
 
 
 def test_gta5_image_lists(gta5_tree):
-    stems = lambda lst: [p[0].stem for p in common.GTA5(gta5_tree.root, "train", lst).pairs]
+    def stems(image_list):
+        return [p[0].stem for p in common.GTA5(gta5_tree.root, "train", image_list).pairs]
+
     assert stems("all") == ["00001", "00002", "15188"]
     assert 15188 in common.GTA5_CLOUDS_EXCLUDED
     assert stems("clouds") == ["00001", "00002"]
@@ -423,7 +425,10 @@ def test_build_dataset_options_reach_the_reader(data_root, mapillary_tree):
     np.testing.assert_array_equal(
         label_of(rein, name)[1].numpy(), mapillary_tree.extra["rein"][name]
     )
-    flip = lambda im, lab, g: (im.flip(-1), lab.flip(-1))
+
+    def flip(im, lab, g):
+        return im.flip(-1), lab.flip(-1)
+
     plain = common.build_dataset("cityscapes", data_root, "val")
     flipped = common.build_dataset("cityscapes", data_root, "val", transform=flip)
     assert torch.equal(flipped[0][1], plain[0][1].flip(-1))
@@ -512,7 +517,8 @@ def test_toy_domain_gap(toy_data):
 def _hand_matrix() -> common.ConfusionMatrix:
     # (gt, pred): class 0 has 3 GT pixels (one predicted as 1), class 1 has 2 (one predicted as
     # 3), class 2 one, class 9 one; class 3 is predicted once but absent from GT; ignored pixels
-    # (gt 255, also a gt of 19 outside the classes) carry predictions 3, 0 and 5 that must not count.
+    # (gt 255, also a gt of 19 outside the classes) carry predictions 3, 0 and 5 that must not
+    # count.
     pairs = [
         (0, 0),
         (0, 0),
@@ -673,7 +679,9 @@ def test_slide_inference_equals_whole_for_pointwise_model():
 
 def test_slide_inference_averages_overlaps():
     # A model returning 1 in each window: the average is 1 everywhere, whatever the overlaps.
-    ones = lambda x: torch.ones(x.shape[0], 2, *x.shape[-2:])
+    def ones(x):
+        return torch.ones(x.shape[0], 2, *x.shape[-2:])
+
     out = common.slide_inference(ones, torch.zeros(1, 3, 30, 41), 2, crop=16, stride=5)
     assert torch.equal(out, torch.ones(1, 2, 30, 41))
 
@@ -825,7 +833,7 @@ def test_random_crop_cat_max_ratio_retries():
         im, lab = common.random_crop(image, label, 8, g, cat_max_ratio=0.75)
         # Replay the draws: a first position then up to 10 redraws; the first accepted position
         # wins, else the last one drawn.
-        for attempt in range(11):
+        for attempt in range(11):  # noqa: B007 (reported on failure)
             top = int(torch.randint(1, (), generator=replay))
             left = int(torch.randint(57, (), generator=replay))
             if _accepted(label[top : top + 8, left : left + 8].numpy(), 0.75):

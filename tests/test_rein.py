@@ -576,9 +576,9 @@ def test_hsv_conversion_matches_opencv_reference_values():
     assert common.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
         [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
     ]  # fmt: skip
-    hsv = torch.tensor(
-        [[0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]]
-    ).T[:, None]  # fmt: skip
+    hsv = torch.tensor([
+        [0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]
+    ]).T[:, None]  # fmt: skip
     assert common.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
         [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
     ]  # fmt: skip
