@@ -3,18 +3,21 @@
 Nothing here is specific to one method: the six dataset readers and their label maps, a toy
 domain-shift dataset, joint image/label augmentation primitives, a deterministic (exactly
 resumable) training loader, confusion-matrix mIoU, whole-image and sliding-window inference,
-device / AMP / DDP / seed helpers, the shared command-line block, checkpoints, the run log,
-colourised predictions and a benchmark timer.
+device / AMP / DDP / speed switches, the training-loop plumbing (step, divergence checks,
+evaluation schedule), the shared command-line block, weight files, checkpoints, the run log,
+colourised predictions, benchmarks with FLOPs and MFU, a data checker and a run comparison.
 
 Where the three official repositories disagree (GTA5 training list, Mapillary 66 -> 19 table,
 mIoU averaging rule, SYNTHIA 19/16/13 classes) each variant is a named option here and every
 method file picks its official one. Source tags: [FAMix file], [Rein file], [CLOUDS file],
-[csScripts labels.py], [mmseg file]; facts come from the dataset specification of this project.
+[csScripts labels.py], [mmseg file], [mmcv file], [detectron2 file].
 
 Run directly:
-    python common.py make-toy --data ./data   # write the toy domain-shift dataset
-    python common.py demo --data ./data       # tiny end-to-end check of the common pipeline
-    python common.py bench --data ./data      # reader + augmentation throughput (JSON lines)
+    python common.py make-toy --data ./data            # write the toy domain-shift dataset
+    python common.py demo --data ./data                # tiny end-to-end check of the pipeline
+    python common.py check-data --data ./data [--decode]   # what is there, what is missing
+    python common.py compare out/famix out/rein ...    # side-by-side table + compare.png
+    python common.py bench --data ./data               # reader throughput (JSON lines)
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import resource
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -98,6 +104,9 @@ CITYSCAPES_ID_TO_TRAINID = _lut(
 
 # [FAMix synthia.py = CLOUDS tools/convert_datasets/synthia.py] SYNTHIA class id (R channel of the
 # 16-bit label) -> trainId. Ids 0 void, 13 parking-slot, 14 road-work, 22 lanemarking -> ignore.
+# BDD100K masks, ACDC / Cityscapes *_labelTrainIds.png: already trainIds (anything else -> 255).
+TRAINID_IDENTITY = _lut({i: i for i in range(NUM_CLASSES)})
+
 SYNTHIA_ID_TO_TRAINID = _lut(
     {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6,
      16: 9, 17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
@@ -128,7 +137,7 @@ SYNTHIA13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 
 
 # =============================================================================================
-# 2. Errors and the command-line wrapper
+# 2. Errors, warnings, Ctrl-C
 # =============================================================================================
 
 
@@ -144,13 +153,83 @@ class CheckpointError(UsageError):
     pass
 
 
+class DataFileError(UsageError):
+    """An image or label file that cannot be decoded, or a label whose size is not its image's."""
+
+
+class DivergenceError(UsageError):
+    """A non-finite loss or prediction: the run stops before the bad values reach the weights."""
+
+
+# What the running script is doing, for the messages of Ctrl-C and divergence: the iteration
+# (set by the progress bar) and the last checkpoint this run wrote (set by save_checkpoint).
+RUN: dict[str, Any] = {"iter": None, "iters": None, "ckpt": None, "ckpt_iter": None}
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error, also when a DataLoader worker raised it: the main process then
+    gets the worker's whole traceback as the message, whose last line holds the original."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+def resume_command(argv: Sequence[str], checkpoint: str | Path) -> str:
+    """The command that continues this run: the same flags without --resume, --init and
+    --overwrite, then --resume CHECKPOINT (under torchrun's launcher when distributed)."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip or name == "--overwrite":
+            skip = False
+            continue
+        if name in ("--resume", "--init"):
+            skip = "=" not in token
+            continue
+        kept.append(token)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    words = [launcher, Path(sys.argv[0]).name, *map(shlex.quote, kept), "--resume"]
+    return " ".join([*words, shlex.quote(str(checkpoint))])
+
+
+def last_checkpoint_note() -> str:
+    """Where the last good state of this run is, for a message that stops it."""
+    if RUN["ckpt"] is None:
+        return "no checkpoint was written by this run"
+    return f"{RUN['ckpt']} holds iteration {RUN['ckpt_iter']}"
+
+
+def interrupted_message(argv: Sequence[str]) -> str:
+    where = "" if RUN["iter"] is None else f" at iteration {RUN['iter']} of {RUN['iters']}"
+    if RUN["ckpt"] is None:
+        return f"interrupted{where}; no checkpoint was written by this run: run the command again"
+    return (
+        f"interrupted{where}; {last_checkpoint_note()}; continue with: "
+        f"{resume_command(argv, RUN['ckpt'])}"
+    )
+
+
 def run_cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run `main(argv)`; a UsageError becomes one line on stderr and exit code 2."""
+    """Run `main(argv)` as a command: a UsageError becomes one line on stderr and exit code 2;
+    Ctrl-C says where the run stopped and how to continue it, exit code 130 (the checkpoint on
+    disk is whole: it is only ever replaced atomically)."""
     try:
         main(None)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(130)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from rank 0 only."""
+    if _state["rank"] == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # =============================================================================================
@@ -158,28 +237,67 @@ def run_cli(main: Callable[[list[str] | None], Any]) -> None:
 # =============================================================================================
 
 
+# The archive each dataset folder under --data is extracted from: a file that cannot be read is
+# replaced by extracting it again [the datasets' download pages].
+ARCHIVES = {
+    "gta5": ("01_images.zip ... 10_images.zip", "01_labels.zip ... 10_labels.zip"),
+    "synthia": ("SYNTHIA-RAND-CITYSCAPES (RGB/)", "SYNTHIA-RAND-CITYSCAPES (GT/LABELS/)"),
+    "cityscapes": ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
+    "bdd100k": ("bdd100k_images_10k.zip", "bdd100k_sem_seg_labels_trainval.zip"),
+    "mapillary": ("the Mapillary Vistas v1.2 (or v2.0) zip", "the same zip"),
+    "acdc": ("rgb_anon_trainvaltest.zip", "gt_trainval.zip"),
+}
+# Exceptions a decoder raises on a truncated or corrupt file (PIL: OSError, incl.
+# UnidentifiedImageError, SyntaxError, ValueError; torchvision: RuntimeError).
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
+
+
+def decode_error(path: str | Path, what: str, error: BaseException) -> DataFileError:
+    """One line naming the file, what is wrong and where a good copy comes from."""
+    path = Path(path)
+    folder = next((p for p in path.parts if p in ARCHIVES or p == "toy"), None)
+    if folder == "toy":
+        fix = f"delete {Path(*path.parts[: path.parts.index('toy') + 1])} to have it written again"
+    elif folder is not None:
+        fix = f"re-extract it from {ARCHIVES[folder][what == 'label']}"
+    else:
+        fix = "replace it with a good copy"
+    reason = one_line(error)[:120] or type(error).__name__
+    return DataFileError(
+        f"cannot read {what} {path} ({reason}): the file is corrupt or truncated; {fix}"
+    )
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """RGB uint8 (3, H, W). torchvision's libpng/libjpeg decoder: the same pixels as Pillow's
     `convert("RGB")` (used by FAMix and detectron2) for PNG, about a third faster on full-size
-    frames; Pillow is the fallback for other formats."""
+    frames; Pillow is the fallback for other formats (and gives the error of a broken file)."""
     if decode_image is not None:
         with contextlib.suppress(RuntimeError):
             return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "image", e) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 def read_id_png(path: str | Path) -> np.ndarray:
     """Class ids of an 8-bit label PNG (mode L or P). Palette PNGs give their indices: never
     convert("L"/"RGB") them, that would turn palette colours into luminance."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P"):
-            raise DatasetLayoutError(
-                f"{path}: label PNG has mode {im.mode}, expected an 8-bit id image (L or P); "
-                "colour visualisations (*_color.png, colormaps/) are not labels"
-            )
-        return np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            ids = np.asarray(im) if mode in ("L", "P") else None
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "label", e) from None
+    if ids is None:
+        raise DatasetLayoutError(
+            f"{path}: label PNG has mode {mode}, expected an 8-bit id image (L or P); "
+            "colour visualisations (*_color.png, colormaps/) are not labels"
+        )
+    return ids
 
 
 def read_synthia_label(path: str | Path) -> np.ndarray:
@@ -190,7 +308,10 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
             "reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which this "
             "torchvision lacks; install a torchvision that has it (0.19 to 0.29)"
         )
-    raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+    try:
+        raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "label", e) from None
     if raw.dtype == torch.uint8:
         raise DatasetLayoutError(
             f"{path}: SYNTHIA label decoded as 8-bit; expected the 16-bit RAND-CITYSCAPES "
@@ -208,10 +329,21 @@ def map_ids(ids: np.ndarray, lut: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def read_cityscapes_label(path: str | Path) -> torch.Tensor:
+    """trainIds of a Cityscapes-style label (Cityscapes, ACDC, GTA5): a *_labelTrainIds.png is
+    read as it is, anything else holds labelIds (GTA5: palette index = labelId) and is mapped."""
+    trainids = str(path).endswith("_labelTrainIds.png")
+    return map_ids(read_id_png(path), TRAINID_IDENTITY if trainids else CITYSCAPES_ID_TO_TRAINID)
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(W, H) from the file header only."""
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except DECODE_ERRORS as e:
+        kind = "label" if "label" in str(path).lower() or "gt" in Path(path).parts else "image"
+        raise decode_error(path, kind, e) from None
 
 
 # =============================================================================================
@@ -223,32 +355,50 @@ Transform = Callable[
 ]
 
 _TREES = {
-    "gta": "gta5/\n  images/00001.png ...        (RGB)\n  labels/00001.png ...        (palette PNG, index = Cityscapes labelId)\n  gtav_split_{train,val}.txt  (FAMix image list only)",
-    "synthia": "synthia/\n  RGB/0000000.png ...\n  GT/LABELS/0000000.png ...   (16-bit RGB PNG, class id in R)\n  synthia_split_val.txt       (optional list of val names)\nor the split layout RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
-    "cityscapes": "cityscapes/\n  leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n  gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
-    "bdd": "bdd100k/\n  images/10k/{train,val}/<stem>.jpg\n  labels/sem_seg/masks/{train,val}/<stem>.png\nor seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
-    "mapillary": "mapillary/\n  validation/images/<id>.jpg\n  validation/labels/<id>.png  (v1.2 zip)  or  validation/v1.2/labels/<id>.png  (v2.0 zip)",
-    "acdc": "acdc/\n  rgb_anon/<fog|night|rain|snow>/val/<seq>/<seq>_frame_<n>_rgb_anon.png\n  gt/<cond>/val/<seq>/<seq>_frame_<n>_gt_labelTrainIds.png (or _gt_labelIds.png)",
+    "gta": "gta5/ | images/00001.png ... (RGB) | labels/00001.png ... (palette PNG, index = "
+    "Cityscapes labelId) | gtav_split_{train,val}.txt (FAMix image list only)",
+    "synthia": "synthia/ | RGB/0000000.png ... | GT/LABELS/0000000.png ... (16-bit RGB PNG, "
+    "class id in R) | synthia_split_val.txt (optional list of val names) | or the split layout "
+    "RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
+    "cityscapes": "cityscapes/ | leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit"
+    ".png | gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
+    "bdd": "bdd100k/ | images/10k/{train,val}/<stem>.jpg | labels/sem_seg/masks/{train,val}/"
+    "<stem>.png | or seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
+    "mapillary": "mapillary/ | validation/images/<id>.jpg | validation/labels/<id>.png (v1.2 "
+    "zip) or validation/v1.2/labels/<id>.png (v2.0 zip)",
+    "acdc": "acdc/ | rgb_anon/<fog|night|rain|snow>/val/<seq>/<seq>_frame_<n>_rgb_anon.png | "
+    "gt/<cond>/val/<seq>/<seq>_frame_<n>_gt_labelTrainIds.png (or _gt_labelIds.png)",
 }
 
 
 def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
-    tree = _TREES[kind].replace("\n", " | ")
-    return DatasetLayoutError(f"{kind}: {missing} under {root}. Expected layout: {tree}")
+    return DatasetLayoutError(f"{kind}: {missing} under {root}. Expected layout: {_TREES[kind]}")
+
+
+def size_policy(split: str) -> str:
+    """What a reader does with an image/label pair of different sizes: a training split skips
+    it (it cannot be cropped jointly) and counts it; an evaluation split is scored whole or not
+    at all, so the pair is an error naming the file."""
+    return "skip" if split in ("train", "all") else "error"
 
 
 class _PairDataset(Dataset):
-    """A list of (image path, label path) pairs with a label decoder and an optional transform."""
+    """A list of (image path, label path) pairs with a label decoder and an optional transform.
+    Image and label sizes are compared from the file headers when the reader is built
+    (`sizes`: "skip", "error" or "off"); `skipped` lists the names of the pairs left out."""
 
     def __init__(
         self,
+        kind: str,
         pairs: list[tuple[Path, Path]],
         decode: Callable[[Path], torch.Tensor],
         transform: Transform | None,
+        sizes: str,
     ):
-        self.pairs = pairs
-        self.decode = decode
-        self.transform = transform
+        self.kind, self.decode, self.transform = kind, decode, transform
+        self.pairs, self.skipped = pairs, []
+        if sizes != "off":
+            self.pairs, self.skipped = _check_sizes(kind, pairs, sizes)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -269,6 +419,33 @@ class _PairDataset(Dataset):
         return image, label, name
 
 
+def _check_sizes(
+    kind: str, pairs: list[tuple[Path, Path]], policy: str
+) -> tuple[list[tuple[Path, Path]], list[str]]:
+    kept, bad = [], []
+    for image, label in pairs:
+        size_i, size_l = image_size(image), image_size(label)
+        if size_i == size_l:
+            kept.append((image, label))
+        else:
+            bad.append((image, label, size_i, size_l))
+    if bad and policy == "error":
+        image, label, (wi, hi), (wl, hl) = bad[0]
+        more = f" (and {len(bad) - 1} more pairs)" if len(bad) > 1 else ""
+        folder = next((p for p in label.parts if p in ARCHIVES), None)
+        fix = f"re-extract it from {ARCHIVES[folder][1]}" if folder else "replace it"
+        raise DataFileError(
+            f"{kind}: label {label} is {wl}x{hl} but its image {image} is {wi}x{hi}{more}; an "
+            f"evaluation split is scored whole: {fix}"
+        )
+    if bad:
+        print0(
+            f"{kind}: skipped {len(bad)} image/label pairs of different sizes "
+            f"(first: {[image.stem for image, *_ in bad[:5]]})"
+        )
+    return kept, [image.stem for image, *_ in bad]
+
+
 def _pair(image: Path, candidates: Sequence[Path], kind: str) -> Path:
     for c in candidates:
         if c.is_file():
@@ -287,7 +464,8 @@ class GTA5(_PairDataset):
       "famix"  root/gtav_split_{split}.txt (12,382 train / 1,000 val; copy the two
                files from the FAMix repository's datasets/gta5_list/ into the root) [FAMix]
     4,826 frames are 1914x1046 instead of 1914x1052. Pairs whose image and label sizes differ are
-    skipped (header check) and reported: they cannot be cropped jointly.
+    skipped (header check) and reported, in every split: they cannot be cropped jointly, and the
+    official FAMix validation crops both to 1046x1914 before scoring.
     """
 
     def __init__(
@@ -310,9 +488,7 @@ class GTA5(_PairDataset):
                     f"missing {list_file.name} (FAMix's image list; "
                     "copy it from the FAMix repository's datasets/gta5_list/)",
                 )
-            names = [
-                Path(line.strip()).stem for line in list_file.read_text().split() if line.strip()
-            ]
+            names = [Path(word).stem for word in list_file.read_text().split()]
         elif image_list in ("all", "clouds"):
             names = sorted(p.stem for p in (root / "images").glob("*.png"))
             if image_list == "clouds":
@@ -321,33 +497,15 @@ class GTA5(_PairDataset):
             raise UsageError(f"unknown GTA5 image list {image_list!r}; use all, clouds or famix")
         if not names:
             raise _layout_error("gta", root, "no images/*.png")
-        pairs, self.skipped = [], []
+        pairs = []
         for n in names:
             image = root / "images" / f"{n}.png"
             if not image.is_file():
                 raise DatasetLayoutError(f"gta: {image} is listed but missing")
-            label = _pair(
-                image,
-                [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"],
-                "gta",
-            )
-            if check_sizes and image_size(image) != image_size(label):
-                self.skipped.append(n)
-                continue
-            pairs.append((image, label))
-        if self.skipped:
-            print0(
-                f"gta: skipped {len(self.skipped)} image/label pairs of different sizes "
-                f"(first: {self.skipped[:5]})"
-            )
-        super().__init__(pairs, self._decode, transform)
-
-    @staticmethod
-    def _decode(path: Path) -> torch.Tensor:
-        ids = read_id_png(path)
-        if path.name.endswith("_labelTrainIds.png"):
-            return map_ids(ids, _lut({i: i for i in range(NUM_CLASSES)}))
-        return map_ids(ids, CITYSCAPES_ID_TO_TRAINID)
+            labels = [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"]
+            pairs.append((image, _pair(image, labels, "gta")))
+        sizes = "skip" if check_sizes else "off"
+        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes)
 
 
 class Synthia(_PairDataset):
@@ -355,19 +513,23 @@ class Synthia(_PairDataset):
 
     Layouts: flat RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400) with an optional
     root/synthia_split_val.txt holding the 2,820 val names of the RobustNet split (FAMix), or the
-    split layout RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820) [FAMix synthia.py].
+    split layout RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820)
+    [FAMix synthia.py]. split "all" is every frame in either layout.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform | None = None,
+        sizes: str | None = None,
+    ):
         root = Path(root)
         if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
             raise _layout_error("synthia", root, "missing RGB/ or GT/LABELS/")
         if (root / "RGB" / "train").is_dir():
-            if split == "all":
-                images = sorted((root / "RGB").glob("*/*.png"))
-            else:
-                images = sorted((root / "RGB" / split).glob("*.png"))
-            rel = lambda p: p.relative_to(root / "RGB")  # noqa: E731
+            pattern = "*/*.png" if split == "all" else f"{split}/*.png"
+            images = sorted((root / "RGB").glob(pattern))
         else:
             images = sorted((root / "RGB").glob("*.png"))
             val_file = root / "synthia_split_val.txt"
@@ -378,13 +540,17 @@ class Synthia(_PairDataset):
                 raise _layout_error(
                     "synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)"
                 )
-            rel = lambda p: p.relative_to(root / "RGB")  # noqa: E731
         if not images:
             raise _layout_error("synthia", root, f"no RGB images for split {split!r}")
-        pairs = [(p, _pair(p, [root / "GT" / "LABELS" / rel(p)], "synthia")) for p in images]
+        labels = root / "GT" / "LABELS"
+        pairs = [(p, _pair(p, [labels / p.relative_to(root / "RGB")], "synthia")) for p in images]
         super().__init__(
-            pairs, lambda p: map_ids(read_synthia_label(p), SYNTHIA_ID_TO_TRAINID), transform
+            "synthia", pairs, read_synthia_trainids, transform, sizes or size_policy(split)
         )
+
+
+def read_synthia_trainids(path: str | Path) -> torch.Tensor:
+    return map_ids(read_synthia_label(path), SYNTHIA_ID_TO_TRAINID)
 
 
 class Cityscapes(_PairDataset):
@@ -392,7 +558,13 @@ class Cityscapes(_PairDataset):
     mapped to trainIds on the fly (no createTrainIdLabelImgs step needed); falls back to a
     _gtFine_labelTrainIds.png when the labelIds file is absent. 2,975 train / 500 val."""
 
-    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "val",
+        transform: Transform | None = None,
+        sizes: str | None = None,
+    ):
         root = Path(root)
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         if not image_dir.is_dir() or not label_dir.is_dir():
@@ -406,38 +578,28 @@ class Cityscapes(_PairDataset):
             )
         pairs = []
         for p in images:
-            stem = p.name[: -len("_leftImg8bit.png")]
-            d = label_dir / p.parent.name
-            pairs.append(
-                (
-                    p,
-                    _pair(
-                        p,
-                        [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"],
-                        "cityscapes",
-                    ),
-                )
-            )
-        super().__init__(pairs, self._decode, transform)
-
-    @staticmethod
-    def _decode(path: Path) -> torch.Tensor:
-        ids = read_id_png(path)
-        if path.name.endswith("_labelTrainIds.png"):
-            return map_ids(ids, _lut({i: i for i in range(NUM_CLASSES)}))
-        return map_ids(ids, CITYSCAPES_ID_TO_TRAINID)
-
-
-_TRAINID_IDENTITY = _lut({i: i for i in range(NUM_CLASSES)})
+            stem, d = p.name[: -len("_leftImg8bit.png")], label_dir / p.parent.name
+            labels = [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"]
+            pairs.append((p, _pair(p, labels, "cityscapes")))
+        super().__init__(
+            "cityscapes", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
+        )
 
 
 class BDD100K(_PairDataset):
     """BDD100K 10K semantic segmentation (labels are already trainIds, 255 = ignore).
     Layouts: images/10k/<split>/<stem>.jpg + labels/sem_seg/masks/<split>/<stem>.png (current
     release), seg/images/<split>/ + seg/labels/<split>/<stem>_train_id.png (old bdd100k_seg), or
-    the flattened images/<split>/ + labels/<split>/<stem>.png FAMix reads. 7,000 train / 1,000 val."""
+    the flattened images/<split>/ + labels/<split>/<stem>.png FAMix reads. 7,000 train / 1,000
+    val."""
 
-    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "val",
+        transform: Transform | None = None,
+        sizes: str | None = None,
+    ):
         root = Path(root)
         layouts = [
             (root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split),
@@ -452,16 +614,15 @@ class BDD100K(_PairDataset):
         images = sorted(image_dir.glob("*.jpg"))
         if not images:
             raise _layout_error("bdd", root, f"no {image_dir}/*.jpg")
-        pairs = [
-            (
-                p,
-                _pair(
-                    p, [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"], "bdd"
-                ),
-            )
-            for p in images
-        ]
-        super().__init__(pairs, lambda p: map_ids(read_id_png(p), _TRAINID_IDENTITY), transform)
+        pairs = []
+        for p in images:
+            labels = [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"]
+            pairs.append((p, _pair(p, labels, "bdd")))
+        super().__init__("bdd", pairs, read_trainid_label, transform, sizes or size_policy(split))
+
+
+def read_trainid_label(path: str | Path) -> torch.Tensor:
+    return map_ids(read_id_png(path), TRAINID_IDENTITY)
 
 
 class Mapillary(_PairDataset):
@@ -475,20 +636,15 @@ class Mapillary(_PairDataset):
         split: str = "val",
         label_map: str = "hrda",
         transform: Transform | None = None,
+        sizes: str | None = None,
     ):
         root = Path(root)
         if label_map not in MAPILLARY_V12_TO_19:
             raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
         folder = {"val": "validation", "train": "training"}.get(split, split)
         image_dir = root / folder / "images"
-        label_dir = next(
-            (
-                d
-                for d in (root / folder / "labels", root / folder / "v1.2" / "labels")
-                if d.is_dir()
-            ),
-            None,
-        )
+        candidates = (root / folder / "labels", root / folder / "v1.2" / "labels")
+        label_dir = next((d for d in candidates if d.is_dir()), None)
         if not image_dir.is_dir() or label_dir is None:
             raise _layout_error("mapillary", root, f"missing {folder}/images/ or {folder}/labels/")
         images = sorted(image_dir.glob("*.jpg"))
@@ -496,7 +652,11 @@ class Mapillary(_PairDataset):
             raise _layout_error("mapillary", root, f"no {folder}/images/*.jpg")
         pairs = [(p, _pair(p, [label_dir / f"{p.stem}.png"], "mapillary")) for p in images]
         lut = MAPILLARY_V12_TO_19[label_map]
-        super().__init__(pairs, lambda p: map_ids(read_id_png(p), lut), transform)
+
+        def decode(path: Path) -> torch.Tensor:
+            return map_ids(read_id_png(path), lut)
+
+        super().__init__("mapillary", pairs, decode, transform, sizes or size_policy(split))
 
 
 class ACDC(_PairDataset):
@@ -513,6 +673,7 @@ class ACDC(_PairDataset):
         condition: str,
         split: str = "val",
         transform: Transform | None = None,
+        sizes: str | None = None,
     ):
         root = Path(root)
         if condition not in self.CONDITIONS:
@@ -527,49 +688,18 @@ class ACDC(_PairDataset):
         for p in images:
             d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
             stem = p.name[: -len("_rgb_anon.png")]
-            pairs.append(
-                (
-                    p,
-                    _pair(
-                        p,
-                        [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"],
-                        "acdc",
-                    ),
-                )
-            )
-        super().__init__(pairs, self._decode, transform)
-
-    @staticmethod
-    def _decode(path: Path) -> torch.Tensor:
-        lut = (
-            _TRAINID_IDENTITY
-            if path.name.endswith("_labelTrainIds.png")
-            else CITYSCAPES_ID_TO_TRAINID
+            labels = [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"]
+            pairs.append((p, _pair(p, labels, "acdc")))
+        super().__init__(
+            "acdc", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
         )
-        return map_ids(read_id_png(path), lut)
 
 
 # Folder of each dataset under --data.
-DATA_DIRS = {
-    "gta": "gta5",
-    "synthia": "synthia",
-    "cityscapes": "cityscapes",
-    "bdd": "bdd100k",
-    "mapillary": "mapillary",
-    "acdc": "acdc",
-    "toy": "toy",
-}
-TARGET_NAMES = (
-    "cityscapes",
-    "bdd",
-    "mapillary",
-    "acdc-fog",
-    "acdc-night",
-    "acdc-rain",
-    "acdc-snow",
-    "synthia",
-    "gta",
-)
+DATA_DIRS = {"gta": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "bdd": "bdd100k",
+             "mapillary": "mapillary", "acdc": "acdc", "toy": "toy"}  # fmt: skip
+TARGET_NAMES = ("cityscapes", "bdd", "mapillary", "acdc-fog", "acdc-night", "acdc-rain",
+                "acdc-snow", "synthia", "gta")  # fmt: skip
 
 
 def build_dataset(
@@ -658,7 +788,7 @@ _TOY_COLOURS["fog"] = _TOY_COLOURS["city"]
 _TOY_COLOURS["night"] = _TOY_COLOURS["city"]
 
 
-def _toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+def toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """One street layout as trainIds (H, W)."""
     y, x = np.mgrid[0:h, 0:w]
     label = np.full((h, w), 10, np.int64)  # sky
@@ -709,7 +839,7 @@ def _toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return label
 
 
-def _toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
+def toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
     """Appearance of one scene in one domain, uint8 (H, W, 3)."""
     h, w = label.shape
     y, x = np.mgrid[0:h, 0:w]
@@ -756,48 +886,69 @@ def _save_palette_png(path: Path, ids: np.ndarray) -> None:
 
 
 def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None = None) -> Path:
-    """Write <data_root>/toy (if missing or from another version/seed). Returns its path."""
+    """Write <data_root>/toy (if missing or from another version/seed). Returns its path.
+
+    toy/toy.json marks a folder this function wrote; it is written first (as "incomplete") and
+    completed last, so an interrupted write is recognised and redone. A toy/ folder without the
+    marker is someone else's and is never deleted."""
     root = Path(data_root) / "toy"
     counts = counts or TOY_COUNTS
     stamp = {"version": TOY_VERSION, "seed": seed, "counts": counts, "size_wh": TOY_SIZE_WH}
+    stamp = json.loads(json.dumps(stamp))  # tuples -> lists, as read back from the file
     stamp_file = root / "toy.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
-        return root
-    if root.exists():  # another version, seed or size: start from an empty folder
-        shutil.rmtree(root)
+    if stamp_file.is_file():
+        try:
+            found = json.loads(stamp_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(
+                f"{stamp_file} is not a valid toy marker (truncated or edited); delete {root} to "
+                "have the toy dataset written again"
+            ) from None
+        if found == stamp:
+            return root
+        shutil.rmtree(root)  # ours: another version, seed or size, or an interrupted write
+    elif root.exists():
+        raise UsageError(
+            f"{root} exists but was not written by this project (no toy.json): move it away or "
+            "pass another --data"
+        )
+    root.mkdir(parents=True)
+    stamp_file.write_text(json.dumps({**stamp, "incomplete": True}))
+    _write_toy_domains(root, seed, counts)
+    stamp_file.write_text(json.dumps(stamp))
+    return root
+
+
+def _write_toy_domains(root: Path, seed: int, counts: dict) -> None:
     w, h = TOY_SIZE_WH
-    trainid_to_id = {int(t): i for i, t in enumerate(CITYSCAPES_ID_TO_TRAINID) if t != IGNORE_INDEX}
     id_lut = np.zeros(256, np.uint8)  # trainId -> labelId (ignore -> 0 = unlabeled)
-    for t, i in trainid_to_id.items():
-        id_lut[t] = i
+    for label_id, t in enumerate(CITYSCAPES_ID_TO_TRAINID):
+        if t != IGNORE_INDEX:
+            id_lut[t] = label_id
     for d, domain in enumerate(TOY_DOMAINS):
         n_train, n_val = counts[domain]
+        if domain == "source":
+            img_dir, gt_dir = root / "source" / "images", root / "source" / "labels"
+        else:
+            img_dir = root / domain / "leftImg8bit" / "val" / "toy"
+            gt_dir = root / domain / "gtFine" / "val" / "toy"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
         for i in range(n_train + n_val):
             rng = np.random.default_rng([seed, d, i])
-            label = _toy_scene(rng, w, h)
-            image = _toy_render(label, domain, rng)
-            ids = id_lut[label]
+            label = toy_scene(rng, w, h)
+            image = Image.fromarray(toy_render(label, domain, rng))
             if domain == "source":
-                (root / "source" / "images").mkdir(parents=True, exist_ok=True)
-                (root / "source" / "labels").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(
-                    root / "source" / "images" / f"{i + 1:05d}.png", compress_level=1
-                )
-                _save_palette_png(root / "source" / "labels" / f"{i + 1:05d}.png", ids)
+                image.save(img_dir / f"{i + 1:05d}.png", compress_level=1)
+                _save_palette_png(gt_dir / f"{i + 1:05d}.png", id_lut[label])
             else:
                 stem = f"toy_{i:06d}_000019"
-                img_dir = root / domain / "leftImg8bit" / "val" / "toy"
-                gt_dir = root / domain / "gtFine" / "val" / "toy"
-                img_dir.mkdir(parents=True, exist_ok=True)
-                gt_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
-                Image.fromarray(ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+                image.save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
+                Image.fromarray(id_lut[label]).save(gt_dir / f"{stem}_gtFine_labelIds.png")
         if domain == "source":
             names = [f"{i + 1:05d}.png" for i in range(n_train + n_val)]
             (root / "source" / "gtav_split_train.txt").write_text("\n".join(names[:n_train]) + "\n")
             (root / "source" / "gtav_split_val.txt").write_text("\n".join(names[n_train:]) + "\n")
-    stamp_file.write_text(json.dumps(stamp))
-    return root
 
 
 # =============================================================================================
@@ -1304,7 +1455,7 @@ def _single(batch: list) -> Any:
     return batch[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_dataset(
     predict: Callable[[torch.Tensor], torch.Tensor],
     dataset: Dataset,
@@ -1321,7 +1472,8 @@ def evaluate_dataset(
 ) -> dict:
     """Score `predict` (uint8 (1,3,h,w) on the device -> logits (1,C,h',w')) on a dataset.
     Logits are bilinearly resized to the label's size, then argmax. Returns {"miou",
-    "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16)."""
+    "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16).
+    Runs under inference_mode, with cuDNN's autotuner off (every image size would be tuned)."""
     indices = range(dist.rank, len(dataset), dist.world_size)
     view = _EvalView(dataset, indices, resize)
     # Own generator: evaluating does not consume the global RNG, so training resumes exactly
@@ -1334,6 +1486,7 @@ def evaluate_dataset(
         generator=torch.Generator().manual_seed(0),
     )
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
+    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
         logits = predict(image[None].to(dist.device, non_blocking=True))
         if logits.shape[-2:] != label.shape[-2:]:
@@ -1344,6 +1497,7 @@ def evaluate_dataset(
         cm.update(pred, label)
         if save_dir is not None and index < save_preds:
             save_prediction_strip(Path(save_dir) / f"{index:05d}_{name}.png", image, label, pred)
+    torch.backends.cudnn.benchmark = tuned
     cm.all_reduce()
     result = {
         "miou": round(cm.miou(miou_mode), 4),
@@ -1364,6 +1518,17 @@ def format_results(results: dict[str, dict]) -> str:
     if len(results) > 1:
         lines.append(f"{'mean':<14} {np.mean([r['miou'] for r in results.values()]):7.2f}")
     return "\n".join(lines)
+
+
+def report_results(results: dict[str, dict], iteration: int | None, log: RunLog) -> None:
+    """Print the per-target table and per-class IoUs (rank 0), log an `eval` record and write
+    results.json."""
+    print0(("" if iteration is None else f"iteration {iteration}\n") + format_results(results))
+    for target, r in results.items():
+        ious = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
+        print0(f"  {target}: {ious}")
+    log.log({"type": "eval", "iter": iteration, "results": results})
+    log.write_results(results)
 
 
 # =============================================================================================
@@ -1419,12 +1584,57 @@ def autocast(
     device: torch.device, enabled: bool
 ) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
     """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
-    (returns a null context and no scaler)."""
+    (returns a null context and no scaler; `setup` says so once)."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext, None
     if torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
     return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def setup(args: argparse.Namespace) -> Dist:
+    """What every run does before its first tensor: CPU threads, processes and device, the speed
+    switches of the device (TF32 and cuDNN's autotuner on CUDA), seeds. A flag the device cannot
+    honour gets one warning line."""
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    dist = setup_distributed(args.device)
+    if dist.device.type == "cuda":
+        # TF32: fp32 matmuls and convolutions on tensor cores (10-bit mantissa products)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        # the training crops have one fixed size: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = fast_path(args, dist)
+    elif args.amp:
+        warn("--amp has no effect on CPU: this run computes in fp32")
+    seed_everything(args.seed, dist.rank)
+    return dist
+
+
+def fast_path(args: argparse.Namespace, dist: Dist) -> bool:
+    """--fast auto = on with CUDA: channels_last trunks, fused/foreach optimisers, cuDNN
+    autotuning. On CPU they are off by default (the tests compare both paths there)."""
+    return args.fast == "on" or (args.fast == "auto" and dist.device.type == "cuda")
+
+
+def memory_format(args: argparse.Namespace, dist: Dist) -> torch.memory_format:
+    """channels_last (NHWC) for convolutional trunks on the fast path: cuDNN's tensor-core
+    convolutions work in NHWC, so NCHW tensors are transposed around every convolution."""
+    return torch.channels_last if fast_path(args, dist) else torch.contiguous_format
+
+
+def optimizer_options(args: argparse.Namespace, dist: Dist, kind: str) -> dict[str, bool]:
+    """Keyword arguments of the optimiser on the fast path: fused AdamW (one kernel for every
+    parameter tensor) or foreach SGD (one batched op per step instead of one per tensor)."""
+    if not fast_path(args, dist):
+        return {}
+    return {"fused": True} if kind == "adamw" else {"foreach": True}
+
+
+def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """torch.compile of the trained parts with --compile (off by default: the first steps then
+    compile for minutes). State dicts are saved from the module itself (no _orig_mod prefix)."""
+    return torch.compile(module) if args.compile else module
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -1470,8 +1680,157 @@ def poly_lr(
 
 
 # =============================================================================================
-# 10. The shared command-line block
+# 10. Training-loop plumbing: the step, divergence checks, the evaluation schedule, logging
 # =============================================================================================
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    max_norm: float | None = None,
+    params: Sequence[torch.Tensor] | None = None,
+) -> float | None:
+    """Backward (scaled for fp16), optional clipping of the gradients' global L2 norm to
+    max_norm (unscaled first), optimizer step. The gradients were cleared (set_to_none) before
+    the forward pass, so the previous ones did not live through it. Returns the norm before
+    clipping, or None without clipping."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    grad_norm = None
+    if max_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+def check_finite(iteration: int, terms: dict[str, float]) -> None:
+    """Stop with one line when a loss term is nan or inf, before the step spreads it."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        values = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        raise DivergenceError(
+            f"iteration {iteration}: the loss is not finite ({values}); training stopped, "
+            f"{last_checkpoint_note()}; try a lower --lr or --no-amp"
+        )
+
+
+def check_finite_outputs(iteration: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Stop with one line when a prediction holds nan or inf (one device sync for all of
+    them), before a loss or a matcher sees it."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise DivergenceError(
+            f"iteration {iteration}: the predictions {', '.join(bad)} are not finite; training "
+            f"stopped before the loss, {last_checkpoint_note()}; try a lower --lr or --no-amp"
+        )
+
+
+def eval_due(done: int, args: argparse.Namespace) -> bool:
+    """After `done` iterations: evaluate (and checkpoint) every --eval-every and at the end."""
+    return done == args.iters or (args.eval_every > 0 and done % args.eval_every == 0)
+
+
+def log_step(
+    log: RunLog, bar: _Progress, done: int, args: argparse.Namespace, lr: float, terms: dict
+) -> None:
+    """The progress bar every step; a `train` record (loss terms, lr, seconds per step since the
+    previous record) every --log-every steps and at the end."""
+    RUN["iter"], RUN["iters"] = done, args.iters
+    bar.update(1, loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
+    now = time.perf_counter()
+    if log.last_step is None:  # the clock starts after the first step (compilation, warm-up)
+        log.last_step = (done, now)
+    if done % args.log_every == 0 or done == args.iters:
+        last_iter, last_time = log.last_step
+        seconds = (now - last_time) / (done - last_iter) if done > last_iter else None
+        log.log({"type": "train", "iter": done, "lr": lr, **terms, "time_s": seconds})
+        log.last_step = (done, now)
+
+
+@contextlib.contextmanager
+def rng_neutral() -> Iterator[None]:
+    """Run a block (an evaluation, a loader's set-up) without moving any global random stream
+    (torch CPU and CUDA, numpy, Python): a run that evaluates, or is interrupted and resumed,
+    draws the same numbers as one that does not."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# =============================================================================================
+# 11. The command line: one-line errors, presets, the shared flags
+# =============================================================================================
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line (argparse would print its whole usage)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    one_line_errors(parser)
+    return parser
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` report a bad flag in one line on stderr, exit code 2."""
+
+    def error(message: str) -> NoReturn:
+        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+
+
+def parse_with_presets(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    presets: Callable[[argparse.Namespace], dict[str, Any]],
+) -> argparse.Namespace:
+    """Parse in two passes with public argparse only. The first pass reads what chooses a preset
+    (--source toy, --recipe, --phase); `presets(first)` returns that preset's defaults;
+    parser.set_defaults installs them; the second pass parses for real. A flag written on the
+    command line always wins, and --help shows the defaults of the chosen preset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    parser.set_defaults(**presets(first))
+    return parser.parse_args(argv)
+
+
+def _number(text: str, kind: type, low: float, strict: bool) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, 1, strict=False)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, 0, strict=False)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, 0.0, strict=True)
 
 
 def add_shared_flags(
@@ -1485,130 +1844,54 @@ def add_shared_flags(
     amp: bool,
     pretrained: str,
     eval_every: int,
+    log_every: int,
     workers: int = 4,
     sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
     cite: dict[str, str] | None = None,
 ) -> None:
     """The flags every method file has, with the method's paper defaults passed in (so they are
-    visible in the method file). `cite[name]` is appended to that flag's help, e.g.
+    visible in the method file). Each help ends with the default in force (%(default)s: a preset
+    installed by parse_with_presets shows too) and `cite[name]`, e.g.
     cite={"iters": "paper: 40000 [C main.py]"}."""
     cite = cite or {}
 
     def h(text: str, name: str) -> str:
-        return f"{text} ({cite[name]})" if name in cite else text
+        return f"{text} (default %(default)s{'; ' + cite[name] if name in cite else ''})"
 
+    names = f"{', '.join(TARGET_NAMES)}; toy: {', '.join(TOY_TARGETS)}"
+    on_off = argparse.BooleanOptionalAction
     g = parser.add_argument_group("shared")
-    g.add_argument(
-        "--source",
-        default=source,
-        choices=list(sources),
-        help=h(f"training domain; toy = the built-in toy dataset (default {source})", "source"),
-    )
-    g.add_argument(
-        "--data",
-        default="./data",
-        help="root holding gta5/ synthia/ cityscapes/ bdd100k/ mapillary/ acdc/ toy/ (see README)",
-    )
-    g.add_argument(
-        "--targets",
-        default=targets,
-        help=h(
-            f"comma-separated evaluation targets among {', '.join(TARGET_NAMES)} "
-            f"(toy: {', '.join(TOY_TARGETS)}) (default {targets})",
-            "targets",
-        ),
-    )
-    g.add_argument(
-        "--iters", type=int, default=iters, help=h(f"optimizer steps (default {iters})", "iters")
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=batch_size,
-        help=h(f"global batch over all GPUs (default {batch_size})", "batch_size"),
-    )
-    g.add_argument(
-        "--crop", type=int, default=crop, help=h(f"training crop size (default {crop})", "crop")
-    )
-    g.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=amp,
-        help=h(f"mixed precision, bf16 where supported else fp16 (default {amp})", "amp"),
-    )
-    g.add_argument("--out", default="out", help="output folder: last.pt, log.jsonl, results.json")
-    g.add_argument(
-        "--resume", default=None, help="continue from this checkpoint (e.g. out/last.pt)"
-    )
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; each process adds its rank")
-    g.add_argument(
-        "--pretrained",
-        default=pretrained,
-        help=h(
-            f"pretrained weights: a name, a local file, or none for random init "
-            f"(default {pretrained})",
-            "pretrained",
-        ),
-    )
-    g.add_argument("--eval-only", action="store_true", help="evaluate the weights and exit")
-    g.add_argument(
-        "--eval-every",
-        type=int,
-        default=eval_every,
-        help=h(
-            f"evaluate on the targets every N iterations; 0 = only at the end "
-            f"(default {eval_every})",
-            "eval_every",
-        ),
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=workers,
-        help=f"loader workers per process (default {workers})",
-    )
-    g.add_argument(
-        "--save-preds",
-        type=int,
-        default=0,
-        help="save colourised predictions (image | ground truth | prediction) of the first N images per target",
-    )
-    g.add_argument("--bench", action="store_true", help="run the benchmarks (JSON lines) and exit")
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Destinations of the flags written on the command line (argparse also accepts unambiguous
-    prefixes such as --batch for --batch-size)."""
-    options = parser._option_string_actions
-    given = set()
-    for token in argv:
-        if not token.startswith("--"):
-            continue
-        opt = token.split("=", 1)[0]
-        action = options.get(opt)
-        if action is None:
-            matches = {options[o] for o in options if o.startswith(opt)}
-            action = matches.pop() if len(matches) == 1 else None
-        if action is not None:
-            given.add(action.dest)
-    return given
-
-
-def apply_toy_defaults(
-    parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    argv: Sequence[str] | None,
-    **values: Any,
-) -> None:
-    """With --source toy, replace the paper defaults by toy-sized ones, except the flags the
-    user wrote explicitly."""
-    if args.source != "toy":
-        return
-    given = explicit_flags(parser, sys.argv[1:] if argv is None else argv)
-    for name, value in values.items():
-        if name not in given:
-            setattr(args, name, value)
+    a = g.add_argument
+    # fmt: off
+    a("--source", default=source, choices=list(sources), help=h("training domain", "source"))
+    a("--data", default="./data", help=h("root of gta5/ synthia/ cityscapes/ ... toy/", "data"))
+    a("--targets", default=targets, help=h(f"comma-separated targets among {names}", "targets"))
+    a("--iters", type=positive_int, default=iters, help=h("optimizer steps", "iters"))
+    a("--batch-size", type=positive_int, default=batch_size, help=h("global batch", "batch_size"))
+    a("--crop", type=positive_int, default=crop, help=h("training crop size", "crop"))
+    a("--amp", action=on_off, default=amp, help=h("bf16 (else fp16) autocast on CUDA", "amp"))
+    a("--tf32", action=on_off, default=True, help=h("TF32 matmuls/convolutions on CUDA", "tf32"))
+    a("--fast", choices=["auto", "on", "off"], default="auto",
+      help=h("channels_last, fused/foreach optimiser, cuDNN autotuning; auto: CUDA", "fast"))
+    a("--compile", action="store_true", help=h("torch.compile the trained parts", "compile"))
+    a("--out", default="out", help=h("output folder: last.pt, log.jsonl, results.json", "out"))
+    a("--overwrite", action="store_true", help=h("start a new run in an --out that has one", "o"))
+    a("--resume", default=None, help=h("continue from this checkpoint (out/last.pt)", "resume"))
+    a("--device", default=None, help=h("cuda or cpu; none = cuda if available", "device"))
+    a("--seed", type=int, default=0, help=h("random seed; each process adds its rank", "seed"))
+    a("--pretrained", default=pretrained, help=h("weights: a name, a file or none", "pretrained"))
+    a("--eval-only", action="store_true", help=h("evaluate the weights and exit", "eval_only"))
+    a("--eval-every", type=nonnegative_int, default=eval_every,
+      help=h("evaluate every N iterations; 0 = at the end only", "eval_every"))
+    a("--log-every", type=positive_int, default=log_every, help=h("log every N", "log_every"))
+    a("--workers", type=nonnegative_int, default=workers, help=h("loader workers", "workers"))
+    a("--cpu-threads", type=nonnegative_int, default=0, help=h("0 = PyTorch's choice", "threads"))
+    a("--save-preds", type=nonnegative_int, default=0,
+      help=h("save image | label | prediction of the first N images per target", "save_preds"))
+    a("--bench", action="store_true", help=h("run the benchmarks (JSON lines) and exit", "bench"))
+    a("--peak-tflops", type=positive_float, default=None,
+      help=h("--bench: peak TFLOP/s for MFU; none = from a table of GPUs", "peak_tflops"))
+    # fmt: on
 
 
 def parse_targets(args: argparse.Namespace) -> list[str]:
@@ -1624,7 +1907,7 @@ def args_to_primitives(args: argparse.Namespace | dict) -> dict:
 
 
 # =============================================================================================
-# 11. Checkpoints
+# 12. Checkpoints
 # =============================================================================================
 
 
@@ -1673,21 +1956,33 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+def _write_error(path: Path, error: BaseException) -> CheckpointError:
+    reason = getattr(error, "strerror", None) or one_line(error)
+    if "file write failed" in str(error) or "No space" in str(error):
+        reason = "no space left on the device"
+    return CheckpointError(
+        f"cannot write {path} ({reason}); the previous file, if any, is intact: free space or "
+        "pass a writable --out"
+    )
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: a crash or an error
-    while writing leaves the previous file untouched."""
+    """Write to a temporary file in the same folder, fsync, then os.replace: a crash, Ctrl-C or
+    a full disk while writing leaves the previous file untouched. Write errors are one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise _write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -1702,7 +1997,8 @@ def save_checkpoint(
     metrics: dict | None = None,
     extra: dict | None = None,
 ) -> None:
-    """One plain dict (STYLE §8); loads with torch.load(weights_only=True)."""
+    """One plain dict that loads with torch.load(weights_only=True): method, iter, model (no
+    DDP / compile prefixes), optimizer, scaler, args, rng, metrics, + the method's extras."""
     ckpt = {
         "method": method,
         "iter": int(iteration),
@@ -1716,6 +2012,7 @@ def save_checkpoint(
     if extra:
         ckpt.update(extra)
     atomic_torch_save(ckpt, path)
+    RUN["ckpt"], RUN["ckpt_iter"] = str(path), int(iteration)
 
 
 def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
@@ -1752,11 +2049,136 @@ def restore_training_state(
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+    RUN["ckpt"], RUN["ckpt_iter"] = None, None  # this run has written nothing yet
     return int(ckpt["iter"])
 
 
+def check_resume_args(ckpt: dict, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """A resumed run must build the same model: each flag in `names` must have the value the
+    checkpoint was trained with."""
+    for name in names:
+        if name in ckpt["args"] and ckpt["args"][name] != args_to_primitives(args).get(name):
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(
+                f"--resume {args.resume} was trained with {flag} {ckpt['args'][name]}, this run "
+                f"has {flag} {getattr(args, name)}; use the same value"
+            )
+
+
+def prepare_out_dir(args: argparse.Namespace) -> Path:
+    """Check --out before any work: a folder (not a file), writable, and not holding another
+    run's last.pt unless --resume or --overwrite says what to do with it. A new run (not
+    --resume, not --eval-only) starts a fresh log.jsonl / results.json."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; pass a folder path")
+    last = out / "last.pt"
+    if last.is_file() and not (args.resume or args.overwrite or args.eval_only):
+        raise UsageError(
+            f"{out} already holds a run ({last}): continue it with --resume {last}, start over "
+            "with --overwrite, or pass another --out"
+        )
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"cannot write to --out {out} ({e.strerror}); pass a writable folder"
+        ) from None
+    if not (args.resume or args.eval_only) and _state["rank"] == 0:
+        for name in ("log.jsonl", "results.json"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+# Weight files: the official releases store numpy scalars beside the tensors (FAMix's
+# best_score is a numpy float64 [FAMix main.py::save_ckpt]); weights_only=True admits them only
+# when listed.
+def _numpy_safe_globals() -> list:
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
+    """torch.load(weights_only=True) of a weights file or checkpoint, on the CPU: ours, an
+    official release, CLIP or DINOv2 weights. Nothing in it can run code. A missing or unreadable
+    file is one line naming `what` and, as the fix, `hint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path} ({hint})")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or content weights_only refuses
+        raise CheckpointError(
+            f"cannot read {what} {path} ({type(e).__name__}): not a readable torch file ({hint})"
+        ) from None
+
+
+def load_state_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    hint: str,
+    may_lack: Sequence[str] = (),
+) -> int:
+    """load_state_dict that fails with one line naming a few missing, unexpected and
+    wrongly-shaped keys, and `hint` (which flag to check). Keys starting with a prefix in
+    `may_lack` may be absent (a frozen backbone a checkpoint leaves out). Returns the number of
+    tensors loaded."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(tuple(may_lack) or ("\0",))]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{source} does not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another "
+            f"shape (e.g. {wrong[:3]}); {hint}"
+        )
+    module.load_state_dict(state, strict=not may_lack)
+    return len(state)
+
+
+def require_download(what: str, hint: str, host: str = "huggingface.co") -> None:
+    """Weights named by a tag (not a file) are downloaded by open_clip from the Hugging Face hub.
+    Offline, its client retries for about a minute before failing: fail at once instead, with
+    one line saying how to pass a local file. (Weights already in the local cache need no
+    network: call this only when they are not there.)"""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"cannot download {what}: HF_HUB_OFFLINE=1; {hint}")
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise UsageError(f"cannot download {what}: {host} is not reachable; {hint}") from None
+
+
+def open_clip_cached(model: str, tag: str) -> bool:
+    """Whether open_clip's weights for (model, tag) are already in the local hub cache."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        return False
+    if cfg.get("file"):
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/name/" or "org/name/file"
+    if not repo:
+        return False
+    names = [filename] if filename else []
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+
 # =============================================================================================
-# 12. Run log and progress
+# 13. Run log and progress
 # =============================================================================================
 
 
@@ -1786,6 +2208,7 @@ class RunLog:
         enabled: bool = True,
     ):
         self.out_dir, self.enabled = Path(out_dir), enabled
+        self.last_step: tuple[int, float] | None = None  # (iteration, time) of the last record
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1815,10 +2238,8 @@ class RunLog:
             os.replace(tmp, self.out_dir / "results.json")
 
 
-def progress(
-    total: int, initial: int = 0, enabled: bool = True, desc: str = "train"
-) -> _Progress:
-    """A tqdm bar (rank 0 only): `bar.update(1, loss=...)` in a loop, or `for x in bar(iterable)`."""
+def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> _Progress:
+    """A tqdm bar (rank 0 only): `bar.update(1, loss=...)` in a loop, or `for x in bar(items)`."""
     return _Progress(total, initial, enabled, desc)
 
 
@@ -1855,7 +2276,7 @@ class _Progress:
 
 
 # =============================================================================================
-# 13. Visualisation
+# 14. Visualisation
 # =============================================================================================
 
 
@@ -1880,14 +2301,78 @@ def save_prediction_strip(
 
 
 # =============================================================================================
-# 14. Benchmarks
+# 15. Benchmarks
 # =============================================================================================
 
 
+# Dense peak TFLOP/s of common GPUs (no sparsity), matched in this order against
+# torch.cuda.get_device_name(): (bf16/fp16 tensor cores, TF32 tensor cores, fp32)
+# [NVIDIA data sheets]. V100 has no TF32: its fp32 peak stands in.
+GPU_PEAK_TFLOPS = (
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("V100", (125.0, 15.7, 15.7)),
+)
+
+
+def bench_precision(args: argparse.Namespace, device: torch.device) -> str:
+    """The arithmetic a benchmark runs in, which decides the peak it is compared with."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if args.amp else ("tf32" if args.tf32 else "fp32")
+
+
+def peak_tflops(
+    device: torch.device, precision: str, override: float | None = None
+) -> float | None:
+    """The device's dense peak for `precision` (--peak-tflops wins); None on CPU or an unknown
+    GPU (then no MFU is reported)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    column = {"bf16": 0, "tf32": 1, "fp32": 2}[precision]
+    return next((peaks[column] for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory since the last reset, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call of `step` (forward and backward if it runs both), counted once by
+    torch's FlopCounterMode: matmuls, convolutions and attention; elementwise ops and
+    grid_sample are not counted, so MSDeformAttn's sampling is left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def time_step(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
+    """Median seconds of one call of `step` over `steps` calls after `warmup`, each call
+    synchronised with the GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def benchmark(
@@ -1898,37 +2383,81 @@ def benchmark(
     warmup: int,
     steps: int,
     images_per_step: int,
+    precision: str = "fp32",
+    peak: float | None = None,
+    flops: bool = True,
     extra: dict | None = None,
 ) -> dict:
-    """Time `step` over `steps` calls after `warmup` (CUDA-synchronised). Prints one JSON line."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
+    """Time `step` (median of `steps` synchronised calls after `warmup`), count its FLOPs once,
+    and print one JSON record: step_s, images_per_s, gflop_per_step, achieved TFLOP/s (GPU) or
+    GFLOP/s (CPU), mfu = achieved / the device's peak for `precision` (GPU; `peak` overrides
+    the table), peak memory (GPU allocated, or process RSS on CPU) and `extra`."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / max(steps, 1)
+    seconds = time_step(step, device, warmup, steps)
+    memory = round(peak_memory_mb(device), 1)
     record = {
         "bench": name,
-        "device": str(device),
-        "step_s": round(dt, 5),
-        "images_per_s": round(images_per_step / dt, 3),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": precision,
+        "step_s": round(seconds, 5),
+        "images_per_s": round(images_per_step / seconds, 3),
         "steps": steps,
-        ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): round(
-            peak_memory_mb(device), 1
-        ),
-        **(extra or {}),
+        ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): memory,
     }
+    if flops:
+        n = count_flops(step)
+        record["gflop_per_step"] = round(n / 1e9, 2)
+        if device.type == "cuda":
+            record["tflops"] = round(n / seconds / 1e12, 2)
+            top = peak_tflops(device, precision, peak)
+            record["mfu"] = round(record["tflops"] / top, 4) if top else None
+        else:
+            record["gflops"] = round(n / seconds / 1e9, 2)
+    record.update(extra or {})
     print(json.dumps(record), flush=True)
     return record
 
 
+def bench_table(records: Sequence[dict]) -> str:
+    """The benchmark records as one Markdown table (the end of `make bench`)."""
+    head = ("bench", "device", "precision", "step s", "images/s", "GFLOP/step", "TFLOP/s", "MFU",
+            "peak MiB")  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in records:
+        achieved = r.get("tflops", r["gflops"] / 1e3 if "gflops" in r else None)
+        memory = r.get("peak_mem_mb", r.get("peak_rss_mb"))
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        cells = [r["bench"], r["device"], r.get("precision", "-"), f"{r['step_s']:.4f}",
+                 f"{r['images_per_s']:.2f}", str(r.get("gflop_per_step", "-")),
+                 "-" if achieved is None else f"{achieved:.3f}", mfu, str(memory)]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # =============================================================================================
-# 15. `python common.py make-toy | demo | bench`
+# 16. Data checker: `python common.py check-data --data ./data [--decode]`
+# =============================================================================================
+
+
+def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) -> int:
+    """Print one table of what each dataset folder under `data_root` holds against the official
+    counts; with `decode`, decode every file. Returns the exit code (0 = nothing wrong)."""
+    raise NotImplementedError
+
+
+# =============================================================================================
+# 17. Runs side by side: `python common.py compare RUN_DIR ...`
+# =============================================================================================
+
+
+def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
+    """Print a Markdown table of the runs' mIoU per target and per class; write compare.png."""
+    raise NotImplementedError
+
+
+# =============================================================================================
+# 18. `python common.py make-toy | demo | bench`
 # =============================================================================================
 
 
@@ -2007,8 +2536,8 @@ def _write_full_size_frames(root: Path, n: int = 8) -> None:
             trainid_to_id[t] = label_id
     for i in range(n):
         rng = np.random.default_rng(i)
-        label = _toy_scene(rng, *TOY_SIZE_WH)
-        image = _toy_render(label, "city", rng)
+        label = toy_scene(rng, *TOY_SIZE_WH)
+        image = toy_render(label, "city", rng)
         for kind, (w, h) in (("gta5", (1914, 1052)), ("cityscapes", (2048, 1024))):
             big = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)).astype(np.int16)
             big = np.clip(big + rng.integers(-12, 13, big.shape), 0, 255).astype(np.uint8)
@@ -2063,11 +2592,12 @@ def _bench(args: argparse.Namespace) -> None:
         )
         benchmark(
             f"loader/{name}",
-            lambda: next(loader),
+            loader.__next__,
             device=dist.device,
             warmup=2,
             steps=args.steps,
             images_per_step=8,
+            flops=False,
             extra={"workers": args.workers},
         )
     cs = Cityscapes(full / "cityscapes", "val")
@@ -2079,6 +2609,7 @@ def _bench(args: argparse.Namespace) -> None:
         warmup=2,
         steps=args.steps,
         images_per_step=1,
+        flops=False,
         extra={"workers": 0},
     )
 
@@ -2088,15 +2619,28 @@ def _as_list(batch: list) -> list:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("command", choices=["make-toy", "demo", "bench"])
-    parser.add_argument("--data", default="./data")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--iters", type=int, default=150, help="demo training steps")
-    parser.add_argument("--steps", type=int, default=20, help="benchmark steps")
-    parser.add_argument("--workers", type=int, default=2)
+    parser = make_parser(__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    toy = commands.add_parser("make-toy", help="write the toy dataset under --data")
+    demo = commands.add_parser("demo", help="train a tiny net on the toy data, print mIoU")
+    bench = commands.add_parser("bench", help="reader and augmentation throughput")
+    table = commands.add_parser("bench-table", help="JSON benchmark lines -> one Markdown table")
+    check = commands.add_parser("check-data", help="what each dataset folder holds")
+    compare = commands.add_parser("compare", help="runs side by side: table + compare.png")
+    for sub in (toy, demo, bench, check):
+        sub.add_argument("--data", default="./data", help="dataset root (default %(default)s)")
+    for sub in (toy, demo):
+        sub.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    demo.add_argument("--iters", type=positive_int, default=150, help="training steps")
+    bench.add_argument("--steps", type=positive_int, default=20, help="timed steps")
+    bench.add_argument("--workers", type=nonnegative_int, default=2, help="loader workers")
+    table.add_argument("files", nargs="+", help="files holding benchmark JSON lines")
+    check.add_argument("--decode", action="store_true", help="decode every file (slow)")
+    check.add_argument("--workers", type=nonnegative_int, default=4, help="decoding processes")
+    compare.add_argument("runs", nargs="+", help="run folders (each with results.json, log.jsonl)")
+    compare.add_argument("--out", default=None, help="where compare.png goes (default: cwd)")
+    for sub in (toy, demo, bench, table, check, compare):
+        one_line_errors(sub)
     args = parser.parse_args(argv)
     if args.command == "make-toy":
         try:
@@ -2108,8 +2652,21 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
     elif args.command == "demo":
         _demo(args)
-    else:
+    elif args.command == "bench":
         _bench(args)
+    elif args.command == "bench-table":
+        records = []
+        for path in args.files:
+            for line in Path(path).read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and "bench" in record:
+                        records.append(record)
+        print(bench_table(records))
+    elif args.command == "check-data":
+        sys.exit(check_data(args.data, decode=args.decode, workers=args.workers))
+    else:
+        compare_runs(args.runs, args.out)
 
 
 if __name__ == "__main__":

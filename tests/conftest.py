@@ -428,6 +428,83 @@ def toy_data(tmp_path_factory) -> Path:
 
 
 # =============================================================================================
+# Running a script as a command, without paying its imports each time
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class ScriptRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _run_script_child(script, argv, cwd, env, out_path, err_path):  # runs in a forked process
+    import os
+    import runpy
+    import traceback
+
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    os.chdir(cwd)
+    os.environ.update(env)
+    sys.argv = [str(script), *argv]
+    code = 0
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+@pytest.fixture(scope="session")
+def _script_server():
+    """A forkserver that has imported torch, torchvision, scipy and common once; every script
+    run is a fresh process forked from it (a real process: exit code, stdout, stderr, signals),
+    without the ~4 s of imports a `python script.py` pays."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "numpy", "scipy.optimize", "common"])
+    return ctx
+
+
+@pytest.fixture
+def run_script(_script_server, tmp_path):
+    """run_script("famix.py", "--source", "toy", ..., cwd=..., env=..., timeout=...) ->
+    ScriptRun(returncode, stdout, stderr): the script run as `python script.py ARGS` would run
+    it (its `if __name__ == "__main__"` block), in a process of its own. With `start=True` the
+    process is returned running (with .out_path / .err_path), e.g. to send it a signal."""
+    counter = iter(range(10**6))
+
+    def run(script, *argv, cwd=REPO, env=None, timeout=300, start=False):
+        k = next(counter)
+        out_path, err_path = tmp_path / f"run{k}.out", tmp_path / f"run{k}.err"
+        args = (REPO / script, [str(a) for a in argv], str(cwd), dict(env or {}))
+        proc = _script_server.Process(target=_run_script_child, args=(*args, out_path, err_path))
+        proc.start()
+        if start:
+            proc.out_path, proc.err_path = out_path, err_path
+            return proc
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise TimeoutError(f"{script} {' '.join(map(str, argv))} ran past {timeout} s")
+        return ScriptRun(proc.exitcode, out_path.read_text(), err_path.read_text())
+
+    return run
+
+
+# =============================================================================================
 # The gpu marker
 # =============================================================================================
 

@@ -199,8 +199,10 @@ def test_cityscapes_labels_splits_and_fallback(cityscapes_tree):
 
 def test_cityscapes_labeltrainids_equal_lut_of_labelids(cityscapes_tree):
     gt = cityscapes_tree.root / "gtFine" / "val" / "frankfurt"
-    from_ids = common.Cityscapes._decode(gt / "frankfurt_000000_000294_gtFine_labelIds.png")
-    from_train = common.Cityscapes._decode(gt / "frankfurt_000000_000294_gtFine_labelTrainIds.png")
+    from_ids = common.read_cityscapes_label(gt / "frankfurt_000000_000294_gtFine_labelIds.png")
+    from_train = common.read_cityscapes_label(
+        gt / "frankfurt_000000_000294_gtFine_labelTrainIds.png"
+    )
     assert torch.equal(from_ids, from_train)
     assert set(np.unique(cityscapes_tree.raw["frankfurt_000000_000294"])) == {
         0,
@@ -297,8 +299,8 @@ def test_acdc_recursion_ref_exclusion_and_fallback(acdc_tree):
 
 def test_acdc_labelids_agree_with_labeltrainids(acdc_tree):
     gt = acdc_tree.root / "gt/fog/val/GOPR0476"
-    a = common.ACDC._decode(gt / "GOPR0476_frame_000854_gt_labelTrainIds.png")
-    b = common.ACDC._decode(gt / "GOPR0476_frame_000854_gt_labelIds.png")
+    a = common.read_cityscapes_label(gt / "GOPR0476_frame_000854_gt_labelTrainIds.png")
+    b = common.read_cityscapes_label(gt / "GOPR0476_frame_000854_gt_labelIds.png")
     valid = a != 255
     assert valid.any() and torch.equal(a[valid], b[valid])
     # trainId 19 (not a class) was written as labelId 0: both sides give 255 there.
@@ -1063,7 +1065,7 @@ def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(common.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(common.CheckpointError, match="disk full.*previous file, if any, is intact"):
         common.save_checkpoint(
             path,
             method="rein",
@@ -1161,28 +1163,14 @@ def test_strip_prefixes_and_unwrap():
 # =============================================================================================
 
 SHARED_DESTS = {
-    "source",
-    "data",
-    "targets",
-    "iters",
-    "batch_size",
-    "crop",
-    "amp",
-    "out",
-    "resume",
-    "device",
-    "seed",
-    "pretrained",
-    "eval_only",
-    "eval_every",
-    "workers",
-    "save_preds",
-    "bench",
-}
+    "source", "data", "targets", "iters", "batch_size", "crop", "amp", "tf32", "fast", "compile",
+    "out", "overwrite", "resume", "device", "seed", "pretrained", "eval_only", "eval_every",
+    "log_every", "workers", "cpu_threads", "save_preds", "bench", "peak_tflops",
+}  # fmt: skip
 
 
 def _parser():
-    p = argparse.ArgumentParser()
+    p = common.make_parser("test")
     common.add_shared_flags(
         p,
         source="gta",
@@ -1193,6 +1181,7 @@ def _parser():
         amp=True,
         pretrained="ViT-B-16",
         eval_every=5000,
+        log_every=50,
         cite={"iters": "paper: 40000 [C main.py]"},
     )
     return p
@@ -1211,42 +1200,68 @@ def test_add_shared_flags_defaults():
     )
     assert args.amp is True and args.pretrained == "ViT-B-16" and args.eval_every == 5000
     assert args.seed == 0 and args.resume is None and args.device is None and not args.eval_only
+    assert (args.tf32, args.fast, args.compile, args.overwrite) == (True, "auto", False, False)
+    assert (args.log_every, args.cpu_threads, args.peak_tflops) == (50, 0, None)
     assert p.parse_args(["--no-amp"]).amp is False
-    assert "(paper: 40000 [C main.py])" in " ".join(p.format_help().split())
+    help_text = " ".join(p.format_help().split())
+    assert "optimizer steps (default 40000; paper: 40000 [C main.py])" in help_text
+    assert "global batch (default 8)" in help_text
     assert common.parse_targets(p.parse_args(["--targets", "cityscapes, bdd,,"])) == [
         "cityscapes",
         "bdd",
     ]
-    with pytest.raises(SystemExit):
-        p.parse_args(["--source", "kitti"])
 
 
-def test_apply_toy_defaults_respects_explicit_flags():
-    p = _parser()
-    toy = {"iters": 3, "batch_size": 2, "crop": 64, "amp": True, "eval_every": 0}
-    argv = ["--source", "toy", "--iters=7", "--no-amp", "--crop", "32"]
-    args = p.parse_args(argv)
-    common.apply_toy_defaults(p, args, argv, **toy)
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--source", "kitti"], "argument --source: invalid choice: 'kitti'"),
+        (["--iters", "0"], "argument --iters: must be >= 1, got 0"),
+        (["--iters", "-5"], "argument --iters: must be >= 1, got -5"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--crop", "x"], "argument --crop: not a number: 'x'"),
+        (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+        (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
+        (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0.0, got 0"),
+        (["--peak-tflops", "nan"], "argument --peak-tflops: must be > 0.0, got nan"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_shared_flags_reject_impossible_values_in_one_line(argv, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expect in err, err
+
+
+def test_parse_with_presets_explicit_flags_and_abbreviations_win():
+    toy = {"iters": 3, "batch_size": 2, "crop": 64, "amp": False, "eval_every": 0}
+
+    def presets(first):
+        return toy if first.source == "toy" else {}
+
+    argv = ["--source", "toy", "--iters=7", "--amp", "--crop", "32", "--batch", "4"]
+    args = common.parse_with_presets(_parser(), argv, presets)
     assert (args.iters, args.batch_size, args.crop, args.amp, args.eval_every) == (
         7,
-        2,
+        4,
         32,
-        False,
+        True,
         0,
     )
-    argv = ["--source", "gta"]
-    args = p.parse_args(argv)
-    common.apply_toy_defaults(p, args, argv, **toy)
-    assert (args.iters, args.batch_size) == (40000, 8)  # not toy: paper defaults kept
+    args = common.parse_with_presets(_parser(), ["--source", "gta"], presets)
+    assert (args.iters, args.batch_size, args.eval_every) == (40000, 8, 5000)  # paper defaults
 
 
-def test_apply_toy_defaults_respects_abbreviated_flags():
-    p = _parser()
-    argv = ["--source", "toy", "--batch", "4"]
-    args = p.parse_args(argv)
-    assert args.batch_size == 4  # argparse accepts the abbreviation
-    common.apply_toy_defaults(p, args, argv, batch_size=2)
-    assert args.batch_size == 4
+def test_parse_with_presets_help_shows_the_preset_defaults(capsys):
+    def presets(first):
+        return {"iters": 3} if first.source == "toy" else {}
+
+    with pytest.raises(SystemExit) as e:
+        common.parse_with_presets(_parser(), ["--source", "toy", "--help"], presets)
+    assert e.value.code == 0
+    assert "optimizer steps (default 3;" in " ".join(capsys.readouterr().out.split())
 
 
 # =============================================================================================
