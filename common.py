@@ -2400,14 +2400,14 @@ def benchmark(
         "bench": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": precision,
-        "step_s": round(seconds, 5),
+        "step_s": float(f"{seconds:.6g}"),
         "images_per_s": round(images_per_step / seconds, 3),
         "steps": steps,
         ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): memory,
     }
     if flops:
         n = count_flops(step)
-        record["gflop_per_step"] = round(n / 1e9, 2)
+        record["gflop_per_step"] = float(f"{n / 1e9:.6g}")
         if device.type == "cuda":
             record["tflops"] = round(n / seconds / 1e12, 2)
             top = peak_tflops(device, precision, peak)

@@ -1,8 +1,11 @@
 """Tests of common.py: dataset readers and label maps, toy data, augmentation, the resumable
-loader, mIoU, inference, evaluation resizing, checkpoints, RNG state, CLI block, run log.
+loader, mIoU, inference, evaluation resizing, checkpoints, RNG state, weight files, the training
+step plumbing, the command line (one-line errors, presets, Ctrl-C), the run log, benchmarks,
+the data checker and the run comparison.
 
-Expected values come from the dataset specification (label tables, resize arithmetic, window
-counts) or are computed by hand in the test; the synthetic dataset trees are in conftest.py.
+Expected values come from the official repositories' tables and configs (label tables, resize
+arithmetic, window counts), from OpenCV's own output, or are computed by hand in the test; the
+synthetic dataset trees are in conftest.py.
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ def test_mapillary_hrda_and_rein_maps(layout, mapillary_tree, mapillary_v2_tree)
         np.testing.assert_array_equal(label_of(rein, name)[1].numpy(), tree.extra["rein"][name])
     # The portrait frame keeps its orientation: (3, H=64, W=48).
     assert label_of(hrda, "_1Gn_xkw7sa_i9GU4mkxxQ")[0].shape == (3, 64, 48)
-    # The two tables differ exactly on the 11 ids of the spec.
+    # The two tables differ exactly on 11 ids.
     h, r = common.MAPILLARY_V12_TO_19["hrda"], common.MAPILLARY_V12_TO_19["rein"]
     assert sorted(np.nonzero(h[:66] != r[:66])[0].tolist()) == [
         7,
@@ -689,7 +692,7 @@ def test_slide_inference_averages_overlaps():
 
 
 # =============================================================================================
-# Evaluation resizing (datasets spec, method x target table)
+# Evaluation resizing (the official per-method, per-target resize rules)
 # =============================================================================================
 
 
@@ -903,6 +906,58 @@ def test_hflip_and_jitter_and_normalize():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = common.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     torch.testing.assert_close(out, torch.full((1, 3, 2, 2), 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_cv2_hsv_conversion_hand_values():
+    pixels = torch.tensor(
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0], [0, 0, 0]],
+        dtype=torch.uint8,
+    ).T[:, None, :]  # (3, 1, 6)
+    hsv = common.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
+    assert hsv == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128], [30, 255, 255],
+                   [0, 0, 0]]  # fmt: skip
+    assert torch.equal(common.hsv_to_rgb_cv2(common.rgb_to_hsv_cv2(pixels)), pixels)
+    # (200, 100, 50): v 200, s = round(255·150/200) = 191, h = round(30·(100-50)/150) = 10
+    one = torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8)
+    assert common.rgb_to_hsv_cv2(one)[:, 0, 0].tolist() == [10, 191, 200]
+    shifted = common.rgb_to_hsv_cv2(pixels)
+    shifted[0] = (shifted[0] + 60) % 180
+    assert common.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
+
+
+def test_hsv_conversion_matches_opencv_48():
+    """Reference values from cv2.cvtColor of opencv-python 4.8.0 (the official environments of
+    Rein and CLOUDS): BGR2HSV per pixel; HSV2BGR on a whole row (its vectorised path, taken by
+    whole images)."""
+    rgb = torch.tensor(
+        [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
+        dtype=torch.uint8,
+    ).T[:, None]  # (3, 1, 6)
+    assert common.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
+        [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
+    ]  # fmt: skip
+    hsv = torch.tensor([
+        [0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]
+    ]).T[:, None]  # fmt: skip
+    assert common.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
+        [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
+    ]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+    back = common.hsv_to_rgb_cv2(common.rgb_to_hsv_cv2(rgb))
+    # uint8 H/S quantisation and the truncation: OpenCV itself loses a few grey levels
+    assert (back.int() - rgb.int()).abs().max() <= 6 and (back <= rgb).float().mean() > 0.5
+
+
+def test_convert_step_clips_then_truncates_like_numpy():
+    x = torch.tensor([10, 100, 250], dtype=torch.uint8)
+    assert common.to_uint8_truncated(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
+    assert common.to_uint8_truncated(x, alpha=1.5).tolist() == [15, 150, 255]
+    assert common.to_uint8_truncated(x, beta=-20.5).tolist() == [0, 79, 229]
+    x = torch.tensor([250, 3, 100], dtype=torch.uint8)
+    assert common.to_uint8_truncated(x, beta=10).tolist() == [255, 13, 110]
+    assert common.to_uint8_truncated(x, alpha=0.5).tolist() == [125, 1, 50]  # 1.5 -> 1: truncation
+    assert common.to_uint8_truncated(x, beta=-20.7).tolist() == [229, 0, 79]
 
 
 # =============================================================================================
@@ -1345,6 +1400,371 @@ def test_make_toy_bad_path_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert str(not_a_dir) in err
+
+
+# =============================================================================================
+# Bad files, bad folders, failures, interruptions: one line each, nothing lost
+# =============================================================================================
+
+
+def _truncate(path: Path, keep: int = 60) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_undecodable_files_are_one_line_naming_file_and_archive(make_tree):
+    gta = make_tree("gta5")
+    image = gta.root / "images" / "00001.png"
+    _truncate(image)
+    with pytest.raises(common.DataFileError) as e:
+        common.read_image(image)
+    message = str(e.value)
+    assert str(image) in message and "corrupt or truncated" in message
+    assert "re-extract it from 01_images.zip ... 10_images.zip" in message
+    label = gta.root / "labels" / "00002.png"
+    label.write_bytes(b"not a png at all")
+    with pytest.raises(common.DataFileError, match="01_labels.zip ... 10_labels.zip"):
+        common.read_cityscapes_label(label)
+    synthia = make_tree("synthia")
+    synthia_label = synthia.root / "GT" / "LABELS" / "0000000.png"
+    _truncate(synthia_label, 100)
+    with pytest.raises(common.DataFileError, match=str(synthia_label)):
+        common.read_synthia_label(synthia_label)
+    for err in (e.value,):
+        assert "\n" not in str(err)
+
+
+def test_undecodable_file_inside_a_loader_worker_ends_in_one_line(make_tree, capsys):
+    cs = make_tree("cityscapes")
+    bad = cs.root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    _truncate(bad)
+    ds = common.build_dataset("cityscapes", cs.root.parent, "train")
+    loader = common.TrainLoader(ds, 1, common.Dist(), seed=0, workers=1)
+    with pytest.raises(common.DataFileError) as e:
+        next(loader)
+    assert "Original Traceback" in str(e.value)  # what the worker hands back
+
+    def main(argv):
+        raise e.value
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(main)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: cannot read image {bad} (") and "leftImg8bit_trainvaltest" in err
+
+
+def test_size_mismatch_skips_in_training_splits_and_fails_in_evaluation_splits(make_tree, capsys):
+    cs = make_tree("cityscapes")
+    val_label = (
+        cs.root / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000294_gtFine_labelIds.png"
+    )
+    train_label = (
+        cs.root / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"
+    )
+    for label in (val_label, train_label):
+        Image.fromarray(np.zeros((30, 64), np.uint8)).save(label)  # image is 64x32
+    with pytest.raises(common.DataFileError) as e:
+        common.build_dataset("cityscapes", cs.root.parent, "val")
+    assert f"label {val_label} is 64x30 but its image" in str(e.value)
+    assert "scored whole" in str(e.value) and "gtFine_trainvaltest.zip" in str(e.value)
+    capsys.readouterr()
+    with pytest.raises(common.UsageError, match="training dataset is empty"):  # all skipped
+        common.TrainLoader(common.build_dataset("cityscapes", cs.root.parent, "train"), 1,
+                           common.Dist(), 0, 0)  # fmt: skip
+    train = common.build_dataset("cityscapes", cs.root.parent, "train")
+    assert len(train) == 0 and train.skipped == ["aachen_000000_000019_leftImg8bit"]
+    assert "cityscapes: skipped 1 image/label pairs of different sizes" in capsys.readouterr().out
+    assert common.size_policy("train") == common.size_policy("all") == "skip"
+    assert common.size_policy("val") == "error"
+
+
+SMALL_TOY = {"source": (2, 1), "city": (0, 1), "fog": (0, 1), "night": (0, 1)}
+
+
+def test_toy_writer_never_deletes_a_folder_it_did_not_write(tmp_path):
+    mine = tmp_path / "toy"
+    mine.mkdir()
+    (mine / "my_notes.txt").write_text("keep me")
+    with pytest.raises(common.UsageError, match="was not written by this project"):
+        common.make_toy_dataset(tmp_path, counts=SMALL_TOY)
+    assert (mine / "my_notes.txt").read_text() == "keep me"
+
+
+def test_toy_writer_broken_marker_is_one_line_and_interrupted_write_is_redone(tmp_path):
+    root = common.make_toy_dataset(tmp_path, counts=SMALL_TOY)
+    marker = root / "toy.json"
+    good = marker.read_text()
+    marker.write_text(good[: len(good) // 2])  # truncated
+    with pytest.raises(common.UsageError) as e:
+        common.make_toy_dataset(tmp_path, counts=SMALL_TOY)
+    assert "not a valid toy marker" in str(e.value) and "\n" not in str(e.value)
+    # An interrupted write leaves the "incomplete" marker: the folder is ours and is rewritten.
+    marker.write_text(json.dumps({**json.loads(good), "incomplete": True}))
+    (root / "source" / "images" / "00001.png").unlink()
+    common.make_toy_dataset(tmp_path, counts=SMALL_TOY)
+    assert (root / "source" / "images" / "00001.png").is_file() and marker.read_text() == good
+
+
+def _out_args(out, **kw):
+    return argparse.Namespace(out=str(out), resume=None, overwrite=False, eval_only=False, **kw)
+
+
+def test_prepare_out_dir_refuses_to_replace_a_run(tmp_path):
+    out = tmp_path / "run"
+    common.prepare_out_dir(_out_args(out))  # a new folder is fine
+    (out / "last.pt").write_bytes(b"x")
+    (out / "log.jsonl").write_text('{"type": "header"}\n')
+    with pytest.raises(common.UsageError) as e:
+        common.prepare_out_dir(_out_args(out))
+    assert f"--resume {out / 'last.pt'}" in str(e.value) and "--overwrite" in str(e.value)
+    args = _out_args(out)
+    args.resume = str(out / "last.pt")
+    common.prepare_out_dir(args)
+    assert (out / "log.jsonl").is_file()  # a resumed run appends to its log
+    args = _out_args(out)
+    args.eval_only = True
+    common.prepare_out_dir(args)
+    assert (out / "log.jsonl").is_file()
+    args = _out_args(out)
+    args.overwrite = True
+    common.prepare_out_dir(args)
+    assert not (out / "log.jsonl").exists() and (out / "last.pt").is_file()  # replaced later
+
+
+def test_prepare_out_dir_file_and_unwritable_paths_are_one_line(tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    with pytest.raises(common.UsageError, match="is a file, not a folder"):
+        common.prepare_out_dir(_out_args(a_file))
+    with pytest.raises(common.UsageError, match=r"cannot write to --out .* \(Not a directory\)"):
+        common.prepare_out_dir(_out_args(a_file / "sub"))
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    common.atomic_torch_save({"iter": 1}, path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")  # fmt: skip
+
+    monkeypatch.setattr(common.torch, "save", full_disk)
+    with pytest.raises(common.CheckpointError) as e:
+        common.atomic_torch_save({"iter": 2}, path)
+    assert str(e.value) == (
+        f"cannot write {path} (no space left on the device); the previous file, if any, is "
+        "intact: free space or pass a writable --out"
+    )
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"iter": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_resume_command_keeps_the_flags_and_swaps_resume(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["famix.py"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--source", "gta", "--init", "w.pt", "--resume=old.pt", "--overwrite", "--lr", "0.1",
+            "--resume", "older.pt", "--data", "my data"]  # fmt: skip
+    assert common.resume_command(argv, "out/last.pt") == (
+        "python famix.py --source gta --lr 0.1 --data 'my data' --resume out/last.pt"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert common.resume_command([], "o/last.pt").startswith("torchrun --nproc_per_node 4 famix.py")
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_continue(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["rein.py", "--source", "toy"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setitem(common.RUN, "iter", 37)
+    monkeypatch.setitem(common.RUN, "iters", 250)
+    monkeypatch.setitem(common.RUN, "ckpt", "out/last.pt")
+    monkeypatch.setitem(common.RUN, "ckpt_iter", 30)
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(main)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "interrupted at iteration 37 of 250; out/last.pt holds iteration 30; continue with: "
+        "python rein.py --source toy --resume out/last.pt"
+    )
+    monkeypatch.setitem(common.RUN, "ckpt", None)
+    assert "no checkpoint was written by this run" in common.interrupted_message([])
+
+
+def test_read_weights_file_errors_and_numpy_scalars(tmp_path):
+    with pytest.raises(common.CheckpointError) as e:
+        common.read_weights_file(tmp_path / "RN50.pt", "CLIP weight file", "pass --pretrained PATH")
+    assert (
+        str(e.value)
+        == f"CLIP weight file not found: {tmp_path / 'RN50.pt'} (pass --pretrained PATH)"
+    )
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage, not a torch file")
+    with pytest.raises(common.CheckpointError, match=r"cannot read weights .*junk.pth \("):
+        common.read_weights_file(junk, "weights", "a .pth state dict")
+    official = tmp_path / "official.pth"
+    torch.save({"model_state": {"w": torch.ones(2)}, "best_score": np.float64(0.5)}, official)
+    obj = common.read_weights_file(official, "weights", "")
+    assert float(obj["best_score"]) == 0.5 and torch.equal(obj["model_state"]["w"], torch.ones(2))
+
+
+def test_load_state_strict_names_what_does_not_fit():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert common.load_state_strict(model, state, "ckpt.pt", "check --backbone") == 4
+    bad = dict(state)
+    bad.pop("1.bias")
+    bad["0.weight"] = torch.zeros(5, 3)
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(common.CheckpointError) as e:
+        common.load_state_strict(model, bad, "ckpt.pt", "check --backbone")
+    assert str(e.value) == (
+        "ckpt.pt does not fit this model: 1 missing (e.g. ['1.bias']), 1 unexpected (e.g. "
+        "['extra.weight']), 1 of another shape (e.g. ['0.weight']); check --backbone"
+    )
+    head_only = {k: v + 1 for k, v in state.items() if k.startswith("1.")}
+    assert common.load_state_strict(model, head_only, "c", "h", may_lack=("0.",)) == 2
+    assert torch.equal(model[1].bias, head_only["1.bias"])
+    assert torch.equal(model[0].weight, state["0.weight"])
+
+
+def test_rng_neutral_restores_every_stream():
+    common.seed_everything(3)
+    expect = (torch.rand(2), np.random.rand(2), random.random())
+    common.seed_everything(3)
+    with common.rng_neutral():
+        torch.rand(5), np.random.rand(5), random.random()
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])
+    assert got[2] == expect[2]
+
+
+def test_backward_and_step_clips_the_global_norm():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=1.0)
+    norm = common.backward_and_step((w * torch.tensor([3.0, 4.0])).sum(), opt, None, 0.01, [w])
+    assert norm == pytest.approx(5.0)  # gradient (3, 4)
+    assert torch.allclose(w.detach(), torch.tensor([3 - 0.006, 4 - 0.008]))
+    assert common.backward_and_step((w * 0).sum(), opt, None) is None
+
+
+def test_divergence_is_one_line_with_iteration_terms_and_checkpoint(monkeypatch):
+    monkeypatch.setitem(common.RUN, "ckpt", "out/last.pt")
+    monkeypatch.setitem(common.RUN, "ckpt_iter", 750)
+    common.check_finite(12, {"loss": 1.0, "loss_ce": 0.5})
+    with pytest.raises(common.DivergenceError) as e:
+        common.check_finite(812, {"loss": float("nan"), "loss_ce": float("inf")})
+    assert str(e.value) == (
+        "iteration 812: the loss is not finite (loss nan, loss_ce inf); training stopped, "
+        "out/last.pt holds iteration 750; try a lower --lr or --no-amp"
+    )
+    ok = {"pred_logits": torch.zeros(2, 3), "pred_masks": torch.ones(1, 4)}
+    common.check_finite_outputs(5, ok)
+    with pytest.raises(common.DivergenceError, match="iteration 5: the predictions pred_masks are"):
+        common.check_finite_outputs(5, {**ok, "pred_masks": torch.tensor([0.0, float("nan")])})
+
+
+def test_eval_schedule_and_train_records(tmp_path):
+    args = argparse.Namespace(iters=10, eval_every=4, log_every=3, resume=None)
+    assert [d for d in range(1, 11) if common.eval_due(d, args)] == [4, 8, 10]
+    args.eval_every = 0
+    assert [d for d in range(1, 11) if common.eval_due(d, args)] == [10]
+    log = common.RunLog(tmp_path, args, {})
+    bar = common.progress(10, 0, enabled=False)
+    for done in range(1, 11):
+        common.log_step(log, bar, done, args, 0.1, {"loss": float(done), "loss_ce": 0.5})
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["iter"] for r in train] == [3, 6, 9, 10]
+    assert [r["loss"] for r in train] == [3.0, 6.0, 9.0, 10.0] and train[0]["loss_ce"] == 0.5
+    assert all(r["time_s"] >= 0 for r in train) and common.RUN["iter"] == 10
+
+
+def test_report_results_prints_logs_and_writes_results(tmp_path, capsys):
+    log = common.RunLog(tmp_path, {}, {})
+    cm = common.ConfusionMatrix(19)
+    cm.update(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]))
+    results = {"toy-city": {"miou": round(cm.miou(), 4), "per_class_iou": cm.per_class()}}
+    common.report_results(results, 40, log)
+    out = capsys.readouterr().out
+    assert out.startswith("iteration 40\ntarget") and "toy-city         50.00" in out
+    assert "  toy-city: road 50.0, sidewalk 50.0" in out
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert record == {"type": "eval", "iter": 40, "results": results}
+
+
+def test_benchmark_counts_flops_and_reports_throughput(capsys):
+    layer = nn.Linear(256, 128)
+    x = torch.randn(32, 256)
+
+    def step():
+        layer(x).sum().backward()
+
+    record = common.benchmark("t/linear", step, device=torch.device("cpu"), warmup=1, steps=3,
+                              images_per_step=8, extra={"batch": 8})  # fmt: skip
+    # forward 2·32·256·128 multiply-adds; backward the same again for the weight gradient (the
+    # input needs none)
+    flops = 4 * 32 * 256 * 128
+    assert common.count_flops(step) == flops
+    assert record["gflop_per_step"] == pytest.approx(flops / 1e9, rel=1e-5)
+    assert record["gflops"] == pytest.approx(flops / record["step_s"] / 1e9, rel=0.01)
+    assert "mfu" not in record and record["peak_rss_mb"] > 0 and record["batch"] == 8
+    assert json.loads(capsys.readouterr().out) == record
+    table = common.bench_table([record])
+    assert table.splitlines()[0].startswith("| bench | device | precision | step s |")
+    assert "| t/linear | cpu | fp32 |" in table
+
+
+@pytest.mark.parametrize(
+    "name, precision, peak",
+    [
+        ("NVIDIA H200", "bf16", 989.4),
+        ("NVIDIA H100 PCIe", "tf32", 378.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A10", "fp32", 31.2),
+        ("Tesla V100-SXM2-16GB", "tf32", 15.7),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_tflops_table(monkeypatch, name, precision, peak):
+    monkeypatch.setattr(common.torch.cuda, "get_device_name", lambda device=None: name)
+    assert common.peak_tflops(torch.device("cuda"), precision) == peak
+    assert common.peak_tflops(torch.device("cuda"), precision, override=100.0) == 100.0
+    assert common.peak_tflops(torch.device("cpu"), precision) is None
+
+
+def test_offline_download_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(common.UsageError, match="cannot download RN50 weights: HF_HUB_OFFLINE=1;"):
+        common.require_download("RN50 weights", "pass --pretrained /path/RN50.pt")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(common.UsageError, match="127.0.0.1 is not reachable; pass"):
+        common.require_download("RN50 weights", "pass a file", host="127.0.0.1")
+    assert common.open_clip_cached("RN50-quickgelu", "no-such-tag") is False
+
+
+def test_setup_warns_that_amp_does_nothing_on_cpu(capsys):
+    args = argparse.Namespace(cpu_threads=0, device="cpu", amp=True, tf32=True, fast="auto",
+                              seed=0)  # fmt: skip
+    dist = common.setup(args)
+    assert dist.device.type == "cpu" and not common.fast_path(args, dist)
+    assert (
+        capsys.readouterr().err
+        == "warning: --amp has no effect on CPU: this run computes in fp32\n"
+    )
+    args.fast = "on"
+    assert common.memory_format(args, dist) == torch.channels_last
+    assert common.optimizer_options(args, dist, "adamw") == {"fused": True}
+    assert common.optimizer_options(args, dist, "sgd") == {"foreach": True}
+    args.fast = "off"
+    assert common.optimizer_options(args, dist, "sgd") == {}
 
 
 # =============================================================================================
