@@ -474,7 +474,7 @@ class GTA5(_PairDataset):
         split: str = "train",
         image_list: str = "all",
         transform: Transform | None = None,
-        check_sizes: bool = True,
+        sizes: str | None = None,
     ):
         root = Path(root)
         if not (root / "images").is_dir() or not (root / "labels").is_dir():
@@ -504,8 +504,7 @@ class GTA5(_PairDataset):
                 raise DatasetLayoutError(f"gta: {image} is listed but missing")
             labels = [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"]
             pairs.append((image, _pair(image, labels, "gta")))
-        sizes = "skip" if check_sizes else "off"
-        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes)
+        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes or "skip")
 
 
 class Synthia(_PairDataset):
@@ -710,29 +709,31 @@ def build_dataset(
     gta_list: str = "all",
     mapillary_map: str = "hrda",
     transform: Transform | None = None,
+    sizes: str | None = None,
 ) -> Dataset:
     """The dataset called `name` (a --source or --targets value) under `data_root`.
-    Toy: "toy" is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout)."""
+    Toy: "toy" is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout).
+    `sizes` overrides the reader's image/label size policy ("skip", "error", "off")."""
     root = Path(data_root)
     if name == "toy":
-        return GTA5(root / "toy" / "source", split, "famix", transform)
+        return GTA5(root / "toy" / "source", split, "famix", transform, sizes)
     if name.startswith("toy-"):
         domain = name[4:]
         if domain not in TOY_DOMAINS[1:]:
             raise UsageError(f"unknown toy target {name!r}; use one of {', '.join(TOY_TARGETS)}")
-        return Cityscapes(root / "toy" / domain, "val", transform)
+        return Cityscapes(root / "toy" / domain, "val", transform, sizes)
     if name == "gta":
-        return GTA5(root / DATA_DIRS["gta"], split, gta_list, transform)
+        return GTA5(root / DATA_DIRS["gta"], split, gta_list, transform, sizes)
     if name == "synthia":
-        return Synthia(root / DATA_DIRS["synthia"], split, transform)
+        return Synthia(root / DATA_DIRS["synthia"], split, transform, sizes)
     if name == "cityscapes":
-        return Cityscapes(root / DATA_DIRS["cityscapes"], split, transform)
+        return Cityscapes(root / DATA_DIRS["cityscapes"], split, transform, sizes)
     if name == "bdd":
-        return BDD100K(root / DATA_DIRS["bdd"], split, transform)
+        return BDD100K(root / DATA_DIRS["bdd"], split, transform, sizes)
     if name == "mapillary":
-        return Mapillary(root / DATA_DIRS["mapillary"], split, mapillary_map, transform)
+        return Mapillary(root / DATA_DIRS["mapillary"], split, mapillary_map, transform, sizes)
     if name.startswith("acdc-"):
-        return ACDC(root / DATA_DIRS["acdc"], name[5:], split, transform)
+        return ACDC(root / DATA_DIRS["acdc"], name[5:], split, transform, sizes)
     raise UsageError(
         f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
         f"{', '.join(TOY_TARGETS)}"
@@ -2440,10 +2441,199 @@ def bench_table(records: Sequence[dict]) -> str:
 # =============================================================================================
 
 
+# Official sizes of the splits [GTA5, SYNTHIA, Cityscapes, BDD100K, Mapillary and ACDC download
+# pages; FAMix datasets/gta5_list/*.txt; CLOUDS datasets/gta_list/train_dict.json].
+OFFICIAL_COUNTS = {
+    ("gta", "train", "all"): 24966, ("gta", "train", "clouds"): 24904,
+    ("gta", "train", "famix"): 12382, ("gta", "val", "famix"): 1000,
+    ("synthia", "all", ""): 9400, ("synthia", "train", ""): 6580, ("synthia", "val", ""): 2820,
+    ("cityscapes", "train", ""): 2975, ("cityscapes", "val", ""): 500,
+    ("bdd", "train", ""): 7000, ("bdd", "val", ""): 1000, ("mapillary", "val", ""): 2000,
+    ("acdc-fog", "val", ""): 100, ("acdc-night", "val", ""): 106, ("acdc-rain", "val", ""): 100,
+    ("acdc-snow", "val", ""): 100,
+}  # fmt: skip
+
+# Image and label files of the labelled splits, per dataset folder, for the orphan check: a
+# file's key is its name without the suffix (names are unique within each dataset).
+_CHECK_FILES = {
+    "gta5": (["images/*.png"], ["labels/*.png"]),
+    "synthia": (["RGB/*.png", "RGB/*/*.png"], ["GT/LABELS/*.png", "GT/LABELS/*/*.png"]),
+    "cityscapes": (
+        ["leftImg8bit/train/*/*_leftImg8bit.png", "leftImg8bit/val/*/*_leftImg8bit.png"],
+        ["gtFine/train/*/*_gtFine_label*Ids.png", "gtFine/val/*/*_gtFine_label*Ids.png"],
+    ),
+    "bdd100k": (
+        [f"{d}/{s}/*.jpg" for d in ("images/10k", "seg/images", "images")
+         for s in ("train", "val")],
+        [f"{d}/{s}/*.png" for d in ("labels/sem_seg/masks", "seg/labels", "labels")
+         for s in ("train", "val")],
+    ),
+    "mapillary": (
+        ["training/images/*.jpg", "validation/images/*.jpg"],
+        [f"{s}/{v}labels/*.png" for s in ("training", "validation") for v in ("", "v1.2/")],
+    ),
+    "acdc": (
+        ["rgb_anon/*/train/**/*_rgb_anon.png", "rgb_anon/*/val/**/*_rgb_anon.png"],
+        ["gt/*/train/**/*_gt_label*Ids.png", "gt/*/val/**/*_gt_label*Ids.png"],
+    ),
+}  # fmt: skip
+_FILE_SUFFIXES = ("_leftImg8bit.png", "_rgb_anon.png", "_gtFine_labelIds.png",
+                  "_gtFine_labelTrainIds.png", "_gt_labelTrainIds.png", "_gt_labelIds.png",
+                  "_labelTrainIds.png", "_train_id.png", ".png", ".jpg")  # fmt: skip
+
+
+def _file_key(path: Path) -> str:
+    name = path.name
+    suffix = next(x for x in _FILE_SUFFIXES if name.endswith(x))
+    return name[: -len(suffix)]
+
+
+def _orphans(root: Path, folder: str) -> tuple[list[Path], list[Path]]:
+    """(images without a label, labels without an image) of a dataset folder."""
+    image_globs, label_globs = _CHECK_FILES[folder]
+    images = {_file_key(p): p for g in image_globs for p in sorted(root.glob(g))}
+    labels = {_file_key(p): p for g in label_globs for p in sorted(root.glob(g))}
+    return [p for k, p in images.items() if k not in labels], [
+        p for k, p in labels.items() if k not in images
+    ]
+
+
+def _check_plan(root: Path) -> list[tuple[str, str, str, str]]:
+    """(dataset folder, name for build_dataset, split, GTA5 list) of every split to count."""
+    plan = []
+    if (root / "gta5").is_dir():
+        plan += [("gta5", "gta", "train", "all"), ("gta5", "gta", "train", "clouds")]
+        for split in ("train", "val"):
+            if (root / "gta5" / f"gtav_split_{split}.txt").is_file():
+                plan.append(("gta5", "gta", split, "famix"))
+    if (root / "synthia").is_dir():
+        plan.append(("synthia", "synthia", "all", ""))
+        split_layout = (root / "synthia" / "RGB" / "train").is_dir()
+        if split_layout or (root / "synthia" / "synthia_split_val.txt").is_file():
+            plan += [("synthia", "synthia", "train", ""), ("synthia", "synthia", "val", "")]
+    train_dirs = {"cityscapes": ["leftImg8bit/train"],
+                  "bdd100k": ["images/10k/train", "seg/images/train", "images/train"]}  # fmt: skip
+    for folder, name in (("cityscapes", "cityscapes"), ("bdd100k", "bdd")):
+        if (root / folder).is_dir():  # the training split is optional: counted where present
+            if any((root / folder / d).is_dir() for d in train_dirs[folder]):
+                plan.append((folder, name, "train", ""))
+            plan.append((folder, name, "val", ""))
+    if (root / "mapillary").is_dir():
+        plan.append(("mapillary", "mapillary", "val", ""))
+    if (root / "acdc").is_dir():
+        plan += [("acdc", f"acdc-{c}", "val", "") for c in ACDC.CONDITIONS]
+    if (root / "toy").is_dir():
+        plan += [("toy", "toy", "train", ""), ("toy", "toy", "val", "")]
+        plan += [("toy", t, "val", "") for t in TOY_TARGETS]
+    return plan
+
+
+def _expected_count(root: Path, name: str, split: str, gta_list: str) -> int | None:
+    if name.startswith("toy"):  # the counts the toy writer recorded in its marker
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            counts = json.loads((root / "toy" / "toy.json").read_text())["counts"]
+            return counts["source"][split == "val"] if name == "toy" else counts[name[4:]][1]
+        return None
+    return OFFICIAL_COUNTS.get((name, split, gta_list))
+
+
+def _layout_name(root: Path, pair: tuple[Path, Path]) -> str:
+    """Which of a dataset's accepted layouts was found: one label path, its name part as *."""
+    label = pair[1].relative_to(root)
+    return str(label.parent / label.name.replace(_file_key(pair[0]), "*", 1))
+
+
+_DECODE_JOBS: list = []
+
+
+def _decode_job(index: int) -> tuple[int, str | None, bool]:
+    """Decode one (image, label) pair in a checker worker: (index, error or None, sizes differ)."""
+    image_path, label_path, decode = _DECODE_JOBS[index]
+    try:
+        image, label = read_image(image_path), decode(label_path)
+    except UsageError as e:
+        return index, one_line(e), False
+    return index, None, tuple(image.shape[-2:]) != tuple(label.shape[-2:])
+
+
 def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) -> int:
-    """Print one table of what each dataset folder under `data_root` holds against the official
-    counts; with `decode`, decode every file. Returns the exit code (0 = nothing wrong)."""
-    raise NotImplementedError
+    """Print one table of what each dataset folder under `data_root` holds, against the official
+    split sizes: images, paired labels, images without a label and labels without an image. With
+    `decode`, decode every pair in `workers` processes and list the files that fail and the pairs
+    whose image and label sizes differ (for GTA5 only a note: its readers skip such pairs).
+    Returns the exit code: 1 when something is wrong, 0 otherwise."""
+    import multiprocessing
+
+    root = Path(data_root)
+    if not root.is_dir():
+        raise UsageError(f"--data {root} is not a folder; pass the folder holding gta5/, ...")
+    plan = _check_plan(root)
+    if not plan:
+        raise UsageError(
+            f"no dataset folder under {root} (expected gta5/ synthia/ cityscapes/ bdd100k/ "
+            "mapillary/ acdc/ or toy/; see the README's data tree)"
+        )
+    rows, problems, jobs, seen = [], [], [], set()
+    for folder in dict.fromkeys(f for f, *_ in plan):
+        if folder == "toy":
+            continue
+        no_label, no_image = _orphans(root / folder, folder)
+        problems += [f"{folder}: image without a label: {p}" for p in no_label[:20]]
+        problems += [f"{folder}: label without an image: {p}" for p in no_image[:20]]
+        if len(no_label) + len(no_image) > 40:
+            problems.append(f"{folder}: {len(no_label)} images without a label and "
+                            f"{len(no_image)} labels without an image in all")  # fmt: skip
+        rows.append([folder, "(all files)", "", "", "", "", str(len(no_label)), str(len(no_image))])
+    for folder, name, split, gta_list in plan:
+        what = f"{split} ({gta_list} list)" if gta_list else split
+        expected = _expected_count(root, name, split, gta_list)
+        try:
+            ds = build_dataset(name, root, split, gta_list=gta_list or "all", sizes="off")
+        except DatasetLayoutError as e:
+            absent = (
+                "missing" in str(e) and split == "train" and folder in ("cityscapes", "bdd100k")
+            )
+            rows.append(
+                [name, what, "absent" if absent else "error", "", "", str(expected), "", ""]
+            )
+            if not absent:
+                problems.append(one_line(e))
+            continue
+        layout = _layout_name(root / folder, ds.pairs[0]) if ds.pairs else "empty"
+        n = len(ds)
+        rows.append([name, what, layout, str(n), str(n), str(expected), "", ""])
+        if expected is not None and n != expected:
+            problems.append(f"{name} {what}: {n} images, the official split has {expected}")
+        for image_path, label_path in ds.pairs:
+            if image_path not in seen:
+                seen.add(image_path)
+                jobs.append((image_path, label_path, ds.decode, folder))
+    head = ["dataset", "split", "layout", "images", "labels", "official", "no label", "no image"]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print0("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    if decode and jobs:
+        global _DECODE_JOBS
+        _DECODE_JOBS = [(i, lab, dec) for i, lab, dec, _ in jobs]
+        failures, mismatched = [], []
+        with multiprocessing.get_context("fork").Pool(max(workers, 1)) as pool:
+            done = pool.imap_unordered(_decode_job, range(len(jobs)), chunksize=8)
+            for index, error, differ in progress(len(jobs), 0, True, "decode")(done):
+                if error:
+                    failures.append(error)
+                elif differ:
+                    mismatched.append(jobs[index])
+        problems += failures
+        for image_path, label_path, _, folder in mismatched:
+            note = "note (skipped in training)" if folder in ("gta5", "toy") else "error"
+            line = f"{note}: image and label sizes differ: {image_path} / {label_path}"
+            (print0 if folder in ("gta5", "toy") else problems.append)(line)
+        print0(f"decoded {len(jobs)} image/label pairs: {len(failures)} unreadable, "
+               f"{len(mismatched)} of different sizes")  # fmt: skip
+    for line in problems:
+        print0(f"problem: {line}")
+    print0("all datasets look complete" if not problems else f"{len(problems)} problems found")
+    return 1 if problems else 0
 
 
 # =============================================================================================

@@ -73,7 +73,7 @@ def test_gta5_labels_and_size_mismatch_skip(gta5_tree, capsys):
     # The two heights are kept as they are (no resizing in the reader).
     assert label_of(ds, "00002")[1].shape == (30, 64)
     # Without the size check the odd pair is listed.
-    assert len(common.GTA5(gta5_tree.root, "train", "all", check_sizes=False)) == 4
+    assert len(common.GTA5(gta5_tree.root, "train", "all", sizes="off")) == 4
 
 
 def test_map_ids_unknown_and_out_of_range_ids():
@@ -1765,6 +1765,61 @@ def test_setup_warns_that_amp_does_nothing_on_cpu(capsys):
     assert common.optimizer_options(args, dist, "sgd") == {"foreach": True}
     args.fast = "off"
     assert common.optimizer_options(args, dist, "sgd") == {}
+
+
+# =============================================================================================
+# Data checker
+# =============================================================================================
+
+
+def test_check_data_on_complete_toy_data_exits_0(toy_data, capsys):
+    assert common.check_data(toy_data, decode=True, workers=2) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()}
+    assert rows[("toy", "train")][-3:] == ["240", "240", "240"]  # images, labels, expected
+    assert rows[("toy-night", "val")][-3:] == ["48", "48", "48"]
+    assert "decoded 432 image/label pairs: 0 unreadable, 0 of different sizes" in out
+    assert out.rstrip().endswith("all datasets look complete")
+
+
+def test_check_data_finds_missing_orphan_corrupt_and_mismatched_files(tmp_path, capsys):
+    import conftest
+
+    root = tmp_path / "data"
+    cs = conftest.WRITERS["cityscapes"](root / "cityscapes")
+    gta = conftest.WRITERS["gta5"](root / "gta5")
+    # an orphan label, a corrupt image, a val label of another size
+    orphan = (
+        cs.root / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000999_gtFine_labelIds.png"
+    )
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(orphan)
+    corrupt = cs.root / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
+    _truncate(corrupt)
+    small = cs.root / "gtFine" / "val" / "lindau" / "lindau_000001_000019_gtFine_labelTrainIds.png"
+    Image.fromarray(np.zeros((16, 64), np.uint8)).save(small)
+    (gta.root / "labels" / "15188.png").unlink()  # an image without its label (not in CLOUDS')
+    assert common.check_data(root, decode=True, workers=2) == 1
+    out = capsys.readouterr().out
+    table = {tuple(line.split()[:2]): line.split() for line in out.splitlines()}
+    assert table[("cityscapes", "(all")][-2:] == ["0", "1"]  # no image for the orphan label
+    assert table[("gta5", "(all")][-2:] == ["1", "0"]  # no label for 15188
+    assert table[("cityscapes", "val")][-3:] == ["2", "2", "500"]
+    assert f"problem: cityscapes: label without an image: {orphan}" in out
+    assert f"problem: gta: image {gta.root / 'images' / '15188.png'} has no label" in out
+    assert f"problem: cannot read image {corrupt} (" in out
+    lindau = cs.root / "leftImg8bit" / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.png"
+    assert f"problem: error: image and label sizes differ: {lindau} / {small}" in out
+    assert "note (skipped in training): image and label sizes differ" in out  # GTA5's 00003
+    assert "problem: cityscapes val: 2 images, the official split has 500" in out
+
+
+def test_check_data_command_exit_code_and_bad_root(run_script, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_script("common.py", "check-data", "--data", empty)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no dataset folder" in r.stderr
+    r = run_script("common.py", "check-data", "--data", tmp_path / "nope")
+    assert r.returncode == 2 and "is not a folder" in r.stderr and "Traceback" not in r.stderr
 
 
 # =============================================================================================
