@@ -1,11 +1,15 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUFF := $(VENV)/bin/ruff
 DATA ?= ./data
-METHODS := famix rein clouds
+TOY := --source toy --pretrained none --device cpu --data $(DATA) --overwrite
+# Each demo step prints its wall time.
+TIMED = start=$$(date +%s); $(1) || exit 1; echo "[$(2): $$(( $$(date +%s) - start )) s]"
 
-.PHONY: install demo test bench data-toy clean
+.PHONY: install lint test demo ablate bench check-data data-toy clean
 
 install: $(VENV)/.installed
 
@@ -15,29 +19,45 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-data-toy: install
-	$(PY) common.py make-toy --data $(DATA)
-
-# Train and evaluate every method file that exists on the toy data, on CPU.
-demo: data-toy
-	@ran=0; \
-	if [ -f famix.py ]; then ran=1; $(PY) famix.py --source toy --pretrained none --device cpu --data $(DATA) --out out/famix-demo || exit 1; fi; \
-	if [ -f rein.py ]; then ran=1; $(PY) rein.py --source toy --pretrained none --device cpu --data $(DATA) --out out/rein-demo || exit 1; fi; \
-	if [ -f clouds.py ]; then ran=1; \
-	  $(PY) clouds.py --source toy --pretrained none --device cpu --data $(DATA) --phase warmup --out out/clouds-demo-warmup || exit 1; \
-	  $(PY) clouds.py --source toy --pretrained none --device cpu --data $(DATA) --phase joint --sam fake \
-	    --init out/clouds-demo-warmup/last.pt --make-toy-generated 60 --out out/clouds-demo-joint || exit 1; fi; \
-	if [ $$ran = 0 ]; then $(PY) common.py demo --data $(DATA); fi
+lint: install
+	$(RUFF) format --check .
+	$(RUFF) check .
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
-test: install
+test: lint
 	@$(VENV)/bin/pytest -q; rc=$$?; \
 	if [ $$rc = 5 ]; then echo "error: pytest collected no tests (expected tests/test_*.py)"; exit 1; fi; \
 	exit $$rc
 
+data-toy: install
+	$(PY) common.py make-toy --data $(DATA)
+
+# Train and evaluate the three methods on the toy data on CPU, then put them side by side.
+demo: data-toy
+	@$(call TIMED,$(PY) famix.py $(TOY) --out out/famix-demo,famix)
+	@$(call TIMED,$(PY) rein.py $(TOY) --out out/rein-demo,rein)
+	@$(call TIMED,$(PY) clouds.py $(TOY) --phase warmup --out out/clouds-demo-warmup,clouds warm-up)
+	@$(call TIMED,$(PY) clouds.py $(TOY) --phase joint --sam fake --init out/clouds-demo-warmup/last.pt \
+	  --make-toy-generated 60 --out out/clouds-demo-joint,clouds joint)
+	$(PY) common.py compare out/famix-demo out/rein-demo out/clouds-demo-warmup out/clouds-demo-joint --out out
+
+# What each method's mechanism adds on the toy targets: FAMix without its style mixing next to
+# the default, CLOUDS' warm-up next to its joint phase (runs `make demo` first if needed).
+ablate: data-toy
+	@test -f out/famix-demo/results.json -a -f out/clouds-demo-joint/results.json || $(MAKE) demo
+	@$(call TIMED,$(PY) famix.py $(TOY) --style none --out out/famix-demo-style-none,famix --style none)
+	$(PY) common.py compare out/famix-demo out/famix-demo-style-none out/clouds-demo-warmup \
+	  out/clouds-demo-joint --out out/ablate
+
+# JSON lines (reader throughput, each method's --bench), then one table.
 bench: data-toy
-	$(PY) common.py bench --data $(DATA)
-	@for m in $(METHODS); do if [ -f $$m.py ]; then $(PY) $$m.py --bench --data $(DATA) || exit 1; fi; done
+	@mkdir -p out
+	set -o pipefail; { $(PY) common.py bench --data $(DATA) && \
+	  for m in famix rein clouds; do $(PY) $$m.py --bench --data $(DATA) || exit 1; done; } | tee out/bench.jsonl
+	$(PY) common.py bench-table out/bench.jsonl
+
+check-data: install
+	$(PY) common.py check-data --data $(DATA)
 
 clean:
 	rm -rf out .pytest_cache __pycache__ tests/__pycache__

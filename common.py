@@ -2217,6 +2217,7 @@ class RunLog:
         self.log(
             {
                 "type": "header",
+                "script": Path(sys.argv[0]).stem,
                 "time": datetime.datetime.now().isoformat(timespec="seconds"),
                 "args": args_to_primitives(args),
                 "git_commit": _git_commit(),
@@ -2641,9 +2642,109 @@ def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) ->
 # =============================================================================================
 
 
+# Arguments that tell runs of one method apart, shown in the row label when they differ.
+VARIANT_ARGS = ("phase", "style", "recipe", "freeze", "prompt", "mix_with", "num_styles", "sam",
+                "full_rank", "inference", "scale", "ensemble", "iters", "lr")  # fmt: skip
+
+
+def read_run(run: str | Path) -> dict:
+    """A finished run folder: its results.json and the arguments of its log.jsonl header."""
+    run = Path(run)
+    try:
+        results = json.loads((run / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(
+            f"{run} holds no readable results.json: pass the --out folder of a run that has "
+            "evaluated"
+        ) from None
+    header = {}
+    with contextlib.suppress(OSError):
+        for line in (run / "log.jsonl").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("type") == "header":
+                    header = record  # the last header: the run that wrote results.json
+    args = header.get("args", {})
+    method = header.get("script") or run.name
+    return {"dir": run, "method": method, "args": args, "results": results}
+
+
+def _run_labels(runs: list[dict]) -> list[str]:
+    """'method backbone source', plus the variant arguments that differ between runs of the
+    same method (e.g. FAMix style none vs famix, CLOUDS warm-up vs joint)."""
+    labels = []
+    for run in runs:
+        a = run["args"]
+        base = " ".join(str(x) for x in (run["method"], a.get("backbone"), a.get("source")) if x)
+        peers = [r["args"] for r in runs if r["method"] == run["method"]]
+        differ = [k for k in VARIANT_ARGS if len({str(p.get(k)) for p in peers}) > 1]
+        labels.append(base + "".join(f" {k}={a.get(k)}" for k in differ))
+    return labels
+
+
 def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
-    """Print a Markdown table of the runs' mIoU per target and per class; write compare.png."""
-    raise NotImplementedError
+    """Runs side by side: a Markdown table of each target's mIoU and their mean (rows: method,
+    backbone, source), a table of per-class IoU (mean over each run's targets), and compare.png
+    with both as grouped bar charts. The source validation split ("source-val") is left out:
+    it is for monitoring, not a target. Prints and returns the tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    loaded = [read_run(r) for r in runs]
+    labels = _run_labels(loaded)
+    targets = list(dict.fromkeys(t for r in loaded for t in r["results"] if t != "source-val"))
+    miou = [[r["results"].get(t, {}).get("miou") for t in targets] for r in loaded]
+    means = [float(np.mean([v for v in row if v is not None])) if any(
+        v is not None for v in row) else None for row in miou]  # fmt: skip
+    per_class = []  # mean IoU of each class over a run's targets (None where no target scores it)
+    for r in loaded:
+        values = [[r["results"][t]["per_class_iou"].get(c) for t in targets if t in r["results"]]
+                  for c in CLASS_NAMES]  # fmt: skip
+        per_class.append([float(np.mean([v for v in vs if v is not None])) if any(
+            v is not None for v in vs) else None for vs in values])  # fmt: skip
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| run | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 2) + "|"]
+    lines += [f"| {label} | " + " | ".join(map(cell, row)) + f" | {cell(mean)} |"
+              for label, row, mean in zip(labels, miou, means)]  # fmt: skip
+    lines += ["", "| class (IoU, mean over targets) | " + " | ".join(labels) + " |",
+              "|---" * (len(labels) + 1) + "|"]  # fmt: skip
+    lines += [
+        f"| {c} | " + " | ".join(cell(run[i]) for run in per_class) + " |"
+        for i, c in enumerate(CLASS_NAMES)
+        if any(run[i] is not None for run in per_class)
+    ]
+    table = "\n".join(lines)
+    print(table)
+
+    shown = [i for i in range(NUM_CLASSES) if any(run[i] is not None for run in per_class)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(shown) + 6), 8))
+    width = 0.8 / len(loaded)
+    for k, (label, row, mean) in enumerate(zip(labels, miou, means)):
+        values = [v if v is not None else 0.0 for v in [*row, mean]]
+        top.bar(np.arange(len(targets) + 1) + k * width, values, width, label=label)
+        ious = [per_class[k][i] for i in shown]
+        bottom.bar(np.arange(len(shown)) + k * width, [v or 0.0 for v in ious], width)
+    centre = width * (len(loaded) - 1) / 2
+    top.set_xticks(np.arange(len(targets) + 1) + centre, [*targets, "mean"])
+    top.set_ylabel("mIoU (%)")
+    top.set_title("per-target mIoU")
+    top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    names = [CLASS_NAMES[i] for i in shown]
+    bottom.set_xticks(np.arange(len(shown)) + centre, names, rotation=45, ha="right")
+    bottom.set_ylabel("IoU (%), mean over targets")
+    bottom.set_title("per-class IoU")
+    fig.tight_layout()
+    path = Path(out or ".") / "compare.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return table
 
 
 # =============================================================================================

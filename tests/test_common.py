@@ -1823,6 +1823,61 @@ def test_check_data_command_exit_code_and_bad_root(run_script, tmp_path):
 
 
 # =============================================================================================
+# Runs side by side
+# =============================================================================================
+
+
+def _fake_run(path, script, args, results):
+    path.mkdir(parents=True)
+    header = {"type": "header", "script": script, "args": args}
+    (path / "log.jsonl").write_text(json.dumps(header) + "\n" + json.dumps({"type": "eval"}))
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def _result(miou, ious):
+    per_class = dict.fromkeys(common.CLASS_NAMES)
+    per_class.update(ious)
+    return {"miou": miou, "per_class_iou": per_class}
+
+
+def test_compare_runs_tables_and_picture(tmp_path, capsys):
+    famix = {"backbone": "test", "source": "toy", "style": "famix"}
+    runs = [
+        _fake_run(tmp_path / "a", "famix", famix, {
+            "source-val": _result(90.0, {"road": 99.0}),
+            "toy-city": _result(20.0, {"road": 30.0, "sky": 10.0}),
+            "toy-fog": _result(30.0, {"road": 50.0, "sky": None}),
+        }),
+        _fake_run(tmp_path / "b", "famix", {**famix, "style": "none"}, {
+            "toy-city": _result(10.0, {"road": 20.0, "sky": 0.0}),
+        }),
+        _fake_run(tmp_path / "c", "rein", {"backbone": "dinov2_s", "source": "toy"}, {
+            "toy-fog": _result(40.5, {"road": 40.0, "sky": 41.0}),
+        }),
+    ]  # fmt: skip
+    table = common.compare_runs(runs, tmp_path / "cmp")
+    assert table == capsys.readouterr().out.split("wrote")[0].rstrip("\n")
+    lines = table.splitlines()
+    assert lines[0] == "| run | toy-city | toy-fog | mean |"  # source-val left out
+    assert lines[2] == "| famix test toy style=famix | 20.00 | 30.00 | 25.00 |"
+    assert lines[3] == "| famix test toy style=none | 10.00 | - | 10.00 |"
+    assert lines[4] == "| rein dinov2_s toy | - | 40.50 | 40.50 |"
+    assert "| road | 40.00 | 20.00 | 40.00 |" in lines  # mean over the run's targets
+    assert "| sky | 10.00 | 0.00 | 41.00 |" in lines
+    assert not any(line.startswith("| car |") for line in lines)  # no run scores it
+    with Image.open(tmp_path / "cmp" / "compare.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] == 800
+
+
+def test_compare_needs_results(run_script, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_script("common.py", "compare", tmp_path / "empty")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "holds no readable results.json" in r.stderr
+
+
+# =============================================================================================
 # GPU (skipped without CUDA)
 # =============================================================================================
 
