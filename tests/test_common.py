@@ -1380,7 +1380,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 def test_demo_subprocess_prints_table(toy_data):
     """`make demo`'s fallback path: readers -> augmentation -> tiny net -> mIoU on toy targets."""
-    run = _run("demo", "--data", str(toy_data), "--iters", "20")
+    run = _run("demo", "--data", str(toy_data), "--iters", "5")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines() if line.strip()}
     for name in ("toy", "toy-city", "toy-fog", "toy-night", "mean"):
