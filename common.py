@@ -2411,11 +2411,11 @@ def benchmark(
         n = count_flops(step)
         record["gflop_per_step"] = float(f"{n / 1e9:.6g}")
         if device.type == "cuda":
-            record["tflops"] = round(n / seconds / 1e12, 2)
+            record["tflops"] = float(f"{n / seconds / 1e12:.4g}")
             top = peak_tflops(device, precision, peak)
             record["mfu"] = round(record["tflops"] / top, 4) if top else None
         else:
-            record["gflops"] = round(n / seconds / 1e9, 2)
+            record["gflops"] = float(f"{n / seconds / 1e9:.4g}")
     record.update(extra or {})
     print(json.dumps(record), flush=True)
     return record
