@@ -468,14 +468,8 @@ class GTA5(_PairDataset):
     official FAMix validation crops both to 1046x1914 before scoring.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        image_list: str = "all",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
         root = Path(root)
         if not (root / "images").is_dir() or not (root / "labels").is_dir():
             raise _layout_error("gta", root, "missing images/ or labels/")
@@ -516,13 +510,8 @@ class Synthia(_PairDataset):
     [FAMix synthia.py]. split "all" is every frame in either layout.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
         root = Path(root)
         if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
             raise _layout_error("synthia", root, "missing RGB/ or GT/LABELS/")
@@ -557,13 +546,8 @@ class Cityscapes(_PairDataset):
     mapped to trainIds on the fly (no createTrainIdLabelImgs step needed); falls back to a
     _gtFine_labelTrainIds.png when the labelIds file is absent. 2,975 train / 500 val."""
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
         root = Path(root)
         image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         if not image_dir.is_dir() or not label_dir.is_dir():
@@ -592,13 +576,8 @@ class BDD100K(_PairDataset):
     the flattened images/<split>/ + labels/<split>/<stem>.png FAMix reads. 7,000 train / 1,000
     val."""
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
         root = Path(root)
         layouts = [
             (root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split),
@@ -629,14 +608,8 @@ class Mapillary(_PairDataset):
     with `label_map` "hrda" (FAMix, CLOUDS) or "rein" (Rein; 11 ids differ, see the table above).
     Accepts the v1.2 zip layout (validation/labels/) and the v2.0 zip (validation/v1.2/labels/)."""
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "val",
-        label_map: str = "hrda",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, split: str = "val", label_map: str = "hrda",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
         root = Path(root)
         if label_map not in MAPILLARY_V12_TO_19:
             raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
@@ -666,14 +639,8 @@ class ACDC(_PairDataset):
 
     CONDITIONS = ("fog", "night", "rain", "snow")
 
-    def __init__(
-        self,
-        root: str | Path,
-        condition: str,
-        split: str = "val",
-        transform: Transform | None = None,
-        sizes: str | None = None,
-    ):
+    def __init__(self, root: str | Path, condition: str, split: str = "val",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
         root = Path(root)
         if condition not in self.CONDITIONS:
             raise UsageError(f"unknown ACDC condition {condition!r}; use one of {self.CONDITIONS}")
@@ -764,27 +731,11 @@ _TOY_CLASSES = (0, 1, 2, 5, 8, 10, 11, 13)  # road sidewalk building pole vegeta
 
 # Base RGB per trainId and domain.
 _TOY_COLOURS = {
-    "source": {
-        0: (120, 60, 140),
-        1: (250, 60, 230),
-        2: (90, 90, 90),
-        5: (200, 200, 60),
-        8: (40, 200, 40),
-        10: (60, 150, 250),
-        11: (250, 30, 30),
-        13: (30, 30, 250),
-    },
-    "city": {
-        0: (95, 92, 98),
-        1: (150, 140, 130),
-        2: (140, 110, 90),
-        5: (110, 110, 105),
-        8: (70, 100, 45),
-        10: (175, 195, 215),
-        11: (80, 60, 70),
-        13: (160, 40, 40),
-    },
-}
+    "source": {0: (120, 60, 140), 1: (250, 60, 230), 2: (90, 90, 90), 5: (200, 200, 60),
+               8: (40, 200, 40), 10: (60, 150, 250), 11: (250, 30, 30), 13: (30, 30, 250)},
+    "city": {0: (95, 92, 98), 1: (150, 140, 130), 2: (140, 110, 90), 5: (110, 110, 105),
+             8: (70, 100, 45), 10: (175, 195, 215), 11: (80, 60, 70), 13: (160, 40, 40)},
+}  # fmt: skip
 _TOY_COLOURS["fog"] = _TOY_COLOURS["city"]
 _TOY_COLOURS["night"] = _TOY_COLOURS["city"]
 

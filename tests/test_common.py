@@ -1101,18 +1101,23 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(path.parent.glob(".*tmp*"))
 
 
-def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
-    model, opt = _model_and_optimizer()
-    path = tmp_path / "last.pt"
+def _save(path, method, iteration, model, opt):
+    state = model.state_dict()
     common.save_checkpoint(
         path,
-        method="rein",
-        iteration=1,
-        model_state=model.state_dict(),
+        method=method,
+        iteration=iteration,
+        model_state=state,
         optimizer=opt,
         scaler=None,
         args={},
     )
+
+
+def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
+    model, opt = _model_and_optimizer()
+    path = tmp_path / "last.pt"
+    _save(path, "rein", 1, model, opt)
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
@@ -1121,15 +1126,7 @@ def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.torch, "save", broken_save)
     with pytest.raises(common.CheckpointError, match="disk full.*previous file, if any, is intact"):
-        common.save_checkpoint(
-            path,
-            method="rein",
-            iteration=2,
-            model_state=model.state_dict(),
-            optimizer=opt,
-            scaler=None,
-            args={},
-        )
+        _save(path, "rein", 2, model, opt)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
     monkeypatch.undo()
@@ -1139,15 +1136,7 @@ def test_checkpoint_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 def test_checkpoint_errors_are_clear(tmp_path):
     model, opt = _model_and_optimizer()
     path = tmp_path / "last.pt"
-    common.save_checkpoint(
-        path,
-        method="clouds",
-        iteration=3,
-        model_state=model.state_dict(),
-        optimizer=opt,
-        scaler=None,
-        args={},
-    )
+    _save(path, "clouds", 3, model, opt)
     with pytest.raises(common.CheckpointError) as e:
         common.load_checkpoint(path, "famix")
     assert (
