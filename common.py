@@ -164,6 +164,7 @@ class DivergenceError(UsageError):
 # What the running script is doing, for the messages of Ctrl-C and divergence: the iteration
 # (set by the progress bar) and the last checkpoint this run wrote (set by save_checkpoint).
 RUN: dict[str, Any] = {"iter": None, "iters": None, "ckpt": None, "ckpt_iter": None}
+OPEN_BARS: set = set()  # progress bars on the terminal now: messages start on a line of their own
 
 
 def one_line(error: BaseException) -> str:
@@ -219,17 +220,23 @@ def run_cli(main: Callable[[list[str] | None], Any]) -> None:
     try:
         main(None)
     except UsageError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"{_new_line()}error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\n{interrupted_message(sys.argv[1:])}", file=sys.stderr)
+        print(f"{_new_line()}{interrupted_message(sys.argv[1:])}", file=sys.stderr)
         sys.exit(130)
+
+
+def _new_line() -> str:
+    """A line break when a progress bar holds the current terminal line (messages must not
+    land at the end of the bar's text)."""
+    return "\n" if OPEN_BARS else ""
 
 
 def warn(message: str) -> None:
     """One warning line on stderr, from rank 0 only."""
     if _state["rank"] == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"{_new_line()}warning: {message}", file=sys.stderr, flush=True)
 
 
 # =============================================================================================
@@ -2212,12 +2219,14 @@ class _Progress:
             file=sys.stderr,
             mininterval=1.0,
         )
+        if enabled:
+            OPEN_BARS.add(self.bar)
 
     def __call__(self, iterable):
         for item in iterable:
             yield item
             self.bar.update(1)
-        self.bar.close()
+        self.close()
 
     def update(self, n: int = 1, **postfix) -> None:
         if postfix:
@@ -2225,6 +2234,7 @@ class _Progress:
         self.bar.update(n)
 
     def close(self) -> None:
+        OPEN_BARS.discard(self.bar)
         self.bar.close()
 
 

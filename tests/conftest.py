@@ -442,7 +442,11 @@ class ScriptRun:
 def _run_script_child(script, argv, cwd, env, out_path, err_path):  # runs in a forked process
     import os
     import runpy
+    import signal
     import traceback
+
+    # a pytest started in the background ignores SIGINT; the script must see Ctrl-C as usual
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     for fd, path in ((1, out_path), (2, err_path)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
