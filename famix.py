@@ -1,25 +1,18 @@
 """FAMix: A Simple Recipe for Language-guided Domain Generalized Segmentation.
 
 Paper: Mohammad Fahes, Tuan-Hung Vu, Andrei Bursuc, Patrick Pérez, Raoul de Charette, CVPR 2024,
-arXiv 2311.17922. Official code: github.com/astra-vision/FAMix, followed at commit 65f7aa0
-(main.py, patch_PIN.py, utils/PPIN.py, utils/freeze.py, utils/stats.py, network/utils.py,
-network/_deeplab.py, network/backbone/resnet_clip.py). The paper body could not be read here:
-[P poster] cites the CVPR poster (imgs/poster.pdf on the official repository's project_page).
+arXiv 2311.17922. Official code: github.com/astra-vision/FAMix at commit 65f7aa0. The paper body
+could not be read here: [P poster] cites the CVPR poster (imgs/poster.pdf, project_page branch).
 
-Paper -> code, in the paper's order (Freeze, Augment, Mix), then the model and the loop:
-  Freeze: CLIP encoder frozen but layer4[2] ..... freeze, trainable_modules, set_train_mode
-  Augment: local style mining with PIN ......... calc_mean_std, patchify, dominant_classes,
-      first_patch_per_class, style_words, make_prompt, encode_prompts, pin_optimize,
-      mine_styles; class-wise style banks T^(c): StyleBank, save_style_bank, load_style_bank
-  Mix: patch-wise style mixing ................. mix_statistics, target_statistics, stylize
-  CLIP ResNet (OS16) + DeepLabv3+ .............. CLIPResNet, ASPP, DeepLabV3PlusHead,
-                                                 FAMixSegmenter
-  loss, SGD, poly schedule, loop, mining run ... segmentation_loss, build_optimizer, set_lr,
-                                                 train, run_mining
-  evaluation (whole image, --scale/--ensemble) . make_predictor, evaluate
-  official weights and style banks ............. map_official_state, load_clip, read_official_bank
-  ablations [P poster] ......................... --style, --prompt, --num-styles, --mix-with,
-                                                 --freeze
+Paper -> code, in the paper's order:
+  Freeze ....... freeze, trainable_modules, set_train_mode (--freeze: the freeze curve)
+  Augment ...... local style mining with PIN: calc_mean_std, patchify, dominant_classes,
+                 first_patch_per_class, style_words, make_prompt, encode_prompts, pin_optimize,
+                 mine_styles; class-wise style banks StyleBank (run by run_mining)
+  Mix .......... patch-wise style mixing: mix_statistics, target_statistics, stylize
+  model ........ CLIPResNet (OS16), ASPP, DeepLabV3PlusHead, FAMixSegmenter
+  training ..... segmentation_loss, build_optimizer, set_lr, train; evaluation: evaluate
+  official ..... map_official_state, load_clip, read_official_bank (saved_params.pkl)
 
 Launch (--data holds gta5/ synthia/ cityscapes/ ...; layouts in the README and common.py):
   1 GPU     python famix.py --source gta --data ./data --out out/famix-gta
@@ -29,46 +22,32 @@ Launch (--data holds gta5/ synthia/ cityscapes/ ...; layouts in the README and c
   mining    python famix.py --source gta --data ./data --out out/famix-gta --mine only
   CPU toy   python famix.py --source toy --pretrained none --out out/famix-demo
   evaluate  python famix.py --eval-only --pretrained <official .pth | last.pt> --data ./data
-  bench     python famix.py --bench [--bench-paper]
-  --pretrained: "openai" (open_clip, from its cache or the hub), a local OpenAI RN50.pt / RN101.pt
-  or CLIP state dict, an official FAMix .pth or a famix.py checkpoint, or none (random init).
+  --pretrained: "openai" (open_clip's cache or the hub), a local OpenAI RN50.pt / RN101.pt or
+  CLIP state dict, an official FAMix .pth or a famix.py checkpoint, or none (random init).
 
 Deviations and choices (marked `DEVIATION n:` where they happen):
-  1. Text targets in fp32 (official: fp16 CLIP on GPU), cached per prompt; `--templates N` keeps
-     the first N of the 80 templates (default 80).
-  2. Bug fixes: the text-embedding size comes from the model (official: 1024, which crashes RN101
-     mining); patch sizes are crop / (4 x grid) and crop / grid (official: 64 / 256 hard-coded),
-     so the crop must be divisible by 4 x grid.
-  3. A class with an empty bank draws from the void bank (official); if that is empty too
-     (possible on tiny data), from the whole bank (the official code would crash).
-  4. Bug fixes: SYNTHIA random-size crops and Mapillary evaluation pad labels with 255 (official:
-     0 = road); SYNTHIA is mined with its training augmentation (the official plain 768 crop
-     crashes on 760-pixel-high images).
-  5. After each evaluation the trained parts return to train mode for every source (official:
-     GTA5 only; for SYNTHIA layer4[2]'s BN stayed in eval mode until the next epoch).
-  6. SGD holds only the trainable parameters (official: all backbone parameters; the frozen ones
-     never get a gradient): same updates.
-  7. Mining under DDP splits whole batches over the processes and gathers the banks (official:
-     one GPU).
-  8. Ablations the official repository has no code for, defined here: --style mixstyle (partner:
-     the same patch of another image of the batch), --style noise (Gaussian noise at an SNR in dB
-     relative to the mean square of the patch statistics), --mix-with mined+source, --prompt
-     chars* / style / class, --num-styles below 20, the freeze points L1, L2 and L4.
-  9. Mixing convention: the code's s weights the source, the poster's alpha the style (s = 1 -
-     alpha; same distribution, Beta(0.1, 0.1) is symmetric).
-  10. The dominant class is counted with one bincount instead of torch.mode (same result, ties to
-      the smallest id, void = 255 last). Evaluation and loader set-up leave the training random
-      stream alone (exact --resume).
-  11. Style bank file: flat float32 tensors mu (N, C), sigma (N, C), cls (N,) and metadata
-      (official: a pickle of per-class lists of (C, 1, 1) tensors, read with --style-bank *.pkl).
-      Checkpoints hold the whole model (frozen encoder included): --eval-only needs no CLIP.
-  12. "test" backbone size (tiny random-init CLIP ResNet, width 16, layers 1/1/1/3, ASPP 64) for
-      CPU tests and the toy run; the toy run also lowers the PIN lr (random layer1 features are
-      about 100x smaller than CLIP's: lr 1 would throw them out of range).
-  13. A batch whose every label pixel is 255 adds a zero loss, with one warning line (official:
-      a nan loss that ends the run).
+  1. Text targets in fp32 (official: fp16 CLIP on GPU), cached per prompt; --templates N.
+  2. Bug fixes: the text-embedding size comes from the model (official: 1024, crashes RN101);
+     patches are crop / (4 grid) and crop / grid pixels (official: 64 / 256 hard-coded).
+  3. An empty class bank draws from the void bank (official), an empty void bank from all.
+  4. Bug fixes: SYNTHIA crops and Mapillary evaluation pad labels with 255 (official: 0 = road);
+     SYNTHIA is mined with its training augmentation (the official 768 crop crashes on it).
+  5. After evaluating, the trained parts return to train mode for every source (official: GTA5).
+  6. SGD holds only the trainable parameters (official: all backbone ones): same updates.
+  7. Mining under DDP splits whole batches over the processes (official: one GPU).
+  8. Ablations without official code, defined here: --style mixstyle (the same patch of another
+     image) and noise (Gaussian, SNR in dB of the mean square statistic), --mix-with
+     mined+source, --prompt chars* / style / class, --num-styles < 20, freeze L1, L2, L4.
+  9. The code's s weights the source, the poster's alpha the style: s = 1 - alpha (same law).
+  10. Dominant class by one bincount (= torch.mode); evaluation and loader set-up leave the
+      training random stream alone (exact --resume).
+  11. Style bank file: flat tensors mu, sigma (N, C), cls (N,) + metadata (official: a pickle of
+      per-class lists, read with --style-bank *.pkl); checkpoints hold the frozen encoder too.
+  12. "test" size: a tiny random-init CLIP ResNet for CPU tests and the toy run (which also
+      lowers the PIN lr: random layer1 features are ~100x smaller than CLIP's).
+  13. A batch whose every label pixel is 255 adds a zero loss and one warning (official: nan).
   Periodic evaluation uses the source validation split only (official); the targets are
-  evaluated once, at the end, on the last iteration's weights (no selection on targets).
+  evaluated once, at the end, on the last weights (no selection on targets).
 """
 
 from __future__ import annotations
@@ -94,6 +73,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 import common
 
@@ -118,9 +98,8 @@ OS32_LAYER1_TO_LAYER4 = 8  # layer2..layer4 strides at output stride 32
 PAPER_TARGETS = "cityscapes,bdd,mapillary,synthia,acdc-night,acdc-snow,acdc-rain,acdc-fog"
 VOID = common.IGNORE_INDEX  # dominant "class" of a patch that is mostly unlabelled
 
-# [P poster, freeze curve] the last frozen encoder layer: L1, L2, L3, L4' (layer4 but its last
-# block), L4 (all), and no freezing. Each name says what trains besides the decoder; the value is
-# (the paper's point, the first trained encoder block: "" = none, None = everything trains).
+# [P poster, freeze curve] the last frozen layer L1 ... L4' (layer4 but its last block), L4 (all),
+# and no freezing: name (= what trains with the decoder) -> (point, first trained block).
 FREEZE_SCHEMES = {
     "all": ("no freezing", None),
     "layer2-4": ("L1", "layer2.0"),
@@ -144,9 +123,9 @@ STYLE_PROMPTS = (
     "Abstract Symphony style", "Magical Realism style",
 )  # fmt: skip
 VOID_PROMPT = "photo"  # [C patch_PIN.py] prompt of void-dominant patches
-# [P poster, prompt table] the rows: random style and/or random characters and/or the class
-# name; "style-class" is FAMix. Random characters: 9 lowercase letters, as the poster's example
-# "wqvsecpas style" (DEVIATION 8).
+TEXT_BATCH = 512  # texts per text-encoder call
+# [P poster, prompt table] random style / random characters ("wqvsecpas style": 9 letters) and/or
+# the class name; "style-class" is FAMix.
 PROMPTS = ("style-class", "chars-class", "style", "chars", "class")
 CHARS_LENGTH = 9
 
@@ -167,14 +146,11 @@ TOY_DEFAULTS = {
 # Freeze [C utils/freeze.py] -> Augment: local style mining with PIN [C patch_PIN.py,
 # utils/PPIN.py] -> Mix: patch-wise style mixing of the layer1 features [C network/utils.py].
 
+
 # ---- Freeze -------------------------------------------------------------------------------------
-
-
 def freeze(model: FAMixSegmenter, scheme: str) -> None:
-    """requires_grad=False on the encoder up to the scheme's first trained block. The frozen
-    modules also stay in eval mode for the whole run (set_train_mode): their BNs use and keep
-    CLIP's running statistics [C utils/freeze.py]. [P poster] freeze curve: training layer4[2]
-    only (L4') is best on every target; full fine-tuning collapses."""
+    """requires_grad=False up to the scheme's first trained block; frozen modules also stay in
+    eval mode (set_train_mode), their BNs keep CLIP's statistics [C utils/freeze.py]."""
     first = FREEZE_SCHEMES[scheme][1]
     names = [name for name, _ in model.encoder.blocks()]
     model.frozen_depth = None if first is None else names.index(first) if first else len(names)
@@ -199,9 +175,7 @@ def set_train_mode(model: FAMixSegmenter) -> None:
 
 
 # ---- Augment: local style mining with PIN ---------------------------------------------------
-
-
-def calc_mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def calc_mean_std(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std over the last two (spatial) dims, keepdim.
     [C utils/stats.py::calc_mean_std] mu = mean(x), sigma = sqrt(unbiased var(x) + 1e-5)."""
     flat = x.flatten(-2)  # (..., h*w)
@@ -210,7 +184,7 @@ def calc_mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, tor
     return mu, sigma
 
 
-def patchify(x: torch.Tensor, grid: int) -> torch.Tensor:
+def patchify(x: Tensor, grid: int) -> Tensor:
     """(B, C, H, W) -> (B, grid*grid, C, H/grid, W/grid); patch p = row * grid + col (row-major,
     the order of unfold in the official code)."""
     b, c, h, w = x.shape
@@ -218,16 +192,14 @@ def patchify(x: torch.Tensor, grid: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, h // grid, w // grid)
 
 
-def unpatchify(patches: torch.Tensor, grid: int) -> torch.Tensor:
+def unpatchify(patches: Tensor, grid: int) -> Tensor:
     """Inverse of patchify: (B, grid*grid, C, h, w) -> (B, C, grid*h, grid*w)."""
     b, _, c, h, w = patches.shape
     x = patches.reshape(b, grid, grid, c, h, w).permute(0, 3, 1, 4, 2, 5)  # (B, C, gy, h, gx, w)
     return x.reshape(b, c, grid * h, grid * w)
 
 
-def dominant_classes(
-    labels: torch.Tensor, grid: int, num_classes: int = common.NUM_CLASSES
-) -> torch.Tensor:
+def dominant_classes(labels: Tensor, grid: int, num_classes: int = common.NUM_CLASSES) -> Tensor:
     """Most frequent label of each patch, void (255) pixels included; ties go to the smallest id
     (void, 255, is the largest): exactly torch.mode [C patch_PIN.py]. (B, H, W) -> (B, grid*grid).
     DEVIATION 10: counted with one bincount instead of torch.mode (same result, faster on GPU)."""
@@ -240,7 +212,7 @@ def dominant_classes(
     return torch.where(dom == num_classes, VOID, dom)
 
 
-def first_patch_per_class(dom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def first_patch_per_class(dom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """[C patch_PIN.py] one patch per distinct dominant class in the batch: the first one in the
     official patch-major order (flat index p * B + b). Returns (image idx, patch idx, class)."""
     b = dom.shape[0]
@@ -254,23 +226,19 @@ def first_patch_per_class(dom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def style_words(prompt: str, n: int, seed: int) -> tuple[str, ...]:
-    """R, the random styles a prompt draws from (|R| = n): the first n of the 20 official styles
-    [C patch_PIN.py], or for --prompt chars* n strings of 9 random letters + " style" [P poster
-    prompt table: "wqvsecpas style"], drawn once from `seed` (DEVIATION 8)."""
+    """R, |R| = n: the first n official styles [C patch_PIN.py]. DEVIATION 8: for chars* prompts,
+    n strings of 9 random letters + " style", drawn once from `seed`."""
     if not prompt.startswith("chars"):
         return STYLE_PROMPTS[:n]
     rng = random.Random(seed)
-    letters = string.ascii_lowercase
-    return tuple("".join(rng.choice(letters) for _ in range(CHARS_LENGTH)) + " style"
+    return tuple("".join(rng.choices(string.ascii_lowercase, k=CHARS_LENGTH)) + " style"
                  for _ in range(n))  # fmt: skip
 
 
 def make_prompt(cls: int, prompt: str, styles: tuple[str, ...], rng: random.Random) -> str:
-    """The text a patch of class `cls` is restyled toward [P poster, prompt table]:
-    style-class (FAMix) "<r> <class>" with r drawn from R, e.g. "Retro Futurism style building",
-    and "photo" for void patches [C patch_PIN.py]; chars-class "<chars> style <class>"; class
-    "<class>" (void: "photo"); style "<r>" and chars "<chars> style" for every patch, void
-    included (without a class name, a void patch is no different; DEVIATION 8)."""
+    """[P poster, prompt table] style-class (FAMix): "<r> <class>", r drawn from R, "photo" for
+    void [C patch_PIN.py]. DEVIATION 8: chars-class alike with r = "<chars> style"; class:
+    "<class>" (void: "photo"); style / chars: "<r>" for every patch, void included."""
     with_class = prompt in ("style-class", "chars-class", "class")
     if with_class and cls == VOID:
         return VOID_PROMPT
@@ -294,47 +262,45 @@ TEMPLATES = (
     "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
     "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
     "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
-    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
-    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
-    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.",
-    "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
-    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
-    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.",
-    "the plushie {}.", "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.",
-    "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
-    "a tattoo of the {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
+    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
 )  # fmt: skip
 
 
 @torch.no_grad()
 def encode_prompts(
-    clip_model, tokenizer, prompts: list[str], templates: tuple, device: torch.device,
-    chunk: int = 512,
-) -> torch.Tensor:  # fmt: skip
+    clip_model, tokenizer, prompts: list[str], templates: tuple, device: torch.device
+) -> Tensor:
     """Text targets [C patch_PIN.py]: t = normalize(mean_k E_text(template_k(prompt))), the raw
     embeddings of every template averaged, then L2-normalised. (N, embed_dim) unit vectors.
     DEVIATION 1: fp32 (official: fp16 CLIP on GPU). DEVIATION 2: embed_dim from the model."""
     texts = [t.format(p) for p in prompts for t in templates]
     tokens = tokenizer(texts)  # (N*T, 77)
-    emb = torch.cat([clip_model.encode_text(tokens[i : i + chunk].to(device)).float()
-                     for i in range(0, len(texts), chunk)])  # fmt: skip
+    chunks = tokens.split(TEXT_BATCH)  # bounded memory for 80 templates x many prompts
+    emb = torch.cat([clip_model.encode_text(c.to(device)).float() for c in chunks])
     emb = emb.view(len(prompts), len(templates), -1).mean(1)  # (N, D)
     return F.normalize(emb, dim=-1)
 
 
 def pin_optimize(
-    patches: torch.Tensor,
-    targets: torch.Tensor,
-    embed: Callable[[torch.Tensor], torch.Tensor],
+    patches: Tensor,
+    targets: Tensor,
+    embed: Callable[[Tensor], Tensor],
     iters: int,
     lr: float,
     momentum: float,
     weight_decay: float,
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+) -> tuple[Tensor, Tensor, list[float]]:
     """Prompt-driven Instance Normalisation [C utils/PPIN.py] on K patches at once. mu, sigma in
     R^C start at the patch's own statistics (identity at init) and are optimised with a fresh SGD
     (lr 1, momentum 0.9, wd 1e-4, sigma not clamped) [C patch_PIN.py].
@@ -361,7 +327,7 @@ def pin_optimize(
 
 def mine_styles(
     encoder: CLIPResNet,
-    text_targets: Callable[[list[str]], torch.Tensor],
+    text_targets: Callable[[list[str]], Tensor],
     batches,
     n_batches: int,
     grid: int,
@@ -369,17 +335,15 @@ def mine_styles(
     prompt_for: Callable[[int], str],
     log: Callable = print,
 ) -> dict:
-    """Local style mining, one pass [C patch_PIN.py]. `encoder`: CLIP image tower at OS32 with
-    attnpool (frozen, eval). `batches` yields (normalised images (B,3,H,W), labels (B,H,W)) on the
-    device; `prompt_for(class)` is the patch's prompt (make_prompt). Returns {"mu": (N, C),
-    "sigma": (N, C), "cls": (N,)} on the CPU."""
+    """Local style mining, one pass [C patch_PIN.py]. `encoder`: the CLIP image tower (OS32,
+    attnpool, frozen); `batches` yields normalised images (B,3,H,W) and labels (B,H,W); `prompt_for`
+    maps a class to its prompt. Returns {"mu": (N, C), "sigma": (N, C), "cls": (N,)} on the CPU."""
     # [C patch_PIN.py --resize_feat] patches are pooled so that layer4 (OS32) gives the 7x7 grid
     # attnpool's positional embedding was trained on: 7 * 8 = 56.
-    feat_size = (
-        round((encoder.attnpool.positional_embedding.shape[0] - 1) ** 0.5) * OS32_LAYER1_TO_LAYER4
-    )
+    grid7 = round((encoder.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
+    feat_size = grid7 * OS32_LAYER1_TO_LAYER4
 
-    def embed(styled: torch.Tensor) -> torch.Tensor:
+    def embed(styled: Tensor) -> Tensor:
         return encoder.embed_low_level(F.adaptive_avg_pool2d(styled, feat_size))
 
     mus, sigmas, classes = [], [], []
@@ -396,21 +360,19 @@ def mine_styles(
         mus.append(mu.cpu())
         sigmas.append(sigma.cpu())
         classes.append(cls.cpu())
-        log(
-            f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, 1 - cos {losses[0]:.4f} -> "
-            f"{losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)"
-        )
+        seconds = time.perf_counter() - t0
+        log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, 1 - cos {losses[0]:.4f} -> "
+            f"{losses[-1]:.4f} ({seconds:.1f} s)")  # fmt: skip
     return {"mu": torch.cat(mus), "sigma": torch.cat(sigmas), "cls": torch.cat(classes)}
 
 
 class StyleBank:
-    """The class-wise style banks T^(c) [P poster], flat: rows sorted by class, with the start and
-    size of each class's block. Index VOID (255) is the void bank; index 256 the whole bank
-    (DEVIATION 3: last resort when a class and the void bank are both empty)."""
+    """The class-wise style banks T^(c) [P poster], flat: rows sorted by class, start and size of
+    each class's block; VOID (255) is the void bank. DEVIATION 3: 256 is the whole bank."""
 
     ALL = VOID + 1
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, cls: torch.Tensor):
+    def __init__(self, mu: Tensor, sigma: Tensor, cls: Tensor):
         order = torch.argsort(cls, stable=True)
         self.mu, self.sigma, self.cls = mu[order].float(), sigma[order].float(), cls[order].long()
         count = torch.zeros(self.ALL + 1, dtype=torch.long)
@@ -425,7 +387,7 @@ class StyleBank:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def sample(self, dom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, dom: Tensor) -> tuple[Tensor, Tensor]:
         """A uniformly drawn style of each patch's class; empty class -> void bank
         [C network/utils.py]. dom (B, P) -> mu_t, sigma_t (B, P, C)."""
         c = torch.where(self.count[dom] > 0, dom, VOID)
@@ -436,55 +398,11 @@ class StyleBank:
         return self.mu[idx], self.sigma[idx]
 
 
-def save_style_bank(path: Path, bank: dict, meta: dict) -> None:
-    """DEVIATION 11: one torch file of flat tensors + metadata (official: saved_params.pkl)."""
-    common.atomic_torch_save({**bank, **meta}, path)
-
-
-def load_style_bank(
-    path: Path, backbone: str, fingerprint: float | None, channels: int
-) -> tuple[StyleBank, dict]:
-    """Our bank file, or an official saved_params.pkl (*.pkl, read_official_bank). Returns the
-    bank and its metadata (the mining settings; {} for an official file)."""
-    if path.suffix == ".pkl":
-        raw, meta = read_official_bank(path, channels), {}
-    else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            meta = {k: v for k, v in raw.items() if k not in ("mu", "sigma", "cls")}
-        except Exception as e:
-            raise common.UsageError(
-                f"cannot read style bank {path} ({type(e).__name__}); delete it to mine again"
-            ) from None
-        if meta.get("backbone") != backbone:
-            raise common.UsageError(
-                f"style bank {path} was mined with {meta.get('backbone')}, this run uses "
-                f"{backbone}; pass another --style-bank or delete it"
-            )
-        if fingerprint is not None and not math.isclose(
-            meta.get("fingerprint", math.nan), fingerprint, rel_tol=1e-6, abs_tol=1e-6
-        ):
-            raise common.UsageError(
-                f"style bank {path} was mined with other encoder weights "
-                f"(--pretrained {meta.get('pretrained')}); delete it to mine again"
-            )
-    if len(raw["cls"]) == 0:
-        raise common.UsageError(f"style bank {path} is empty; delete it and mine on more data")
-    return StyleBank(raw["mu"], raw["sigma"], raw["cls"]), meta
-
-
 # ---- Mix: patch-wise style mixing -------------------------------------------------------------
-
-
 def mix_statistics(
-    x_hat: torch.Tensor,
-    mu_s: torch.Tensor,
-    sigma_s: torch.Tensor,
-    mu_t: torch.Tensor,
-    sigma_t: torch.Tensor,
-    s: torch.Tensor,
-) -> torch.Tensor:
-    """sigma_mix * x_hat + mu_mix, before the ReLU. DEVIATION 9 (convention only): the code's s
+    x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, s: Tensor
+) -> Tensor:
+    """sigma_mix * x_hat + mu_mix, before the ReLU. DEVIATION 9: (a convention) the code's s
     weights the source, s = 1 - alpha of the poster (Beta symmetric)."""
     # [P poster] mu_mix = (1 - alpha) mu(f) + alpha mu_t  [C network/utils.py] s = 1 - alpha
     mu_mix = s * mu_s + (1 - s) * mu_t
@@ -495,21 +413,19 @@ def mix_statistics(
 
 def target_statistics(
     mode: str,
-    mu_s: torch.Tensor,
-    sigma_s: torch.Tensor,
-    labels: torch.Tensor,
+    mu_s: Tensor,
+    sigma_s: Tensor,
+    labels: Tensor,
     bank: StyleBank | None,
     grid: int,
     noise_snr: float,
     mix_with: str = "mined",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The statistics each patch is mixed with, (B, P, C, 1, 1) like mu_s, sigma_s.
-    famix / pure: a mined style of the patch's dominant class (label patch (r, c) <-> feature
-    patch (r, c)) [C network/utils.py]. DEVIATION 8, this file's definitions of the poster's
-    ablations: mixstyle, the same patch of another image of the batch; noise, the patch's own
-    statistics plus Gaussian noise at `noise_snr` dB (signal power = mean square over channels);
-    mix_with "mined+source" [P poster: source u mined], for each (image, patch) a fair coin
-    picks the mined style or the mixstyle partner."""
+) -> tuple[Tensor, Tensor]:
+    """The statistics each patch (B, P, C, 1, 1) is mixed with. famix / pure: a mined style of its
+    dominant class (label patch (r, c) <-> feature patch (r, c)) [C network/utils.py].
+    DEVIATION 8: mixstyle, the same patch of another image; noise, its own statistics plus
+    Gaussian noise at `noise_snr` dB; mix_with "mined+source" [P poster: source u mined], a fair
+    coin per (image, patch) picks the mined style or the mixstyle partner."""
     if mode in ("famix", "pure"):
         mu_t, sigma_t = bank.sample(dominant_classes(labels, grid))  # (B, P, C)
         mu_t, sigma_t = mu_t[..., None, None], sigma_t[..., None, None]
@@ -523,7 +439,7 @@ def target_statistics(
         return mu_s[perm], sigma_s[perm]
     if mode == "noise":
 
-        def noisy(v: torch.Tensor) -> torch.Tensor:
+        def noisy(v: Tensor) -> Tensor:
             power = v.pow(2).mean(2, keepdim=True)  # (B, P, 1, 1, 1)
             return v + torch.randn_like(v) * (power / 10 ** (noise_snr / 10)).sqrt()
 
@@ -532,18 +448,17 @@ def target_statistics(
 
 
 def stylize(
-    f1: torch.Tensor,
-    labels: torch.Tensor,
+    f1: Tensor,
+    labels: Tensor,
     bank: StyleBank | None,
     mode: str,
     grid: int,
     beta: float,
     noise_snr: float,
     mix_with: str = "mined",
-) -> torch.Tensor:
-    """Patch-wise style mixing, every image, every iteration (probability 1) [C network/utils.py].
-    f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop.
-    Statistics and mixing run in fp32 even under autocast."""
+) -> Tensor:
+    """Patch-wise style mixing of every image, every iteration [C network/utils.py], in fp32.
+    f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop."""
     with torch.autocast(f1.device.type, enabled=False):
         patches = patchify(f1.float(), grid)  # (B, P, C, h, w)
         mu_s, sigma_s = calc_mean_std(patches)  # (B, P, C, 1, 1)
@@ -593,7 +508,7 @@ class Bottleneck(nn.Module):
                 ("1", nn.BatchNorm2d(planes * self.expansion)),
             ]))  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
@@ -613,7 +528,7 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(width, output_dim)
         self.heads = heads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
         x = torch.cat([x.mean(0, keepdim=True), x])  # (HW + 1, B, C)
         x = x + self.positional_embedding[:, None].to(x.dtype)
@@ -630,14 +545,10 @@ class AttentionPool2d(nn.Module):
 
 
 class CLIPResNet(nn.Module):
-    """CLIP ModifiedResNet (3-conv stem + avgpool, anti-aliased bottlenecks).
-
-    output_stride 16 is the segmentation encoder [C network/modeling.py, OS 16]: layer4 keeps
-    resolution and, reproducing the official `_make_layer`, only its LAST block is dilated, so the
-    layer4 conv2 dilations are [1, 1, 2] (torchvision would give [1, 2, 2]); attnpool is dropped.
-    output_stride 32 with attnpool is the original CLIP image tower, used for style mining. Both
-    variants have the same parameters: one state dict serves both.
-    """
+    """CLIP ModifiedResNet. Output stride 16 is the segmentation encoder [C network/modeling.py]:
+    as the official `_make_layer`, only layer4's LAST block is dilated (conv2 dilations [1, 1, 2],
+    torchvision: [1, 2, 2]); no attnpool. Output stride 32 with attnpool is CLIP's image tower,
+    used for mining. Both have the same parameters: one state dict serves both."""
 
     def __init__(self, backbone: str, output_stride: int = 16, attnpool: bool = False):
         super().__init__()
@@ -674,7 +585,7 @@ class CLIPResNet(nn.Module):
         layers += [Bottleneck(self._inplanes, planes, 1, d) for d in dilations[1:]]
         return nn.Sequential(*layers)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
+    def stem(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))
@@ -685,23 +596,19 @@ class CLIPResNet(nn.Module):
         layers = (("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4))
         return [(f"{name}.{i}", block) for name, layer in layers for i, block in enumerate(layer)]
 
-    def embed_low_level(self, f1: torch.Tensor) -> torch.Tensor:
+    def embed_low_level(self, f1: Tensor) -> Tensor:
         """layer1 features -> CLIP image embedding (needs attnpool): the mining path."""
         return self.attnpool(self.layer4(self.layer3(self.layer2(f1))))
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel // 2)
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ASPP(nn.Module):
-    """1x1 branch, three 3x3 atrous branches (rates 6/12/18), image pooling branch; concat
-    (5 x 256) -> 1x1 -> 256, dropout 0.1."""
+    """1x1, three 3x3 atrous (6/12/18) and image-pooling branches; concat -> 1x1, dropout 0.1."""
 
     def __init__(self, cin: int, cout: int, rates: tuple = ASPP_RATES):
         super().__init__()
@@ -712,30 +619,23 @@ class ASPP(nn.Module):
         self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
         self.dropout = nn.Dropout(ASPP_DROPOUT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         outs = [branch(x) for branch in self.branches]
         pooled = self.pool_branch(F.adaptive_avg_pool2d(x, 1))  # (B, 256, 1, 1)
         outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
-        return self.dropout(self.project(torch.cat(outs, 1)))
+        # dropout draws its mask in memory order: NCHW, so that channels_last draws the same mask
+        return self.dropout(self.project(torch.cat(outs, 1)).contiguous())
 
 
 class DeepLabV3PlusHead(nn.Module):
-    """ASPP on layer4, upsampled to layer1's size, concatenated with a 48-channel projection of the
-    layer1 features, 3x3 conv, 1x1 classifier."""
+    """ASPP(layer4) upsampled to layer1's size ++ 48-channel layer1 projection, 3x3 conv, 1x1."""
 
-    def __init__(
-        self,
-        low_channels: int,
-        high_channels: int,
-        aspp: int,
-        low_proj: int,
-        num_classes: int = common.NUM_CLASSES,
-    ):
+    def __init__(self, low: int, high: int, aspp: int, proj: int, classes: int = 19):
         super().__init__()
-        self.low_level_proj = conv_bn_relu(low_channels, low_proj, 1)
-        self.aspp = ASPP(high_channels, aspp)
-        self.fuse = conv_bn_relu(low_proj + aspp, aspp, 3)
-        self.classifier = nn.Conv2d(aspp, num_classes, 1)
+        self.low_level_proj = conv_bn_relu(low, proj, 1)
+        self.aspp = ASPP(high, aspp)
+        self.fuse = conv_bn_relu(proj + aspp, aspp, 3)
+        self.classifier = nn.Conv2d(aspp, classes, 1)
         # [C network/_deeplab.py::_init_weight] kaiming-normal convs, BN (1, 0); the classifier
         # bias keeps PyTorch's default init.
         for m in self.modules():
@@ -745,7 +645,7 @@ class DeepLabV3PlusHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    def forward(self, low: Tensor, high: Tensor) -> Tensor:
         low = self.low_level_proj(low)  # (B, 48, H/4, W/4)
         high = F.interpolate(
             self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False
@@ -754,23 +654,20 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 class FAMixSegmenter(nn.Module):
-    """CLIP ResNet (OS16, no attnpool) + DeepLabv3+. `stylize`, if given, replaces the layer1
-    features (the input of layer2 AND of the decoder's low-level skip) [C network/utils.py].
-
-    The frozen part (everything before the first trained block; `frozen_depth` blocks after
-    layer1, set by freeze) runs under no_grad: no activations are stored for it."""
+    """CLIP ResNet (OS16) + DeepLabv3+. `stylize`, if given, replaces the layer1 features (input
+    of layer2 AND of the decoder's low-level skip) [C network/utils.py]. The frozen part (up to
+    `frozen_depth` blocks after layer1, set by freeze) runs under no_grad."""
 
     def __init__(self, backbone: str = "RN50-quickgelu", num_classes: int = common.NUM_CLASSES):
         super().__init__()
         cfg = BACKBONES[backbone]
         self.encoder = CLIPResNet(backbone, output_stride=16, attnpool=False)
-        self.head = DeepLabV3PlusHead(self.encoder.low_channels, self.encoder.high_channels,
-                                      cfg["aspp"], cfg["low_proj"], num_classes)  # fmt: skip
+        low, high = self.encoder.low_channels, self.encoder.high_channels
+        self.head = DeepLabV3PlusHead(low, high, cfg["aspp"], cfg["low_proj"], num_classes)
         self.frozen_depth: int | None = None  # None = nothing frozen
 
-    def forward(self, x: torch.Tensor, stylize: Callable | None = None) -> torch.Tensor:
-        frozen = self.frozen_depth is not None
-        with torch.no_grad() if frozen else nullcontext():
+    def forward(self, x: Tensor, stylize: Callable | None = None) -> Tensor:
+        with torch.no_grad() if self.frozen_depth is not None else nullcontext():
             low = self.encoder.layer1(self.encoder.stem(x))  # (B, 256, H/4, W/4)
             if stylize is not None:
                 low = stylize(low)
@@ -780,7 +677,7 @@ class FAMixSegmenter(nn.Module):
         logits = self.trained(low, high)  # (B, 19, H/4, W/4)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def trained(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    def trained(self, low: Tensor, high: Tensor) -> Tensor:
         """The trained part: the encoder blocks after the frozen ones, then the decoder."""
         for _, block in self.encoder.blocks()[self.frozen_depth or 0 :]:
             high = block(high)  # ends at (B, 2048, H/16, W/16)
@@ -793,10 +690,9 @@ class FAMixSegmenter(nn.Module):
 
 
 def train_transform(source: str, crop: int, jitter: bool = True) -> common.Transform:
-    """[C utils/get_dataset.py] GTA5 / Cityscapes / toy: random crop (no rescale); SYNTHIA:
-    random scale 0.5-2 (bicubic), random crop 720, resize to 768. Then ColorJitter(0.8, 0.8, 0.8,
-    hue 0) and horizontal flip (with `jitter`; mining uses the geometry only, except for SYNTHIA
-    which the official code mines with --data_aug)."""
+    """[C utils/get_dataset.py] GTA5 / Cityscapes / toy: random crop; SYNTHIA: random scale 0.5-2
+    (bicubic), crop 720, resize to 768. Then ColorJitter(0.8, 0.8, 0.8) and flip (mining: without,
+    jitter=False, except SYNTHIA, which the official code mines with --data_aug)."""
 
     def transform(image, label, g):
         if source == "synthia":
@@ -816,8 +712,8 @@ def train_transform(source: str, crop: int, jitter: bool = True) -> common.Trans
 
 
 def source_dataset(args: argparse.Namespace, transform: common.Transform):
-    """The training split [C utils/get_dataset.py]: GTA5's 12,382-image list (gtav_split_train.txt),
-    SYNTHIA's 6,580 RobustNet training frames, Cityscapes train (2,975)."""
+    """[C utils/get_dataset.py] GTA5's 12,382-image list, SYNTHIA's 6,580 RobustNet training
+    frames, Cityscapes train (2,975)."""
     return common.build_dataset(
         args.source, args.data, "train", gta_list="famix", transform=transform
     )
@@ -826,9 +722,7 @@ def source_dataset(args: argparse.Namespace, transform: common.Transform):
 GTA_VAL_CROP_HW = (1046, 1914)  # [C utils/get_dataset.py] centre crop of GTA5 val
 
 
-def center_crop(
-    image: torch.Tensor, label: torch.Tensor, g: torch.Generator, size_hw=GTA_VAL_CROP_HW
-):
+def center_crop(image: Tensor, label: Tensor, g: torch.Generator, size_hw=GTA_VAL_CROP_HW):
     h, w = image.shape[-2:]
     ch, cw = min(size_hw[0], h), min(size_hw[1], w)
     y, x = (h - ch) // 2, (w - cw) // 2
@@ -836,21 +730,16 @@ def center_crop(
 
 
 def eval_dataset(name: str, args: argparse.Namespace):
-    """A target, or the source's validation split ("source-val": GTA5's 1,000-image list centre
-    cropped, SYNTHIA's 2,820 RobustNet val frames, Cityscapes val) [C utils/get_dataset.py]."""
-    if name == "gta" or (name == "source-val" and args.source in ("gta", "toy")):
-        source = "gta" if name == "gta" else args.source
-        return common.build_dataset(
-            source, args.data, "val", gta_list="famix", transform=center_crop
-        )
-    if name == "source-val":
-        return common.build_dataset(args.source, args.data, "val")
-    return common.build_dataset(name, args.data, "val", mapillary_map="hrda")
+    """A target, or "source-val" [C utils/get_dataset.py]: GTA5's 1,000-image list centre-cropped,
+    SYNTHIA's 2,820 RobustNet val frames, Cityscapes val."""
+    name = args.source if name == "source-val" else name
+    crop = center_crop if name in ("gta", "toy") else None
+    return common.build_dataset(name, args.data, "val", gta_list="famix", transform=crop)
 
 
 # Per-target input geometry [C utils/get_dataset.py]: Mapillary is resized to height 1536
-# (bicubic, label nearest) and centre-cropped to 1536x1536 (labels padded with 255, DEVIATION 4);
-# the rest are fed whole at native size.
+# (bicubic, label nearest) and centre-cropped to 1536x1536, the rest fed whole at native size.
+# DEVIATION 4: narrower Mapillary images are padded with label 255 (official: 0 = road).
 EVAL_RESIZE = {
     "mapillary": common.EvalResize(("height_crop", 1536), resize_gt=True, image_interp="bicubic")
 }
@@ -861,32 +750,19 @@ EVAL_RESIZE = {
 # =============================================================================================
 
 
-def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
-) -> torch.Tensor:
-    """[C main.py] L = CE(logits, y) with ignore 255 and label smoothing 0.1: per pixel
-    (1 - 0.1) (-log p_y) + 0.1 mean_c (-log p_c), averaged over the labelled pixels (smoothing is
-    in the official code; the paper body could not be checked for it)."""
+def segmentation_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
+    """[C main.py] L = mean over labelled pixels of (1 - 0.1) (-log p_y) + 0.1 mean_c (-log p_c):
+    cross-entropy, ignore 255, label smoothing 0.1 (official code; paper body unchecked)."""
     return F.cross_entropy(
         logits.float(), labels, ignore_index=common.IGNORE_INDEX, label_smoothing=label_smoothing
     )
 
 
-def unlabelled_batch_loss(logits: torch.Tensor, iteration: int) -> torch.Tensor:
-    """DEVIATION 13: a batch without one labelled pixel has no cross-entropy (0 / 0 = nan): a zero
-    loss instead, still a function of every trained parameter so that DDP processes stay in step."""
-    common.warn(
-        f"iteration {iteration}: every label pixel of the batch is 255 (ignored): zero loss"
-    )
-    return logits.sum() * 0.0
-
-
 def build_optimizer(
     model: FAMixSegmenter, args: argparse.Namespace, options: dict | None = None
 ) -> torch.optim.SGD:
-    """SGD: encoder (trainable part) lr 0.01, decoder lr 0.1, momentum 0.9, wd 1e-4 [C main.py].
-    `options`: common.optimizer_options (foreach on the fast path). DEVIATION 6: only the
-    trainable parameters are handed to SGD (same updates)."""
+    """SGD: encoder lr 0.01, decoder lr 0.1, momentum 0.9, wd 1e-4 [C main.py]; `options`: foreach
+    on the fast path. DEVIATION 6: only the trainable parameters are handed to SGD."""
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
     groups = [
         {"params": enc, "lr": args.backbone_lr, "base_lr": args.backbone_lr},
@@ -910,8 +786,7 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
 
 
 def save_checkpoint(args, iteration, model, optimizer, scaler) -> None:
-    """out/last.pt (rank 0): the whole model, frozen encoder included (--eval-only needs no CLIP
-    weights); the results live in results.json and log.jsonl."""
+    """out/last.pt (rank 0). DEVIATION 11: the whole model, --eval-only needs no CLIP weights."""
     if torch_dist.is_initialized() and torch_dist.get_rank() > 0:
         return
     common.save_checkpoint(
@@ -921,24 +796,23 @@ def save_checkpoint(args, iteration, model, optimizer, scaler) -> None:
 
 
 def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: Path) -> None:
-    """Augment, run once before training: mine the style bank and save it (rank 0). Each process
-    mines whole batches of --mine-batch-size (DEVIATION 7)."""
+    """Augment, run once before training: mine the style bank and save it (rank 0). DEVIATION 7:
+    each process mines whole batches of --mine-batch-size."""
     import open_clip
 
     encoder = CLIPResNet(args.backbone, output_stride=32, attnpool=True)
     common.load_state_strict(encoder, encoder_state, "the CLIP image tower", "check --backbone")
-    fmt = common.memory_format(args, dist)
-    encoder.to(dist.device, memory_format=fmt).eval().requires_grad_(False)
-    clip_model.to(dist.device).eval().requires_grad_(False)
+    fmt, device = common.memory_format(args, dist), dist.device
+    encoder.to(device, memory_format=fmt).eval().requires_grad_(False)
+    clip_model.to(device).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("RN50-quickgelu")  # the CLIP BPE, the same for all sizes
     templates = TEMPLATES[: args.templates]
-    cache: dict[str, torch.Tensor] = {}
+    cache: dict[str, Tensor] = {}
 
-    def text_targets(prompts: list[str]) -> torch.Tensor:
+    def text_targets(prompts: list[str]) -> Tensor:
         new = sorted({p for p in prompts if p not in cache})
         if new:
-            embeddings = encode_prompts(clip_model, tokenizer, new, templates, dist.device)
-            cache.update(zip(new, embeddings))
+            cache.update(zip(new, encode_prompts(clip_model, tokenizer, new, templates, device)))
         return torch.stack([cache[p] for p in prompts])  # (K, D)
 
     dataset = copy.copy(dataset)
@@ -946,17 +820,14 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
     global_batch = args.mine_batch_size * dist.world_size
     n_batches = args.mine_batches or len(dataset) // global_batch  # one pass, drop_last
     if n_batches == 0:
-        raise common.UsageError(
-            f"the source has {len(dataset)} images, fewer than one mining batch of "
-            f"{global_batch}; lower --mine-batch-size"
-        )
+        raise common.UsageError(f"fewer source images than one mining batch of {global_batch}")
     loader = common.TrainLoader(dataset, global_batch, dist, args.seed + 1, args.workers)
 
     def batches():
         while True:
             images, labels, _ = next(loader)
-            images = common.normalize(images.to(dist.device), common.CLIP_MEAN, common.CLIP_STD)
-            yield images.contiguous(memory_format=fmt), labels.to(dist.device)
+            images = common.normalize(images.to(device), common.CLIP_MEAN, common.CLIP_STD)
+            yield images.contiguous(memory_format=fmt), labels.to(device)
 
     styles = style_words(args.prompt, args.num_styles, args.seed)
     prompt_for = partial(
@@ -994,9 +865,36 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
     clip_model.cpu()
 
 
+def prepare_style_bank(args, dist, model, clip_model, encoder_state, dataset) -> StyleBank | None:
+    """Mine --style-bank when the file is missing (run_mining), then read it; an existing file is
+    reused (one warning line if it was mined with other settings)."""
+    if args.style not in ("famix", "pure") and args.mine != "only":
+        return None
+    path = Path(args.style_bank)
+    if not path.is_file():
+        if args.mine == "never" or path.suffix == ".pkl" or clip_model is None:
+            raise common.UsageError(
+                f"style bank {path} is missing; mining it needs CLIP weights (not --resume or a "
+                "segmentation checkpoint) and --mine auto or only (.pkl banks are only read)"
+            )
+        run_mining(args, dist, clip_model, encoder_state, dataset, path)
+    if dist.enabled:
+        torch_dist.barrier()
+    encoder = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    bank, meta = load_style_bank(
+        path, args.backbone, encoder_fingerprint(encoder), model.encoder.low_channels
+    )
+    differ = [f"--{k.replace('_', '-')} {meta[k]}" for k in ("grid", *MINING_FLAGS)
+              if k in meta and meta[k] != getattr(args, k)]  # fmt: skip
+    if differ:
+        common.warn(f"reusing {path}, mined with {', '.join(differ)}; delete it to mine again")
+    common.print0(f"style bank {path}: {len(bank.cls)} styles")
+    return bank
+
+
 def prepare_training(args, dist, model: FAMixSegmenter, dataset, start_ckpt: dict | None):
-    """Device and memory format, SyncBN + DDP, --compile, SGD, the resumed state, the loader.
-    Returns (model, net = the model to call, optimizer, scaler, loader, first iteration)."""
+    """Device, memory format, SyncBN + DDP, --compile, SGD, resumed state, loader. Returns (model,
+    net = the model to call, optimizer, scaler, loader, first iteration)."""
     _, scaler = common.autocast(dist.device, args.amp)
     model.to(dist.device, memory_format=common.memory_format(args, dist))  # channels_last: fast
     net = common.wrap_ddp(common.convert_sync_bn(model, dist), dist)
@@ -1020,8 +918,8 @@ def prepare_training(args, dist, model: FAMixSegmenter, dataset, start_ckpt: dic
 
 
 def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net, bank) -> dict:
-    """Mix on every image, cross-entropy, SGD with the poly schedule [C main.py]. `net` is the
-    model as called (DDP-wrapped), `bank` the StyleBank (None without mined styles)."""
+    """Mix on every image, cross-entropy, SGD with the poly schedule [C main.py]. `net`: the model
+    as called (DDP); `bank`: the StyleBank or None."""
     amp_ctx, _ = common.autocast(dist.device, args.amp)
     fmt = common.memory_format(args, dist)
     if bank is not None:
@@ -1048,8 +946,9 @@ def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net
             logits = net(images, stylize=mix)
         if labelled:
             loss = segmentation_loss(logits, labels, args.label_smoothing)
-        else:
-            loss = unlabelled_batch_loss(logits, it + 1)
+        else:  # DEVIATION 13: no labelled pixel, no CE (0 / 0); zero, DDP processes stay in step
+            common.warn(f"iteration {it + 1}: every label pixel of the batch is 255: zero loss")
+            loss = logits.sum() * 0.0
         terms = {"loss": loss.item()}
         # PLUMBING: stop on a non-finite loss, backward, step, log
         common.check_finite(it + 1, terms)
@@ -1071,41 +970,28 @@ def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net
 # =============================================================================================
 
 
-def make_predictor(
-    model: nn.Module, scale: float, ensemble: bool, amp_ctx: Callable,
-    fmt: torch.memory_format = torch.contiguous_format,
-) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """uint8 (1,3,H,W) -> logits (1,19,H,W), whole image at native resolution [C main.py::validate].
-    --scale s: bilinear (align_corners=True) down by s, predict, bilinear back; --ensemble: mean of
-    the raw logits at 1 and s [C main.py]."""
+def evaluate(model: FAMixSegmenter, targets: dict, args: argparse.Namespace, dist) -> dict:
+    """mIoU (nanmean of 19 IoUs, one confusion matrix per dataset) and per-class IoU of each target
+    (name -> Dataset) [C metrics/stream_metrics.py]; SYNTHIA runs add the 16- and 13-class means."""
+    model.eval()
+    amp_ctx, _ = common.autocast(dist.device, args.amp)
+    fmt, scale = common.memory_format(args, dist), args.scale
 
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        x = common.normalize(images, common.CLIP_MEAN, common.CLIP_STD).contiguous(
-            memory_format=fmt
-        )
-        size = x.shape[-2:]
+    def predict(images: Tensor) -> Tensor:
+        """uint8 (1,3,H,W) -> logits (1,19,H,W), whole image at native resolution [C main.py].
+        --scale s: bilinear (align_corners=True) down by s, predict, bilinear back [C main.py]."""
+        x = common.normalize(images, common.CLIP_MEAN, common.CLIP_STD)
+        x = x.contiguous(memory_format=fmt)
         with amp_ctx():
-            logits = None if scale != 1 and not ensemble else model(x).float()
+            logits = None if scale != 1 and not args.ensemble else model(x).float()
             if scale != 1:
                 xs = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
-                ls = F.interpolate(
-                    model(xs).float(), size=size, mode="bilinear", align_corners=True
-                )
-                # [C main.py] ensemble: (logits@1 + logits@s) / 2
+                ls = model(xs).float()
+                ls = F.interpolate(ls, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                # [C main.py] --ensemble: (logits@1 + logits@s) / 2
                 logits = ls if logits is None else (logits + ls) / 2
         return logits
 
-    return predict
-
-
-def evaluate(model: FAMixSegmenter, targets: dict, args: argparse.Namespace, dist) -> dict:
-    """mIoU (nanmean over 19 classes, one confusion matrix per dataset) and per-class IoU of each
-    dataset in `targets` (name -> Dataset) [C metrics/stream_metrics.py]; SYNTHIA-source runs also
-    report the 16- and 13-class means."""
-    model.eval()
-    amp_ctx, _ = common.autocast(dist.device, args.amp)
-    fmt = common.memory_format(args, dist)
-    predict = make_predictor(model, args.scale, args.ensemble, amp_ctx, fmt)
     subsets = {"16": common.SYNTHIA16, "13": common.SYNTHIA13} if args.source == "synthia" else None
     results = {}
     with common.rng_neutral():  # DEVIATION 10: evaluating leaves the training random stream
@@ -1136,85 +1022,71 @@ def build_parser() -> argparse.ArgumentParser:
               "targets": "paper: the 8 targets of the main table [P poster]",
               "pretrained": "official: OpenAI CLIP [C network/modeling.py]"},
     )  # fmt: skip
-    pos_float, pos_int = common.positive_float, common.positive_int
-    freeze = ", ".join(f"{name} = {point}" for name, (point, _) in FREEZE_SCHEMES.items())
+    pos_float, pos_int, choice = common.positive_float, common.positive_int, FREEZE_SCHEMES.items()
+    freeze = ", ".join(f"{name} = {point}" for name, (point, _) in choice)
+
+    def h(text: str, cite: str = "") -> str:
+        return f"{text} (default %(default)s{'; ' + cite if cite else ''})"
+
     g = parser.add_argument_group("FAMix")
     a = g.add_argument
     # fmt: off
-    a("--backbone", default="RN50-quickgelu", choices=list(BACKBONES),
-      help="CLIP ResNet; test = tiny random-init size for CPU tests and the toy run (default "
-           "%(default)s; paper: RN50 and RN101 [C main.py --BB])")
-    a("--freeze", choices=list(FREEZE_SCHEMES),
-      help=f"what trains besides the decoder, the rest of the encoder is frozen; the paper's "
-           f"freeze curve: {freeze} (default %(default)s; official: layer4.2 for GTA5/SYNTHIA, "
-           "layer4 for Cityscapes [C utils/freeze.py] [P poster])")
-    a("--style", default="famix", choices=["famix", "none", "pure", "mixstyle", "noise"],
-      help="layer1 augmentation: famix = mined styles mixed with Beta weights; none = Freeze only; "
-           "pure = mined style, no mixing (s = 0); mixstyle = mixed with another image's "
-           "statistics; noise = with Gaussian-noise statistics (default %(default)s; [P poster])")
-    a("--prompt", default="style-class", choices=PROMPTS,
-      help="mining prompt: random style and/or random characters and/or class name, e.g. "
-           "'Galactic Fantasy style road', 'wqvsecpas style road', 'road' (default %(default)s; "
-           "official [C patch_PIN.py]; prompt table [P poster])")
-    a("--num-styles", type=pos_int, default=20,
-      help="|R|, random styles drawn from: the first N of the 20 official ones (N <= 20), or N "
-           "random strings for chars* (default %(default)s; official [C patch_PIN.py])")
-    a("--mix-with", default="mined", choices=["mined", "mined+source"],
-      help="mixing partner: mined styles, or mined styles and the source patches' statistics "
-           "(a coin per patch) (default %(default)s; official; [P poster: source u mined])")
-    a("--beta", type=pos_float, default=0.1,
-      help="mixing weight s ~ Beta(a, a) (default %(default)s; paper [C network/utils.py])")
-    a("--noise-snr", type=float, default=15.0,
-      help="--style noise: SNR in dB of the noisy statistics (default %(default)s; [P poster])")
-    a("--grid", type=pos_int, default=3,
-      help="patches per side, mining and mixing (default %(default)s; paper [C patch_PIN.py])")
-    a("--lr", type=pos_float, default=0.1, help="decoder lr (default %(default)s; [C main.py])")
-    a("--backbone-lr", type=pos_float, default=0.01,
-      help="encoder learning rate (default %(default)s; paper: 0.1 x lr [C main.py])")
-    a("--momentum", type=float, default=0.9, help="SGD momentum (default %(default)s; [C main.py])")
-    a("--weight-decay", type=float, default=1e-4,
-      help="SGD weight decay (default %(default)s; paper [C main.py])")
-    a("--poly-power", type=pos_float, default=0.9,
-      help="poly schedule power (default %(default)s; paper [C utils/scheduler.py])")
-    a("--min-lr", type=float, default=1e-6,
-      help="poly schedule floor (default %(default)s; official [C utils/scheduler.py])")
-    a("--label-smoothing", type=float, default=0.1,
-      help="cross-entropy label smoothing (default %(default)s; official [C main.py])")
-    a("--style-bank",
-      help="style bank: ours (mined into it when missing), or an official saved_params.pkl "
-           "(*.pkl), a pickle read only when named here, by an unpickler that admits only "
-           "tensors, lists and dicts (default %(default)s)")
-    a("--mine", default="auto", choices=["auto", "only", "never"],
-      help="auto: mine the style bank if the file is missing, then train; only: mine (or keep "
-           "the bank) and exit; never: the bank must exist (default %(default)s)")
-    a("--mine-batch-size", type=pos_int, default=16,
-      help="mining batch per process (default %(default)s; official [C patch_PIN.py])")
-    a("--mine-batches", type=common.nonnegative_int, default=0,
-      help="mining batches per process; 0 = one pass over the source (default %(default)s; "
-           "official: one pass [C patch_PIN.py])")
-    a("--pin-iters", type=pos_int, default=100,
-      help="PIN steps per batch (default %(default)s; official [C patch_PIN.py])")
-    a("--pin-lr", type=pos_float, default=1.0,
-      help="PIN SGD learning rate (default %(default)s; official: 1 [C patch_PIN.py])")
-    a("--pin-momentum", type=float, default=0.9,
-      help="PIN SGD momentum (default %(default)s; official [C patch_PIN.py])")
-    a("--pin-weight-decay", type=float, default=1e-4,
-      help="PIN SGD weight decay (default %(default)s; official [C patch_PIN.py])")
-    a("--templates", type=pos_int, default=80,
-      help="use the first N prompt templates (default %(default)s; official: 80 [C patch_PIN.py])")
-    a("--scale", type=pos_float, default=1.0,
-      help="test-time input scale, <= 1 (default %(default)s; paper: 1; post-publication option "
-           "[C main.py])")
-    a("--ensemble", action="store_true",
-      help="average the logits at scale 1 and --scale (default %(default)s; [C main.py])")
-    a("--bench-paper", action="store_true", help="--bench on CPU: also the paper setting (slow)")
+    a("--backbone", default="RN50-quickgelu", choices=list(BACKBONES), help=h(
+      "CLIP ResNet; test = tiny random-init size for CPU tests and the toy run",
+      "paper: RN50, RN101 [C main.py --BB]"))
+    a("--freeze", choices=list(FREEZE_SCHEMES), help=h(
+      f"what trains besides the decoder (the rest of the encoder is frozen), as the points of the "
+      f"paper's freeze curve: {freeze}", "official: layer4.2 for GTA5 and SYNTHIA, layer4 for "
+      "Cityscapes [C utils/freeze.py]; curve [P poster]"))
+    a("--style", default="famix", choices=["famix", "none", "pure", "mixstyle", "noise"], help=h(
+      "layer1 augmentation: famix = mined styles mixed with Beta weights; none = Freeze only; pure "
+      "= mined style, no mixing (s = 0); mixstyle = mixed with another image's statistics; noise "
+      "= with Gaussian-noise statistics", "ablations [P poster]"))
+    a("--prompt", default="style-class", choices=PROMPTS, help=h(
+      "mining prompt: random style and/or random characters and/or class name, e.g. 'Galactic "
+      "Fantasy style road', 'wqvsecpas style road', 'road'", "official [C patch_PIN.py]; [P "
+      "poster] prompt table"))
+    a("--num-styles", type=pos_int, default=20, help=h(
+      "|R|: prompts draw from the first N of the 20 official styles (N <= 20), or from N random "
+      "strings with --prompt chars*", "official [C patch_PIN.py]"))
+    a("--mix-with", default="mined", choices=["mined", "mined+source"], help=h(
+      "mixing partner: mined styles, or mined styles and the source patches' own statistics (a "
+      "fair coin per patch)", "official: mined; [P poster] source u mined"))
+    a("--beta", type=pos_float, default=0.1, help=h("s ~ Beta(a, a)", "[C network/utils.py]"))
+    a("--noise-snr", type=float, default=15.0, help=h("--style noise: SNR in dB", "[P poster]"))
+    a("--grid", type=pos_int, default=3, help=h("patches per side", "paper [C patch_PIN.py]"))
+    a("--lr", type=pos_float, default=0.1, help=h("decoder learning rate", "paper [C main.py]"))
+    a("--backbone-lr", type=pos_float, default=0.01, help=h("encoder lr", "paper [C main.py]"))
+    a("--momentum", type=float, default=0.9, help=h("SGD momentum", "paper [C main.py]"))
+    a("--weight-decay", type=float, default=1e-4, help=h("SGD weight decay", "paper [C main.py]"))
+    a("--poly-power", type=pos_float, default=0.9, help=h("poly power", "[C utils/scheduler.py]"))
+    a("--min-lr", type=float, default=1e-6, help=h("poly floor", "[C utils/scheduler.py]"))
+    a("--label-smoothing", type=float, default=0.1, help=h("CE smoothing", "official [C main.py]"))
+    a("--style-bank", help=h(
+      "style bank: ours (mined into it when missing) or an official saved_params.pkl (*.pkl): a "
+      "pickle, read only when named here, by an unpickler that admits only tensors, lists and "
+      "dicts"))
+    a("--mine", default="auto", choices=["auto", "only", "never"], help=h(
+      "auto: mine the bank if the file is missing, then train; only: mine (or keep the bank) and "
+      "exit; never: the bank must exist"))
+    a("--mine-batch-size", type=pos_int, default=16, help=h("per process", "[C patch_PIN.py]"))
+    a("--mine-batches", type=common.nonnegative_int, default=0, help=h(
+      "mining batches per process; 0 = one pass over the source", "official [C patch_PIN.py]"))
+    a("--pin-iters", type=pos_int, default=100, help=h("PIN steps", "official [C patch_PIN.py]"))
+    a("--pin-lr", type=pos_float, default=1.0, help=h("PIN SGD lr", "official [C patch_PIN.py]"))
+    a("--pin-momentum", type=float, default=0.9, help=h("PIN momentum", "[C patch_PIN.py]"))
+    a("--pin-weight-decay", type=float, default=1e-4, help=h("PIN wd", "[C patch_PIN.py]"))
+    a("--templates", type=pos_int, default=80, help=h("first N templates", "[C patch_PIN.py]"))
+    a("--scale", type=pos_float, default=1.0, help=h(
+      "test-time input scale <= 1", "paper: 1; post-publication option [C main.py]"))
+    a("--ensemble", action="store_true", help=h("mean of logits at 1 and --scale", "[C main.py]"))
+    a("--bench-paper", action="store_true", help=h("--bench on CPU: also the paper setting"))
     # fmt: on
     return parser
 
 
 def presets(first: argparse.Namespace) -> dict:
-    """Defaults set by the first parsing pass: the official freeze scheme of the source, the style
-    bank under --out, and TOY_DEFAULTS for --source toy."""
+    """Defaults set by the first pass: the freeze scheme of the source, bank path, toy sizes."""
     chosen = {"freeze": FREEZE_BY_SOURCE[first.source],
               "style_bank": str(Path(first.out) / "style_bank.pt")}  # fmt: skip
     return {**chosen, **TOY_DEFAULTS} if first.source == "toy" else chosen
@@ -1229,57 +1101,43 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
 
 # Flags that shape the model or its optimiser state: a resumed run must use the checkpoint's.
 RESUME_FLAGS = ("backbone", "freeze", "lr", "backbone_lr", "momentum", "weight_decay")
-# Flags that only shape mining: without mining (another --style, or a bank that exists) they
-# are not used.
+# Flags that only shape mining: unused without mining (another --style, or an existing bank).
 MINING_FLAGS = ("prompt", "num_styles", "templates", "pin_iters", "pin_lr", "pin_momentum",
                 "pin_weight_decay", "mine_batch_size", "mine_batches")  # fmt: skip
+RANGES = {"momentum": (0, 1), "pin_momentum": (0, 1), "label_smoothing": (0, 0.999),
+          "weight_decay": (0, math.inf), "pin_weight_decay": (0, math.inf),
+          "min_lr": (0, math.inf), "noise_snr": (-math.inf, math.inf), "scale": (0, 1)}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
-    """One line for a value this configuration cannot use: an error when it cannot run, a
-    warning when it would be ignored."""
-    changed = {name for name, value in defaults.items() if getattr(args, name) != value}
-    # DEVIATION 2: the patch grid follows the crop (official: 64 / 256-pixel patches hard-coded).
-    unit = LAYER1_STRIDE * args.grid
+    """One line for a value this configuration cannot use: an error when the run cannot work, a
+    warning when the value would be ignored."""
+    unit = LAYER1_STRIDE * args.grid  # DEVIATION 2: the patch grid follows the crop
     if args.crop % unit:
+        fix = max(args.crop // unit, 1) * unit
         raise common.UsageError(
             f"--crop {args.crop} must be divisible by {unit} (layer1 stride 4 x --grid "
-            f"{args.grid}) so the patch grid tiles it; e.g. --crop "
-            f"{max(args.crop // unit, 1) * unit}"
+            f"{args.grid}) so the patch grid tiles it; e.g. --crop {fix}"
         )
     if args.batch_size // dist.world_size < 2 and not (dist.enabled and dist.device.type == "cuda"):
-        raise common.UsageError(
-            "--batch-size must give at least 2 images per process (the decoder's BatchNorm "
-            "needs more than one value per channel)"
-        )
-    ranges = (("momentum", 0, 1), ("pin_momentum", 0, 1), ("label_smoothing", 0, 0.999),
-              ("weight_decay", 0, math.inf), ("pin_weight_decay", 0, math.inf),
-              ("min_lr", 0, math.inf), ("noise_snr", -math.inf, math.inf),
-              ("scale", 0, 1))  # fmt: skip
-    for name, low, high in ranges:
-        value = getattr(args, name)
-        if not (math.isfinite(value) and low <= value <= high):
+        raise common.UsageError("--batch-size: the decoder's BatchNorm needs 2+ images per process")
+    for name, (low, high) in RANGES.items():
+        if not (math.isfinite(getattr(args, name)) and low <= getattr(args, name) <= high):
             flag = "--" + name.replace("_", "-")
-            raise common.UsageError(f"{flag} {value}: use a finite value in [{low}, {high}]")
+            raise common.UsageError(f"{flag} {getattr(args, name)}: use a value in [{low}, {high}]")
     if args.ensemble and args.scale == 1:
-        raise common.UsageError("--ensemble averages scale 1 with --scale; also pass --scale 0.5")
+        raise common.UsageError("--ensemble averages scale 1 with --scale: add --scale 0.5")
     if args.templates > len(TEMPLATES):
         raise common.UsageError(f"--templates {args.templates}: there are {len(TEMPLATES)}")
     if args.num_styles > len(STYLE_PROMPTS) and not args.prompt.startswith("chars"):
         raise common.UsageError(
-            f"--num-styles {args.num_styles}: only {len(STYLE_PROMPTS)} official random styles "
-            "exist [C patch_PIN.py]; use at most 20, or --prompt chars / chars-class"
+            f"--num-styles {args.num_styles}: 20 official styles exist (or chars*)"
         )
     if args.mix_with != "mined" and args.style not in ("famix", "pure"):
         raise common.UsageError(f"--mix-with {args.mix_with} needs --style famix or pure")
     if args.eval_only and args.mine == "only":
         raise common.UsageError("--eval-only and --mine only exclude each other; pick one")
-    if (
-        args.backbone == "test"
-        and args.pretrained != "none"
-        and not os.path.isfile(args.pretrained)
-    ):
-        raise common.UsageError("--backbone test is a tiny random-init size: use --pretrained none")
+    changed = {name for name, value in defaults.items() if getattr(args, name) != value}
     mining = args.style in ("famix", "pure") or args.mine == "only"
     unused = [
         (not mining, [*MINING_FLAGS, "style_bank", "mine"], f"--style {args.style} (no mining)"),
@@ -1300,98 +1158,38 @@ def main(argv: list[str] | None = None) -> None:
     dist = common.setup(args)
     check_args(args, dist, defaults)
     if args.bench:
-        run_bench(args, dist)
-        return
+        return run_bench(args, dist)
     common.prepare_out_dir(args)
     if args.source == "toy":
         common.make_toy_dataset(args.data)
-    for key, value in vars(args).items():
-        common.print0(f"  {key}: {value}")
-
+    common.print0("\n".join(f"  {key}: {value}" for key, value in vars(args).items()))
     # PLUMBING: every dataset is opened before any heavy work, so a bad --data or --targets fails
-    # now and not after 40k iterations.
-    target_names = [t for t in common.parse_targets(args) if t != args.source]
-    names = ["source-val"] * (not args.eval_only or args.source == "toy") + target_names
+    # now and not after 40k iterations; so are the weights.
+    names = ["source-val"] * (not args.eval_only or args.source == "toy")
+    names += [t for t in common.parse_targets(args) if t != args.source]
     targets = {name: eval_dataset(name, args) for name in names}
-    train_set = None
-    if not args.eval_only:
-        train_set = source_dataset(args, train_transform(args.source, args.crop))
+    transform = train_transform(args.source, args.crop)
+    train_set = None if args.eval_only else source_dataset(args, transform)
     sizes = {"source-train": len(train_set or []), **{k: len(v) for k, v in targets.items()}}
     common.print0("datasets: " + ", ".join(f"{k} {n}" for k, n in sizes.items()))
-
-    # PLUMBING: weights. Our checkpoint (--resume), an official or our FAMix checkpoint
-    # (--pretrained FILE, evaluation), or CLIP weights (training; mining also needs them).
     model = FAMixSegmenter(args.backbone)
-    bank_path = Path(args.style_bank)
-    start_ckpt, clip_model, encoder_state = None, None, None
-    hint = "check --backbone and the file"
-    if args.resume:
-        start_ckpt = common.load_checkpoint(args.resume, "famix")
-        common.check_resume_args(start_ckpt, args, RESUME_FLAGS)
-        check_backbone(start_ckpt["model"], args.resume, args.backbone)
-        common.load_state_strict(model, start_ckpt["model"], args.resume, hint)
-    else:
-        kind, obj = ("clip", None)
-        if os.path.isfile(args.pretrained):
-            kind, obj = sniff_weights(args.pretrained)
-        if kind in ("official", "famix"):
-            state = map_official_state(obj) if kind == "official" else obj["model"]
-            check_backbone(state, args.pretrained, args.backbone)
-            common.load_state_strict(model, state, args.pretrained, hint)
-            if not args.eval_only and not bank_path.is_file():
-                raise common.UsageError(
-                    f"{args.pretrained} is a segmentation checkpoint without the CLIP text tower "
-                    "needed for mining: use it with --eval-only, or give an existing --style-bank"
-                )
-        elif not (args.eval_only and args.pretrained == "none"):
-            clip_model = load_clip(args.backbone, args.pretrained, args.seed)
-            encoder_state = visual_state(clip_model, args.backbone)
-            tower = {k: v for k, v in encoder_state.items() if not k.startswith("attnpool.")}
-            common.load_state_strict(model.encoder, tower, "the CLIP image tower", hint)
+    start_ckpt, clip_model, encoder_state = load_weights(args, model)
     freeze(model, args.freeze)
     total, trainable = common.count_parameters(model)
     common.print0(
         f"FAMix {args.backbone}: {total:,} parameters, {trainable:,} trainable "
         f"(freeze {args.freeze} = {FREEZE_SCHEMES[args.freeze][0]}, style {args.style})"
     )
-    log = common.RunLog(
-        args.out, args, {"params_total": total, "params_trainable": trainable}, enabled=dist.is_main
-    )
+    extra = {"params_total": total, "params_trainable": trainable}
+    log = common.RunLog(args.out, args, extra, enabled=dist.is_main)
     if args.eval_only:
         model.to(dist.device, memory_format=common.memory_format(args, dist))
-        common.report_results(evaluate(model, targets, args, dist), None, log)
-        return
-
-    # METHOD: Augment, local style mining, once; a bank file that exists is reused.
-    bank = None
-    if args.style in ("famix", "pure") or args.mine == "only":
-        if not bank_path.is_file():
-            if args.mine == "never" or bank_path.suffix == ".pkl":
-                raise common.UsageError(
-                    f"style bank {bank_path} is missing; mine it first (--mine only) or drop "
-                    "--mine never (official .pkl banks are read, never written)"
-                )
-            if clip_model is None:
-                raise common.UsageError(
-                    f"style bank {bank_path} is missing and mining needs CLIP weights: run "
-                    "without --resume first, or pass --style-bank"
-                )
-            run_mining(args, dist, clip_model, encoder_state, train_set, bank_path)
-        if dist.enabled:
-            torch_dist.barrier()
-        encoder = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
-        bank, meta = load_style_bank(
-            bank_path, args.backbone, encoder_fingerprint(encoder), model.encoder.low_channels
-        )
-        differ = [f"--{k.replace('_', '-')} {meta[k]}" for k in ("grid", *MINING_FLAGS)
-                  if k in meta and meta[k] != getattr(args, k)]  # fmt: skip
-        if differ:
-            common.warn(f"reusing {bank_path}, mined with {', '.join(differ)}; delete it to mine")
-        if args.mine == "only":
-            common.print0(f"style bank ready: {bank_path} ({len(bank.cls)} styles)")
-            return
+        return common.report_results(evaluate(model, targets, args, dist), None, log)
+    # METHOD: Augment, local style mining, once (a bank file that exists is reused)
+    bank = prepare_style_bank(args, dist, model, clip_model, encoder_state, train_set)
     del clip_model
-
+    if args.mine == "only":
+        return
     model, net, optimizer, scaler, loader, start = prepare_training(
         args, dist, model, train_set, start_ckpt
     )
@@ -1475,6 +1273,34 @@ def sniff_weights(path: str) -> tuple[str, object]:
     )
 
 
+def load_weights(args: argparse.Namespace, model: FAMixSegmenter):
+    """The weights a run starts from: our checkpoint (--resume; returned for the optimiser and
+    random states), an official or our FAMix checkpoint (--pretrained FILE, evaluation), or CLIP
+    weights (training; returns the CLIP model and its image tower's state for mining)."""
+    hint = "check --backbone and the file"
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume, "famix")
+        common.check_resume_args(ckpt, args, RESUME_FLAGS)
+        check_backbone(ckpt["model"], args.resume, args.backbone)
+        common.load_state_strict(model, ckpt["model"], args.resume, hint)
+        return ckpt, None, None
+    kind, obj = ("clip", None)
+    if os.path.isfile(args.pretrained):
+        kind, obj = sniff_weights(args.pretrained)
+    if kind in ("official", "famix"):
+        state = map_official_state(obj) if kind == "official" else obj["model"]
+        check_backbone(state, args.pretrained, args.backbone)
+        common.load_state_strict(model, state, args.pretrained, hint)
+        return None, None, None
+    if args.eval_only and args.pretrained == "none":
+        return None, None, None
+    clip_model = load_clip(args.backbone, args.pretrained, args.seed)
+    encoder_state = visual_state(clip_model, args.backbone)
+    tower = {k: v for k, v in encoder_state.items() if not k.startswith("attnpool.")}
+    common.load_state_strict(model.encoder, tower, "the CLIP image tower", hint)
+    return None, clip_model, encoder_state
+
+
 def load_clip(backbone: str, pretrained: str, seed: int):
     """The full open_clip CLIP model (image + text towers) in fp32 on the CPU.
     `pretrained`: "none" (random init, seeded, global RNG untouched), an open_clip tag such as
@@ -1537,6 +1363,43 @@ def encoder_fingerprint(encoder_state: dict) -> float:
     return float(
         sum(encoder_state[k].double().sum() for k in ("conv1.weight", "layer1.0.conv1.weight"))
     )
+
+
+def save_style_bank(path: Path, bank: dict, meta: dict) -> None:
+    """DEVIATION 11: one torch file of flat tensors + metadata (official: saved_params.pkl)."""
+    common.atomic_torch_save({**bank, **meta}, path)
+
+
+def load_style_bank(
+    path: Path, backbone: str, fingerprint: float | None, channels: int
+) -> tuple[StyleBank, dict]:
+    """Our bank file, or an official saved_params.pkl (*.pkl, read_official_bank). Returns the
+    bank and its metadata (the mining settings; {} for an official file)."""
+    if path.suffix == ".pkl":
+        raw, meta = read_official_bank(path, channels), {}
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            meta = {k: v for k, v in raw.items() if k not in ("mu", "sigma", "cls")}
+        except Exception as e:
+            raise common.UsageError(
+                f"cannot read style bank {path} ({type(e).__name__}); delete it to mine again"
+            ) from None
+        if meta.get("backbone") != backbone:
+            raise common.UsageError(
+                f"style bank {path} was mined with {meta.get('backbone')}, this run uses "
+                f"{backbone}; pass another --style-bank or delete it"
+            )
+        if fingerprint is not None and not math.isclose(
+            meta.get("fingerprint", math.nan), fingerprint, rel_tol=1e-6, abs_tol=1e-6
+        ):
+            raise common.UsageError(
+                f"style bank {path} was mined with other encoder weights "
+                f"(--pretrained {meta.get('pretrained')}); delete it to mine again"
+            )
+    if len(raw["cls"]) == 0:
+        raise common.UsageError(f"style bank {path} is empty; delete it and mine on more data")
+    return StyleBank(raw["mu"], raw["sigma"], raw["cls"]), meta
 
 
 def _storage_from_bytes(data: bytes):
