@@ -39,8 +39,8 @@ Deviations and choices (marked `DEVIATION n:` where they happen):
      image) and noise (Gaussian, SNR in dB of the mean square statistic), --mix-with
      mined+source, --prompt chars* / style / class, --num-styles < 20, freeze L1, L2, L4.
   9. The code's s weights the source, the poster's alpha the style: s = 1 - alpha (same law).
-  10. Dominant class by one bincount (= torch.mode); evaluation and loader set-up leave the
-      training random stream alone (exact --resume).
+  10. Dominant class by one bincount (= torch.mode); evaluation, mining and loader set-up leave
+      the training random stream alone (exact --resume; the same run with or without a bank).
   11. Style bank file: flat tensors mu, sigma (N, C), cls (N,) + metadata (official: a pickle of
       per-class lists, read with --style-bank *.pkl); checkpoints hold the frozen encoder too.
   12. "test" size: a tiny random-init CLIP ResNet for CPU tests and the toy run (which also
@@ -89,7 +89,6 @@ BACKBONES = {
     "test": {"layers": (1, 1, 1, 3), "width": 16, "embed_dim": 64, "heads": 8, "aspp": 64,
              "low_proj": 16},
 }  # fmt: skip
-TEST_TEXT_CFG = {"width": 64, "heads": 2, "layers": 2}  # text tower of the "test" size
 CLIP_INPUT_SIZE = 224  # attnpool positional embedding is 7x7 + 1 (224 / 32)
 ASPP_RATES = (6, 12, 18)  # output stride 16 [C network/modeling.py]
 ASPP_DROPOUT = 0.1  # [C network/_deeplab.py]
@@ -133,7 +132,7 @@ CHARS_LENGTH = 9
 TOY_DEFAULTS = {
     "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8,
     "iters": 240, "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3,
-    "pin_iters": 10, "templates": 2,
+    "pin_iters": 10, "templates": 2, "cpu_threads": 1,  # a 2nd thread only spins: tiny model
     # Random-init layer1 features are ~100x smaller than CLIP's: PIN's lr 1 would throw the
     # statistics far outside their range (even negative sigma), so the toy run steps gently.
     "pin_lr": 0.05,
@@ -877,7 +876,8 @@ def prepare_style_bank(args, dist, model, clip_model, encoder_state, dataset) ->
                 f"style bank {path} is missing; mining it needs CLIP weights (not --resume or a "
                 "segmentation checkpoint) and --mine auto or only (.pkl banks are only read)"
             )
-        run_mining(args, dist, clip_model, encoder_state, dataset, path)
+        with common.rng_neutral():  # DEVIATION 10: mining or not, training draws the same numbers
+            run_mining(args, dist, clip_model, encoder_state, dataset, path)
     if dist.enabled:
         torch_dist.barrier()
     encoder = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
@@ -1110,8 +1110,7 @@ RANGES = {"momentum": (0, 1), "pin_momentum": (0, 1), "label_smoothing": (0, 0.9
 
 
 def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
-    """One line for a value this configuration cannot use: an error when the run cannot work, a
-    warning when the value would be ignored."""
+    """One line for a value the run cannot use: an error if it cannot work, else a warning."""
     unit = LAYER1_STRIDE * args.grid  # DEVIATION 2: the patch grid follows the crop
     if args.crop % unit:
         fix = max(args.crop // unit, 1) * unit
@@ -1301,6 +1300,9 @@ def load_weights(args: argparse.Namespace, model: FAMixSegmenter):
     return None, clip_model, encoder_state
 
 
+TEST_TEXT_CFG = {"width": 64, "heads": 2, "layers": 2}  # text tower of the "test" size
+
+
 def load_clip(backbone: str, pretrained: str, seed: int):
     """The full open_clip CLIP model (image + text towers) in fp32 on the CPU.
     `pretrained`: "none" (random init, seeded, global RNG untouched), an open_clip tag such as
@@ -1467,10 +1469,12 @@ def read_official_bank(path: Path, channels: int) -> dict:
 
 
 def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device):
-    """Random images and blocky labels (cell x cell blocks of one class) for benchmarks."""
-    images = torch.randn(batch, 3, crop, crop, device=device)
+    """Random images and blocky labels (cell x cell blocks of one class) for benchmarks, the same
+    whatever ran before."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, crop, crop, generator=g).to(device)
     n = crop // cell
-    labels = torch.randint(0, common.NUM_CLASSES, (batch, n, n), device=device)
+    labels = torch.randint(0, common.NUM_CLASSES, (batch, n, n), generator=g).to(device)
     return images, labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # (B, crop, crop)
 
 

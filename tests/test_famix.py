@@ -909,6 +909,11 @@ def test_resume_continues_bit_exactly_and_refuses_other_model_flags(mini_gta, tm
         assert torch.equal(value, part["model"][key]), key
     init = famix.FAMixSegmenter("test").state_dict()
     assert not torch.equal(full["model"]["head.classifier.weight"], init["head.classifier.weight"])
+    # a run that mines its own bank trains exactly as one that finds the bank
+    own = [a for a in argv if a not in ("--style-bank", str(bank))]
+    famix.main([*own, "--out", str(tmp_path / "own"), "--iters", "3"])
+    mined = torch.load(tmp_path / "own" / "last.pt", weights_only=True)
+    assert all(torch.equal(v, mined["model"][k]) for k, v in full["model"].items())
     for flag, value in (("--freeze", "all"), ("--backbone-lr", "0.02")):
         with pytest.raises(common.CheckpointError, match=f"trained with {flag} "):
             famix.main([*argv, "--out", str(tmp_path / "part"), "--iters", "3", "--resume", last,
@@ -1074,6 +1079,24 @@ def test_corrupt_image_while_mining_and_existing_run_end_in_one_line(
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
 
 
+def test_compile_wraps_the_trained_part_and_checkpoints_keep_their_names(
+    mini_gta, tmp_path, monkeypatch
+):
+    compiled = []
+
+    def fake_compile(fn):  # records what --compile hands to torch.compile
+        compiled.append(fn)
+        return lambda *a: fn(*a)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "run"
+    famix.main([*TINY, "--data", str(mini_gta), "--out", str(out), "--iters", "1", "--compile",
+                "--style", "mixstyle"])  # fmt: skip
+    assert [fn.__name__ for fn in compiled] == ["trained"]  # the trained part only
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert list(ckpt["model"]) == list(famix.FAMixSegmenter("test").state_dict())
+
+
 def test_toy_presets_paper_defaults_and_help():
     args, defaults = famix.parse_args([])
     assert (args.source, args.iters, args.batch_size, args.crop, args.amp, args.pretrained) == (
@@ -1104,6 +1127,7 @@ def test_toy_presets_paper_defaults_and_help():
     args, defaults = famix.parse_args(["--source", "toy", "--iters", "7", "--out", "x"])
     assert args.iters == 7 and defaults["iters"] == famix.TOY_DEFAULTS["iters"]
     assert args.crop == famix.TOY_DEFAULTS["crop"] and args.backbone == "test"
+    assert args.cpu_threads == 1 and args.iters == 7
     assert args.style_bank == str(Path("x") / "style_bank.pt")
     help_text = famix.build_parser().format_help()
     for text in ("(default 40000; paper: 40000 [C main.py])", "layer2-4 = L1", "head = L4",
