@@ -146,7 +146,7 @@ TOY_DEFAULTS = {
 # utils/PPIN.py] -> Mix: patch-wise style mixing of the layer1 features [C network/utils.py].
 
 
-# ---- Freeze -------------------------------------------------------------------------------------
+# ---- Freeze ---------------------------------------------------------------------------------
 def freeze(model: FAMixSegmenter, scheme: str) -> None:
     """requires_grad=False up to the scheme's first trained block; frozen modules also stay in
     eval mode (set_train_mode), their BNs keep CLIP's statistics [C utils/freeze.py]."""
@@ -230,8 +230,8 @@ def style_words(prompt: str, n: int, seed: int) -> tuple[str, ...]:
     if not prompt.startswith("chars"):
         return STYLE_PROMPTS[:n]
     rng = random.Random(seed)
-    return tuple("".join(rng.choices(string.ascii_lowercase, k=CHARS_LENGTH)) + " style"
-                 for _ in range(n))  # fmt: skip
+    words = ("".join(rng.choices(string.ascii_lowercase, k=CHARS_LENGTH)) for _ in range(n))
+    return tuple(w + " style" for w in words)
 
 
 def make_prompt(cls: int, prompt: str, styles: tuple[str, ...], rng: random.Random) -> str:
@@ -359,9 +359,8 @@ def mine_styles(
         mus.append(mu.cpu())
         sigmas.append(sigma.cpu())
         classes.append(cls.cpu())
-        seconds = time.perf_counter() - t0
-        log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, 1 - cos {losses[0]:.4f} -> "
-            f"{losses[-1]:.4f} ({seconds:.1f} s)")  # fmt: skip
+        loss = f"1 - cos {losses[0]:.4f} -> {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)"
+        log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, {loss}")
     return {"mu": torch.cat(mus), "sigma": torch.cat(sigmas), "cls": torch.cat(classes)}
 
 
@@ -397,7 +396,7 @@ class StyleBank:
         return self.mu[idx], self.sigma[idx]
 
 
-# ---- Mix: patch-wise style mixing -------------------------------------------------------------
+# ---- Mix: patch-wise style mixing -----------------------------------------------------------
 def mix_statistics(
     x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, s: Tensor
 ) -> Tensor:
@@ -855,8 +854,8 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
     if dist.is_main:
         save_style_bank(bank_path, bank, meta)
     sizes = torch.bincount(bank["cls"], minlength=VOID + 1)
-    per_class = {("void" if c == VOID else common.CLASS_NAMES[c]): int(sizes[c])
-                 for c in [*range(common.NUM_CLASSES), VOID] if sizes[c]}  # fmt: skip
+    names = dict(enumerate(common.CLASS_NAMES)) | {VOID: "void"}
+    per_class = {names[c]: int(sizes[c]) for c in names if sizes[c]}
     common.print0(
         f"style bank: {len(bank['cls'])} styles in {time.perf_counter() - t0:.1f} s -> "
         f"{bank_path}; per class {per_class}"
@@ -884,10 +883,10 @@ def prepare_style_bank(args, dist, model, clip_model, encoder_state, dataset) ->
     bank, meta = load_style_bank(
         path, args.backbone, encoder_fingerprint(encoder), model.encoder.low_channels
     )
-    differ = [f"--{k.replace('_', '-')} {meta[k]}" for k in ("grid", *MINING_FLAGS)
-              if k in meta and meta[k] != getattr(args, k)]  # fmt: skip
+    keys = [k for k in ("grid", *MINING_FLAGS) if k in meta and meta[k] != getattr(args, k)]
+    differ = ", ".join(f"--{k.replace('_', '-')} {meta[k]}" for k in keys)
     if differ:
-        common.warn(f"reusing {path}, mined with {', '.join(differ)}; delete it to mine again")
+        common.warn(f"reusing {path}, mined with {differ}; delete it to mine again")
     common.print0(f"style bank {path}: {len(bank.cls)} styles")
     return bank
 
@@ -1254,10 +1253,8 @@ def sniff_weights(path: str) -> tuple[str, object]:
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") for n in z.namelist()):
                 return "clip-jit", None
-    obj = common.read_weights_file(
-        path, "--pretrained", "expected a CLIP weight file, an official FAMix .pth or a famix.py "
-        "checkpoint"
-    )  # fmt: skip
+    hint = "expected a CLIP weight file, an official FAMix .pth or a famix.py checkpoint"
+    obj = common.read_weights_file(path, "--pretrained", hint)
     if isinstance(obj, dict) and "model_state" in obj:
         return "official", obj["model_state"]
     if isinstance(obj, dict) and "method" in obj:
@@ -1479,8 +1476,16 @@ def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device):
 
 
 def bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx) -> Callable:
-    mix = partial(stylize, labels=labels, bank=bank, mode="famix", grid=args.grid,
-                  beta=args.beta, noise_snr=args.noise_snr)  # fmt: skip
+    """One training step as `train` runs it: gradients cleared, Mix, forward, loss, SGD."""
+    mix = partial(
+        stylize,
+        labels=labels,
+        bank=bank,
+        mode="famix",
+        grid=args.grid,
+        beta=args.beta,
+        noise_snr=args.noise_snr,
+    )
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -1493,12 +1498,16 @@ def bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx) -> C
 
 
 def bench_mine_batch(encoder, images, labels, iters: int, grid: int) -> Callable:
+    """One mining batch (random unit text targets instead of CLIP's text tower)."""
     targets = F.normalize(torch.randn(VOID + 1, encoder.embed_dim, device=images.device), dim=-1)
     pin_cfg = {"iters": iters, "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4}
 
+    def text_targets(prompts: list[str]) -> Tensor:
+        return targets[: len(prompts)]
+
     def step():
-        mine_styles(encoder, lambda prompts: targets[: len(prompts)], iter([(images, labels)]), 1,
-                    grid, pin_cfg, str, log=lambda s: None)  # fmt: skip
+        batches = iter([(images, labels)])
+        mine_styles(encoder, text_targets, batches, 1, grid, pin_cfg, str, log=lambda s: None)
 
     return step
 
@@ -1511,6 +1520,7 @@ BENCH_MINE = (("small", 4, 192, 10), ("paper", 16, 768, 100))
 
 
 def run_bench(args: argparse.Namespace, dist) -> None:
+    """Training step and mining batch per setting: one JSON record each (common.benchmark)."""
     device = dist.device
     amp_ctx, _ = common.autocast(device, args.amp)
     fmt = common.memory_format(args, dist)
@@ -1523,33 +1533,46 @@ def run_bench(args: argparse.Namespace, dist) -> None:
     set_train_mode(model)
     optimizer = build_optimizer(model, args, common.optimizer_options(args, dist, "sgd"))
     n, c = 2000, model.encoder.low_channels
-    bank = StyleBank(torch.rand(n, c), torch.rand(n, c) + 0.1,
-                     torch.randint(0, common.NUM_CLASSES, (n,))).to(device)  # fmt: skip
+    cls = torch.randint(0, common.NUM_CLASSES, (n,))
+    bank = StyleBank(torch.rand(n, c), torch.rand(n, c) + 0.1, cls).to(device)
     for name, batch, crop in [s for s in BENCH_TRAIN if paper or s[0] != "paper"]:
         images, labels = synthetic_batch(batch, crop, 16, device)
         images = images.contiguous(memory_format=fmt)
         common.benchmark(
             f"famix/train_step/{name}",
             bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx),
-            warmup=1, steps=2 if device.type == "cpu" else 10, images_per_step=batch,
-            extra={"batch": batch, "crop": crop, "backbone": args.backbone, "amp": args.amp,
-                   "fast": common.fast_path(args, dist)},
-            device=device, precision=precision, peak=args.peak_tflops,
-        )  # fmt: skip
+            device=device,
+            warmup=1,
+            steps=2 if device.type == "cpu" else 10,
+            images_per_step=batch,
+            precision=precision,
+            peak=args.peak_tflops,
+            extra={
+                "batch": batch,
+                "crop": crop,
+                "backbone": args.backbone,
+                "amp": args.amp,
+                "fast": common.fast_path(args, dist),
+            },
+        )
     # Mining: layer1 of one batch, then PIN on one patch per class through layer2..attnpool.
     encoder = CLIPResNet(args.backbone, output_stride=32, attnpool=True)
     encoder.to(device, memory_format=fmt).eval().requires_grad_(False)
     for name, batch, crop, iters in [s for s in BENCH_MINE if paper or s[0] != "paper"]:
         images, labels = synthetic_batch(batch, crop, crop // args.grid, device)
+        images = images.contiguous(memory_format=fmt)
         k = int(first_patch_per_class(dominant_classes(labels, args.grid))[2].numel())
         common.benchmark(
             f"famix/mine_batch/{name}",
-            bench_mine_batch(encoder, images.contiguous(memory_format=fmt), labels, iters,
-                             args.grid),
-            warmup=0, steps=1, images_per_step=batch,
+            bench_mine_batch(encoder, images, labels, iters, args.grid),
+            device=device,
+            warmup=0,
+            steps=1,
+            images_per_step=batch,
+            precision=precision,
+            peak=args.peak_tflops,
             extra={"batch": batch, "crop": crop, "pin_iters": iters, "patches": k},
-            device=device, precision=precision, peak=args.peak_tflops,
-        )  # fmt: skip
+        )
 
 
 if __name__ == "__main__":
