@@ -1051,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mix-with", default="mined", choices=["mined", "mined+source"], help=h(
       "mixing partner: mined styles, or mined styles and the source patches' own statistics (a "
       "fair coin per patch)", "official: mined; [P poster] source u mined"))
-    a("--beta", type=pos_float, default=0.1, help=h("s ~ Beta(a, a)", "[C network/utils.py]"))
+    a("--beta", type=pos_float, default=0.1, help=h("s ~ Beta(a, a)", "paper [C network/utils.py]"))
     a("--noise-snr", type=float, default=15.0, help=h("--style noise: SNR in dB", "[P poster]"))
     a("--grid", type=pos_int, default=3, help=h("patches per side", "paper [C patch_PIN.py]"))
     a("--lr", type=pos_float, default=0.1, help=h("decoder learning rate", "paper [C main.py]"))
@@ -1068,14 +1068,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mine", default="auto", choices=["auto", "only", "never"], help=h(
       "auto: mine the bank if the file is missing, then train; only: mine (or keep the bank) and "
       "exit; never: the bank must exist"))
-    a("--mine-batch-size", type=pos_int, default=16, help=h("per process", "[C patch_PIN.py]"))
+    a("--mine-batch-size", type=pos_int, default=16, help=h("mining batch", "[C patch_PIN.py]"))
     a("--mine-batches", type=common.nonnegative_int, default=0, help=h(
       "mining batches per process; 0 = one pass over the source", "official [C patch_PIN.py]"))
     a("--pin-iters", type=pos_int, default=100, help=h("PIN steps", "official [C patch_PIN.py]"))
     a("--pin-lr", type=pos_float, default=1.0, help=h("PIN SGD lr", "official [C patch_PIN.py]"))
     a("--pin-momentum", type=float, default=0.9, help=h("PIN momentum", "[C patch_PIN.py]"))
-    a("--pin-weight-decay", type=float, default=1e-4, help=h("PIN wd", "[C patch_PIN.py]"))
-    a("--templates", type=pos_int, default=80, help=h("first N templates", "[C patch_PIN.py]"))
+    a("--pin-weight-decay", type=float, default=1e-4, help=h("PIN decay", "[C patch_PIN.py]"))
+    a("--templates", type=pos_int, default=80, help=h("the first N prompt templates", "official"))
     a("--scale", type=pos_float, default=1.0, help=h(
       "test-time input scale <= 1", "paper: 1; post-publication option [C main.py]"))
     a("--ensemble", action="store_true", help=h("mean of logits at 1 and --scale", "[C main.py]"))
@@ -1146,8 +1146,9 @@ def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
         (not args.bench, ["bench_paper"], "no --bench"),
     ]
     for applies, names, reason in unused:
-        flags = ["--" + n.replace("_", "-") for n in names if n in changed]
-        if applies and flags:
+        flags = ["--" + n.replace("_", "-") for n in names if n in changed and applies]
+        changed -= set(names) if applies else set()  # one warning per flag
+        if flags:
             common.warn(f"{', '.join(flags)} not used with {reason}")
 
 
