@@ -453,6 +453,16 @@ def _check_sizes(
     return kept, [image.stem for image, *_ in bad]
 
 
+def _pairs(
+    kind: str, root: Path, images: list[Path], labels_of: Callable[[Path], list[Path]], empty: str
+) -> list[tuple[Path, Path]]:
+    """Each image with the first of its candidate labels that exists; a layout error when there
+    is no image (`empty` says what was looked for) or an image has no label."""
+    if not images:
+        raise _layout_error(kind, root, empty)
+    return [(image, _pair(image, labels_of(image), kind)) for image in images]
+
+
 def _pair(image: Path, candidates: Sequence[Path], kind: str) -> Path:
     for c in candidates:
         if c.is_file():
@@ -535,10 +545,9 @@ class Synthia(_PairDataset):
                 raise _layout_error(
                     "synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)"
                 )
-        if not images:
-            raise _layout_error("synthia", root, f"no RGB images for split {split!r}")
         labels = root / "GT" / "LABELS"
-        pairs = [(p, _pair(p, [labels / p.relative_to(root / "RGB")], "synthia")) for p in images]
+        pairs = _pairs("synthia", root, images, lambda p: [labels / p.relative_to(root / "RGB")],
+                       f"no RGB images for split {split!r}")  # fmt: skip
         super().__init__(
             "synthia", pairs, read_synthia_trainids, transform, sizes or size_policy(split)
         )
@@ -561,16 +570,14 @@ class Cityscapes(_PairDataset):
             raise _layout_error(
                 "cityscapes", root, f"missing leftImg8bit/{split}/ or gtFine/{split}/"
             )
-        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
-        if not images:
-            raise _layout_error(
-                "cityscapes", root, f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png"
-            )
-        pairs = []
-        for p in images:
+
+        def labels_of(p: Path) -> list[Path]:
             stem, d = p.name[: -len("_leftImg8bit.png")], label_dir / p.parent.name
-            labels = [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"]
-            pairs.append((p, _pair(p, labels, "cityscapes")))
+            return [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"]
+
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        pairs = _pairs("cityscapes", root, images, labels_of,
+                       f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")  # fmt: skip
         super().__init__(
             "cityscapes", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
         )
@@ -596,13 +603,12 @@ class BDD100K(_PairDataset):
                 break
         else:
             raise _layout_error("bdd", root, f"no image/label folders for split {split!r}")
+
+        def labels_of(p: Path) -> list[Path]:
+            return [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"]
+
         images = sorted(image_dir.glob("*.jpg"))
-        if not images:
-            raise _layout_error("bdd", root, f"no {image_dir}/*.jpg")
-        pairs = []
-        for p in images:
-            labels = [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"]
-            pairs.append((p, _pair(p, labels, "bdd")))
+        pairs = _pairs("bdd", root, images, labels_of, f"no {image_dir}/*.jpg")
         super().__init__("bdd", pairs, read_trainid_label, transform, sizes or size_policy(split))
 
 
@@ -627,9 +633,8 @@ class Mapillary(_PairDataset):
         if not image_dir.is_dir() or label_dir is None:
             raise _layout_error("mapillary", root, f"missing {folder}/images/ or {folder}/labels/")
         images = sorted(image_dir.glob("*.jpg"))
-        if not images:
-            raise _layout_error("mapillary", root, f"no {folder}/images/*.jpg")
-        pairs = [(p, _pair(p, [label_dir / f"{p.stem}.png"], "mapillary")) for p in images]
+        pairs = _pairs("mapillary", root, images, lambda p: [label_dir / f"{p.stem}.png"],
+                       f"no {folder}/images/*.jpg")  # fmt: skip
         lut = MAPILLARY_V12_TO_19[label_map]
 
         def decode(path: Path) -> torch.Tensor:
@@ -654,15 +659,15 @@ class ACDC(_PairDataset):
         image_dir = root / "rgb_anon" / condition / split
         if not image_dir.is_dir() or not (root / "gt").is_dir():
             raise _layout_error("acdc", root, f"missing rgb_anon/{condition}/{split}/ or gt/")
-        images = sorted(image_dir.rglob("*_rgb_anon.png"))
-        if not images:
-            raise _layout_error("acdc", root, f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")
-        pairs = []
-        for p in images:
+
+        def labels_of(p: Path) -> list[Path]:
             d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
             stem = p.name[: -len("_rgb_anon.png")]
-            labels = [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"]
-            pairs.append((p, _pair(p, labels, "acdc")))
+            return [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"]
+
+        images = sorted(image_dir.rglob("*_rgb_anon.png"))
+        pairs = _pairs("acdc", root, images, labels_of,
+                       f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")  # fmt: skip
         super().__init__(
             "acdc", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
         )
