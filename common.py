@@ -1797,6 +1797,19 @@ def positive_float(text: str) -> float:
     return _number(text, float, 0.0, strict=True)
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _number(text, float, 0.0, strict=False)
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = _number(text, float, 0.0, strict=False)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_shared_flags(
     parser: argparse.ArgumentParser,
     *,
@@ -1962,7 +1975,10 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> None:
     """One plain dict that loads with torch.load(weights_only=True): method, iter, model (no
-    DDP / compile prefixes), optimizer, scaler, args, rng, metrics, + the method's extras."""
+    DDP / compile prefixes), optimizer, scaler, args, rng, metrics, + the method's extras.
+    Only rank 0 writes (the other processes hold the same weights)."""
+    if _state["rank"] != 0:
+        return
     ckpt = {
         "method": method,
         "iter": int(iteration),
@@ -2017,15 +2033,19 @@ def restore_training_state(
     return int(ckpt["iter"])
 
 
-def check_resume_args(ckpt: dict, args: argparse.Namespace, names: Sequence[str]) -> None:
-    """A resumed run must build the same model: each flag in `names` must have the value the
-    checkpoint was trained with."""
+def check_resume_args(
+    ckpt: dict, args: argparse.Namespace, names: Sequence[str], given: str = "--resume"
+) -> None:
+    """A run continued from a checkpoint must build the same model: each flag in `names` must
+    have the value the checkpoint was trained with. `given`: how the checkpoint was passed
+    (--resume, --init)."""
+    path = getattr(args, given.removeprefix("--").replace("-", "_"), None)
     for name in names:
         if name in ckpt["args"] and ckpt["args"][name] != args_to_primitives(args).get(name):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(
-                f"--resume {args.resume} was trained with {flag} {ckpt['args'][name]}, this run "
-                f"has {flag} {getattr(args, name)}; use the same value"
+                f"{given} {path} was trained with {flag} {ckpt['args'][name]}, this run has "
+                f"{flag} {getattr(args, name)}; use the same value"
             )
 
 

@@ -471,13 +471,15 @@ def _run_script_child(script, argv, cwd, env, out_path, err_path):  # runs in a 
 
 @pytest.fixture(scope="session")
 def _script_server():
-    """A forkserver that has imported torch, torchvision, scipy and common once; every script
-    run is a fresh process forked from it (a real process: exit code, stdout, stderr, signals),
-    without the ~4 s of imports a `python script.py` pays."""
+    """A forkserver that has imported torch, torchvision, scipy, timm, open_clip and common once;
+    every script run is a fresh process forked from it (a real process: exit code, stdout,
+    stderr, signals), without the ~4 s of imports a `python script.py` pays."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "numpy", "scipy.optimize", "common"])
+    ctx.set_forkserver_preload(
+        ["torch", "torchvision", "numpy", "scipy.optimize", "timm", "open_clip", "common"]
+    )
     return ctx
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1268,6 +1269,7 @@ def test_add_shared_flags_defaults():
         (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
         (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0.0, got 0"),
         (["--peak-tflops", "nan"], "argument --peak-tflops: must be > 0.0, got nan"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -1277,6 +1279,18 @@ def test_shared_flags_reject_impossible_values_in_one_line(argv, expect, capsys)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expect in err, err
+
+
+def test_float_types_bound_their_values():
+    assert common.nonnegative_float("0") == 0.0 and common.unit_float("1") == 1.0
+    for parse, text, message in [
+        (common.nonnegative_float, "-1e-9", "must be >= 0.0, got -1e-9"),
+        (common.unit_float, "1.5", "must be in [0, 1], got 1.5"),
+        (common.unit_float, "inf", "must be >= 0.0, got inf"),
+        (common.positive_float, "0", "must be > 0.0, got 0"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(text)
 
 
 def test_parse_with_presets_explicit_flags_and_abbreviations_win():
@@ -1584,6 +1598,22 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(monkeypatch, capsys):
     )
     monkeypatch.setitem(common.RUN, "ckpt", None)
     assert "no checkpoint was written by this run" in common.interrupted_message([])
+
+
+def test_check_resume_args_names_the_changed_flag():
+    ckpt = {"args": {"backbone": "dinov2_s", "full_rank": False, "seed": 0}}
+    args = argparse.Namespace(backbone="dinov2_s", full_rank=False, seed=3, resume="o/last.pt",
+                              init="w.pt")  # fmt: skip
+    common.check_resume_args(ckpt, args, ["backbone", "full_rank", "not_in_ckpt"])
+    args.full_rank = True
+    with pytest.raises(common.CheckpointError) as e:
+        common.check_resume_args(ckpt, args, ["backbone", "full_rank"])
+    assert str(e.value) == (
+        "--resume o/last.pt was trained with --full-rank False, this run has --full-rank True; "
+        "use the same value"
+    )
+    with pytest.raises(common.CheckpointError, match="^--init w.pt was trained with --full-rank"):
+        common.check_resume_args(ckpt, args, ["full_rank"], given="--init")
 
 
 def test_read_weights_file_errors_and_numpy_scalars(tmp_path):
