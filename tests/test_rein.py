@@ -696,15 +696,16 @@ def test_recipe_and_toy_presets_are_real_defaults():
     # the stride follows the crop in force, also when the crop written equals another default
     assert rein.parse_args(["--recipe", "citys2acdc", "--crop", "512"]).stride == 341
     assert rein.parse_args(["--source", "toy", "--crop", "512"]).stride == 341
-    assert rein.parse_args(["--source", "toy", "--crop", "128"]).stride == 85
+    assert rein.parse_args(["--source", "toy", "--crop", "64"]).stride == 43
     assert rein.parse_args(["--crop", "512", "--stride", "100"]).stride == 100
     toy = rein.parse_args(["--source", "toy", "--iters", "7"])
     got = (toy.backbone, toy.crop, toy.iters, toy.num_points, toy.lr, toy.inference, toy.stride)
-    assert got == ("dinov2_s", 64, 7, 256, 5e-4, "whole", 43)
+    assert got == ("dinov2_s", 48, 7, 144, 5e-4, "whole", 32)
+    assert (toy.rein_tokens, toy.fast, args.rein_tokens, args.fast) == (50, "on", 100, "auto")
     assert (toy.cpu_threads, toy.log_every, args.cpu_threads, args.log_every) == (1, 10, 0, 50)
     assert toy.targets == "toy-city,toy-fog,toy-night"
     assert rein.parse_args(["--source", "toy", "--lr", "1e-4"]).lr == 1e-4
-    assert rein.parse_args(["--recipe", "citys2acdc", "--source", "toy"]).crop == 64
+    assert rein.parse_args(["--recipe", "citys2acdc", "--source", "toy"]).crop == 48
 
 
 def test_help_shows_the_defaults_of_the_chosen_preset(run_script):
@@ -716,7 +717,7 @@ def test_help_shows_the_defaults_of_the_chosen_preset(run_script):
         and "--crop CROP training crop size (default 1024" in text
     )
     toy = " ".join(run_script("rein.py", "--source", "toy", "--help").stdout.split())
-    assert "(default 43 = 2/3 of --crop" in toy and "(default dinov2_s;" in toy
+    assert "(default 32 = 2/3 of --crop" in toy and "(default dinov2_s;" in toy
 
 
 def one_error_line(run) -> str:
@@ -800,6 +801,17 @@ def small_toy(toy_data, tmp_path_factory) -> pathlib.Path:
     return dst.parent
 
 
+def test_toy_targets_are_evaluated_at_half_size_like_cityscapes(small_toy):
+    """gta512 evaluates Cityscapes at 1024x512, half its size; the Cityscapes-like toy targets
+    (256x128) likewise at 128x64, scored against their full-size labels; citys2acdc at full size."""
+    for recipe, size in (("gta512", (64, 128)), ("citys2acdc", (128, 256))):
+        args = rein.parse_args(["--source", "toy", "--recipe", recipe, "--data", str(small_toy)])
+        image, label, _ = rein.eval_dataset("toy-night", args)[0]
+        raw_image, raw_label, _ = common.build_dataset("toy-night", small_toy, "val")[0]
+        assert tuple(image.shape[-2:]) == size and torch.equal(label, raw_label)
+        assert torch.equal(image, rein.mmcv_resize(raw_image, None, size)[0])
+
+
 def trained(path: pathlib.Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -821,7 +833,8 @@ def test_script_trains_evaluates_and_resumes_exactly(run_script, small_toy, tmp_
     assert 0 <= results["toy-night"]["miou"] <= 100
     assert set(results["toy-night"]["per_class_iou"]) == set(common.CLASS_NAMES)
     header = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
-    assert header["parameters"]["rein"] == rein.rein_parameter_counts(rein.Reins(4, 32))["rein"]
+    toy_reins = rein.Reins(4, 32, token_length=50)  # the test VFM, the toy's 50 tokens
+    assert header["parameters"]["rein"] == rein.rein_parameter_counts(toy_reins)["rein"]
     ckpt_a = trained(tmp_path / "a" / "last.pt")
     assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 2
     assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
@@ -838,8 +851,8 @@ def test_script_trains_evaluates_and_resumes_exactly(run_script, small_toy, tmp_
     resume = [*b, "--iters", "3", "--resume", str(tmp_path / "b" / "last.pt")]
     with pytest.raises(common.CheckpointError, match="frozen VFM differs"):
         rein.main([*resume, "--seed", "1"])
-    with pytest.raises(common.CheckpointError, match="trained with --rein-tokens 100, this run"):
-        rein.main([*resume, "--rein-tokens", "50"])
+    with pytest.raises(common.CheckpointError, match="trained with --rein-tokens 50, this run"):
+        rein.main([*resume, "--rein-tokens", "20"])
     # evaluating the checkpoint alone gives the run's numbers
     rein.main([*b, "--eval-only", "--resume", str(tmp_path / "b" / "last.pt")])
     assert json.loads((tmp_path / "b" / "results.json").read_text()) == results
@@ -975,6 +988,13 @@ def test_corrupt_training_image_ends_in_one_line(run_script, small_toy, tmp_path
     line = one_error_line(run)
     assert line.startswith(f"error: cannot read image {data / 'toy' / 'source' / 'images'}")
     assert "delete" in line and "to have it written again" in line
+    assert not (tmp_path / "out" / "last.pt").exists()
+    # an evaluation label that cannot be decoded stops the run at start
+    label = sorted((data / "toy" / "night" / "gtFine").rglob("*_labelIds.png"))[0]
+    label.write_bytes(b"not a png")
+    run = run_script("rein.py", *FAST, "--data", data, "--out", tmp_path / "out2")
+    assert one_error_line(run).startswith(f"error: cannot read label {label}")
+    assert "Namespace" not in run.stdout and "parameters" not in run.stdout  # before the model
 
 
 # ================================================================================================
