@@ -425,8 +425,9 @@ def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
 
 def build_model(args: argparse.Namespace) -> ReinSegmentor:
     """The segmentor with its frozen VFM's weights (--pretrained) and, with --official-ckpt, a
-    released Rein checkpoint. Built from a fixed seed so every process (and a resumed run) starts
-    from the same random init."""
+    released Rein checkpoint. The files are read first, so a missing or unreadable one fails
+    before the model is built. Built from a fixed seed so every process (and a resumed run)
+    starts from the same random init."""
     path = None
     if args.pretrained == "auto":
         if VFM_SIZES[args.backbone]["weights"] is None:
@@ -436,15 +437,18 @@ def build_model(args: argparse.Namespace) -> ReinSegmentor:
         path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
     elif args.pretrained != "none":
         path = args.pretrained
+    vfm_state = read_state_dict(path, *vfm_file(args.backbone)) if path else None
+    release = args.official_ckpt
+    release_state = read_state_dict(release, *RELEASE_FILE) if release else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = ReinSegmentor(
             args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
         )
     if path is not None:
-        load_vfm_weights(model, path, args.backbone, args.crop)
-    if args.official_ckpt:
-        load_official_rein(model, args.official_ckpt, args.backbone, args.crop)
+        load_vfm_weights(model, path, args.backbone, args.crop, vfm_state)
+    if release:
+        load_official_rein(model, release, args.backbone, args.crop, release_state)
     return model
 
 
@@ -667,10 +671,20 @@ def save_checkpoint(
     )
 
 
-def load_trained(model: nn.Module, ckpt: dict, args: argparse.Namespace) -> None:
-    """The trained tensors of one of our checkpoints (--resume), made by the same model: the
-    same shaping flags and the same frozen VFM; only the VFM may be absent."""
+def check_checkpoint(ckpt: dict, args: argparse.Namespace) -> None:
+    """Before the model is built: --resume was made by a model of the same shape and, to train,
+    has iterations left."""
     common.check_resume_args(ckpt, args, MODEL_FLAGS)
+    if not args.eval_only and ckpt["iter"] >= args.iters:
+        raise common.UsageError(
+            f"--resume {args.resume} is at iteration {ckpt['iter']} of --iters {args.iters}: "
+            "nothing to train; pass a larger --iters, or --eval-only to evaluate it"
+        )
+
+
+def load_trained(model: nn.Module, ckpt: dict, args: argparse.Namespace) -> None:
+    """The trained tensors of one of our checkpoints (--resume), trained on the same frozen VFM
+    (its fingerprint, DEVIATION 8); only the VFM may be absent."""
     fp = ckpt.get("frozen_fingerprint")
     if fp is not None and not math.isclose(fp, frozen_fingerprint(model), rel_tol=1e-9):
         raise common.CheckpointError(
@@ -1019,8 +1033,11 @@ def main(argv: list[str] | None = None) -> None:
     common.prepare_out_dir(args)
     if args.source == "toy" or any(t.startswith("toy") for t in common.parse_targets(args)):
         common.make_toy_dataset(args.data)  # written once; `make data-toy` does the same
-    # Everything the run reads is opened now, quickest first: targets, weights, source.
+    # Everything the run reads is opened now, quickest first: targets, checkpoint, weights, source.
     targets = build_targets(args)
+    ckpt = common.load_checkpoint(args.resume, "rein") if args.resume else None
+    if ckpt is not None:
+        check_checkpoint(ckpt, args)
     model = build_model(args).to(dist.device)
     source = None if args.eval_only else build_source(args)
     counts = describe_parameters(model)
@@ -1034,17 +1051,13 @@ def main(argv: list[str] | None = None) -> None:
     common.print0("targets: " + ", ".join(f"{k} {len(v)} images" for k, v in targets.items()))
     log = common.RunLog(args.out, args, {"parameters": counts}, enabled=dist.is_main)
     autocast_ctx, scaler = common.autocast(dist.device, args.amp)
+    if ckpt is not None:
+        load_trained(model, ckpt, args)
     if args.eval_only:
-        if args.resume:
-            load_trained(model, common.load_checkpoint(args.resume, "rein"), args)
         common.report_results(evaluate(model, targets, args, dist), None, log)
         return
     optimizer = build_optimizer(model, args, dist)
-    start = 0
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, "rein")
-        load_trained(model, ckpt, args)
-        start = common.restore_training_state(ckpt, optimizer, scaler)
+    start = 0 if ckpt is None else common.restore_training_state(ckpt, optimizer, scaler)
     common.print0(
         f"source {args.source}: {len(source)} images; global batch {args.batch_size} "
         f"({args.batch_size // dist.world_size} per process x {dist.world_size})"
@@ -1915,13 +1928,30 @@ def convert_eva02_state(
     return checkpoint_filter_fn(sd, vfm)
 
 
-def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
-    """Load the frozen VFM's weights: exactly the VFM's keys, none missing, none left over."""
-    hint = (
-        f"download {VFM_SIZES[backbone]['weights']} into checkpoints/, pass --pretrained "
-        "PATH, or --pretrained none for random init"
+def vfm_file(backbone: str) -> tuple[str, str]:
+    """What a VFM weights file is called in messages, and how to get one."""
+    official = VFM_SIZES[backbone]["weights"]
+    get = f"download {official} into checkpoints/, " if official else ""
+    return (
+        f"{backbone} weight file",
+        f"{get}pass --pretrained PATH, or --pretrained none for random init",
     )
-    sd = read_state_dict(path, f"{backbone} weight file", hint)
+
+
+RELEASE_FILE = ("Rein checkpoint", "a released Rein file such as dinov2_rein_and_head.pth or "
+                "iter_40000_published.pth")  # fmt: skip
+
+
+def load_vfm_weights(
+    model: ReinSegmentor,
+    path: str | Path,
+    backbone: str,
+    img_size: int,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Load the frozen VFM's weights from `path` (or `state`, its tensors already read): exactly
+    the VFM's keys, none missing, none left over."""
+    sd = read_state_dict(path, *vfm_file(backbone)) if state is None else state
     if any(k.startswith("backbone.") for k in sd):  # a full segmentor file: take its VFM part
         sd = {
             k[9:]: v
@@ -1996,14 +2026,19 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
 
 
 def load_official_rein(
-    model: ReinSegmentor, path: str | Path, backbone: str, img_size: int
+    model: ReinSegmentor,
+    path: str | Path,
+    backbone: str,
+    img_size: int,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """A released Rein checkpoint ({'state_dict': backbone.reins.* + decode_head.*}, optionally
-    with the DINOv2 keys as backbone.*): every trained tensor must be present, nothing unknown."""
-    hint = "a released Rein file such as dinov2_rein_and_head.pth or iter_40000_published.pth"
-    sd = read_state_dict(path, "Rein checkpoint", hint)
+    with the DINOv2 keys as backbone.*) from `path` (or `state`, its tensors already read): every
+    trained tensor must be present, nothing unknown."""
+    sd = read_state_dict(path, *RELEASE_FILE) if state is None else state
     if any(k.startswith("backbone.") and not k.startswith("backbone.reins.") for k in sd):
-        load_vfm_weights(model, path, backbone, img_size)  # full weights (generate_full_weights.py)
+        # full weights (generate_full_weights.py)
+        load_vfm_weights(model, path, backbone, img_size, sd)
         sd = {k: v for k, v in sd.items() if k.startswith(("backbone.reins.", "decode_head."))}
     to_ours = {v: k for k, v in official_key_map(model).items()}
     missing = sorted(set(to_ours) - set(sd))

@@ -5,6 +5,7 @@ except where a full-size module is cheap to build."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pathlib
@@ -821,59 +822,76 @@ def train_records(out: pathlib.Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["type"] == "train"]
 
 
-def test_script_trains_evaluates_and_resumes_exactly(run_script, small_toy, tmp_path):
-    full = run_script(
-        "rein.py", *FAST, "--data", small_toy, "--iters", "2", "--out", tmp_path / "a"
-    )
+def test_script_trains_evaluates_resumes_exactly_and_fast_path_matches(
+    run_script, small_toy, tmp_path, monkeypatch
+):
+    """The script as a process (the toy preset's --fast on: fused AdamW), 3 iterations; the same
+    run in two pieces in-process; the plain path (--fast off) against it."""
+    a = tmp_path / "a"
+    full = run_script("rein.py", *FAST, "--data", small_toy, "--iters", "3", "--log-every", "1",
+                      "--out", a)  # fmt: skip
     assert full.returncode == 0, full.stderr[-3000:]
     assert "Rein 388,609" not in full.stdout  # the test backbone, not ViT-S
     assert "trainable" in full.stdout and "toy-night 2 images" in full.stdout
-    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    results = json.loads((a / "results.json").read_text())
     assert set(results) == {"toy-night"}
     assert 0 <= results["toy-night"]["miou"] <= 100
     assert set(results["toy-night"]["per_class_iou"]) == set(common.CLASS_NAMES)
-    header = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
+    header = json.loads((a / "log.jsonl").read_text().splitlines()[0])
     toy_reins = rein.Reins(4, 32, token_length=50)  # the test VFM, the toy's 50 tokens
     assert header["parameters"]["rein"] == rein.rein_parameter_counts(toy_reins)["rein"]
-    ckpt_a = trained(tmp_path / "a" / "last.pt")
-    assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 2
+    ckpt_a = trained(a / "last.pt")
+    assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 3
     assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
-    # 1 iteration, then resume to 2 (in-process): bit-identical to the straight run
-    b = [*FAST, "--data", str(small_toy), "--out", str(tmp_path / "b")]
-    rein.main([*b, "--iters", "1"])
-    rein.main([*b, "--iters", "2", "--resume", str(tmp_path / "b" / "last.pt")])
+
+    # 1 iteration whose evaluation fails: its checkpoint was written before evaluating
+    b = [*FAST, "--data", str(small_toy), "--log-every", "1", "--out", str(tmp_path / "b")]
+    with monkeypatch.context() as patch:
+        patch.setattr(rein, "evaluate", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            rein.main([*b, "--iters", "1"])
+    assert trained(tmp_path / "b" / "last.pt")["iter"] == 1
+    # resumed to 3 (in-process): bit-identical to the straight run
+    last = str(tmp_path / "b" / "last.pt")
+    rein.main([*b, "--iters", "3", "--resume", last])
     ckpt_b = trained(tmp_path / "b" / "last.pt")
-    assert ckpt_b["iter"] == 2 and set(ckpt_b["model"]) == set(ckpt_a["model"])
+    assert ckpt_b["iter"] == 3 and set(ckpt_b["model"]) == set(ckpt_a["model"])
     for k, v in ckpt_a["model"].items():
         assert torch.equal(v, ckpt_b["model"][k]), k
-    assert train_records(tmp_path / "a")[-1]["loss"] == train_records(tmp_path / "b")[-1]["loss"]
-    # resuming with another frozen VFM, or another model-shaping flag, is refused by name
-    resume = [*b, "--iters", "3", "--resume", str(tmp_path / "b" / "last.pt")]
-    with pytest.raises(common.CheckpointError, match="frozen VFM differs"):
-        rein.main([*resume, "--seed", "1"])
+    losses = [r["loss"] for r in train_records(a)]
+    assert [r["loss"] for r in train_records(tmp_path / "b")] == losses
+
+    # resuming with another model-shaping flag, another frozen VFM, or nothing left to train
     with pytest.raises(common.CheckpointError, match="trained with --rein-tokens 50, this run"):
-        rein.main([*resume, "--rein-tokens", "20"])
-    # evaluating the checkpoint alone gives the run's numbers
-    rein.main([*b, "--eval-only", "--resume", str(tmp_path / "b" / "last.pt")])
-    assert json.loads((tmp_path / "b" / "results.json").read_text()) == results
+        rein.main([*b, "--iters", "4", "--resume", last, "--rein-tokens", "20"])
+    with pytest.raises(common.UsageError, match="is at iteration 3 of --iters 3: nothing to train"):
+        rein.main([*b, "--iters", "3", "--resume", last])
+    with pytest.raises(common.CheckpointError, match="frozen VFM differs"):
+        rein.main([*b, "--iters", "4", "--resume", last, "--seed", "1"])
 
-
-def test_checkpoint_is_written_before_evaluating(small_toy, tmp_path, monkeypatch):
-    def broken_evaluation(*args, **kwargs):
-        raise RuntimeError("evaluation failed")
-
-    monkeypatch.setattr(rein, "evaluate", broken_evaluation)
-    with pytest.raises(RuntimeError, match="evaluation failed"):
-        rein.main([*FAST, "--data", str(small_toy), "--iters", "1", "--out", str(tmp_path)])
-    assert trained(tmp_path / "last.pt")["iter"] == 1
+    # The plain path: the first loss comes before any optimizer step and is equal. Later ones
+    # may differ by rel 1e-2: fused AdamW's rounding (1e-9 of the weights, see the next test)
+    # changes discrete choices downstream, which points PointRend's top-k keeps and which query
+    # the Hungarian matcher picks among near-identical ones; each such choice moves the loss by
+    # ~1e-3. Evaluating the fast run's checkpoint on the plain path gives the fast run's numbers.
+    c = tmp_path / "c"
+    rein.main([*FAST, "--data", str(small_toy), "--iters", "3", "--log-every", "1",
+               "--fast", "off", "--out", str(c)])  # fmt: skip
+    plain = [r["loss"] for r in train_records(c)]
+    assert len(plain) == 3 and plain[0] == losses[0]
+    assert losses == pytest.approx(plain, rel=1e-2)
+    assert plain[2] < 0.95 * plain[0] and losses[2] < 0.95 * losses[0]  # both learn
+    rein.main([*FAST, "--data", str(small_toy), "--eval-only", "--fast", "off",
+               "--resume", str(a / "last.pt"), "--out", str(c)])  # fmt: skip
+    assert json.loads((c / "results.json").read_text()) == results
 
 
 def test_fused_adamw_step_equals_the_plain_step():
     """The fast path's only CPU switch: fused AdamW. One step from the same gradients gives the
     same weights up to rounding (the fused kernel orders its float operations differently)."""
-    weights = {}
+    weights, init = {}, tiny_model()
     for fast in ("off", "on"):
-        model = tiny_model()
+        model = copy.deepcopy(init)
         args = rein.parse_args([*FAST, "--fast", fast])
         optimizer = rein.build_optimizer(model, args, common.Dist())
         assert optimizer.defaults["fused"] is (True if fast == "on" else None)
@@ -888,28 +906,6 @@ def test_fused_adamw_step_equals_the_plain_step():
     assert not torch.equal(
         weights["off"]["backbone.reins.scale"], tiny_model().backbone.reins.scale
     )
-
-
-def test_fast_path_gives_the_plain_path_losses_and_evaluation(small_toy, tmp_path):
-    """--fast on against --fast off over three steps. The first loss comes before any optimizer
-    step: equal. Later ones may differ by rel 1e-2: fused AdamW's rounding (1e-9 of the weights,
-    see above) changes discrete choices downstream, which points PointRend's top-k keeps and
-    which query the Hungarian matcher picks among near-identical ones, and each such choice moves
-    the loss by ~1e-3. The evaluation of one checkpoint is the same on both paths."""
-    runs = {}
-    for fast in ("off", "on"):
-        out = tmp_path / fast
-        rein.main([*FAST, "--data", str(small_toy), "--iters", "3", "--log-every", "1",
-                   "--fast", fast, "--out", str(out)])  # fmt: skip
-        runs[fast] = [r["loss"] for r in train_records(out)]
-    assert len(runs["off"]) == 3 and runs["off"][0] == runs["on"][0]
-    assert runs["on"] == pytest.approx(runs["off"], rel=1e-2)
-    assert runs["on"][2] < 0.95 * runs["on"][0]  # both learn
-    fast_results = json.loads((tmp_path / "on" / "results.json").read_text())
-    on = tmp_path / "on"
-    rein.main([*FAST, "--data", str(small_toy), "--eval-only", "--fast", "off",
-               "--resume", str(on / "last.pt"), "--out", str(on)])  # fmt: skip
-    assert json.loads((tmp_path / "on" / "results.json").read_text()) == fast_results
 
 
 def test_compiled_model_checkpoints_without_prefixes(tmp_path):
@@ -946,9 +942,9 @@ def test_bad_targets_and_weights_fail_at_start(run_script, toy_data, tmp_path):
     assert missing.startswith("error: mapillary: missing validation/images/")
     nope = tmp_path / "nope.pth"
     weights = one_error_line(run_script("rein.py", *base, "--pretrained", nope))
-    assert (
-        weights == f"error: test weight file not found: {nope} (download None into "
-        "checkpoints/, pass --pretrained PATH, or --pretrained none for random init)"
+    assert weights == (
+        f"error: test weight file not found: {nope} (pass --pretrained PATH, or --pretrained "
+        "none for random init)"
     )
     auto = one_error_line(run_script("rein.py", *base, "--pretrained", "auto"))
     assert "--backbone test has no official weights; use --pretrained none" in auto
