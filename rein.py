@@ -12,34 +12,32 @@ two layer-shared MLPs and a learnable scale; the tokens of all layers are pooled
 into 100 image-independent queries that replace the learned queries of a Mask2Former head. Only
 Rein (2.53M parameters, 2.99M with the query-linking layers) and the head are trained.
 
+Paper -> code (the paper's section numbers are [unverified]; the code is the reference):
+  Rein layer: token attention, layer-shared MLPs, scale     -> Reins.forward
+  low-rank tokens T_i = A_i B_i                             -> Reins.get_tokens
+  linking tokens to instances (queries)                     -> Reins.link_queries
+  Mask2Former head with the linked queries                  -> ReinMask2FormerHead
+  frozen VFM, features after blocks [7, 11, 15, 23]         -> ReinsBackbone, ReinSegmentor
+  training recipe                                           -> param_groups, lr_at, train
+  sliding-window evaluation                                 -> slide_segment, evaluate
+  official weights (Appendix B)                             -> load_vfm_weights, load_official_rein
+
 Launch:
   python rein.py --source gta --data ./data                          (1 GPU: the headline run,
         GTA5 -> Cityscapes/BDD/Mapillary, 40k iterations, batch 4, crop 512, fp32)
   torchrun --nproc_per_node 4 rein.py --source gta --data ./data     (DDP; global batch stays 4)
   torchrun --nproc_per_node 4 rein.py --recipe citys2acdc --data ./data
         (Cityscapes -> ACDC: crop 1024, lr 6e-5, 10k-iteration warm-up, global batch 8)
-  python rein.py --source toy --pretrained none                      (CPU smoke run, minutes)
+  python rein.py --source toy --pretrained none                      (CPU toy run, ~1 minute)
   python rein.py --bench                                             (benchmarks, JSON lines)
 Weights (nothing is downloaded; put the files in ./checkpoints or pass paths):
-  --pretrained auto   = checkpoints/dinov2_vitl14_pretrain.pth (facebookresearch/dinov2) for
-                        --backbone dinov2_l (the file named in VFM_SIZES for the others); the
-                        original (patch 14) or Rein-converted (patch 16) file, resampled here.
-  Evaluate a released Rein checkpoint (backbone.reins.* + decode_head.*, mmdet names):
+  --pretrained auto = checkpoints/dinov2_vitl14_pretrain.pth (facebookresearch/dinov2) for
+  --backbone dinov2_l (the file named in VFM_SIZES for the others), original (patch 14) or
+  Rein-converted (patch 16), resampled here. A released Rein checkpoint (backbone.reins.* +
+  decode_head.*, mmdet names) is evaluated with
   python rein.py --eval-only --official-ckpt checkpoints/iter_40000_published.pth --data ./data
-        prints per-target mIoU; the README gives Cityscapes 66.7 and BDD 60.0 for this file.
 
-Paper -> code map (the paper's section numbers are [unverified]; the code is the reference):
-  frozen VFM, features after blocks [7, 11, 15, 23], fixed rescaling -> ReinsBackbone
-  Rein layer: token attention, layer-shared MLPs, scale              -> Reins.forward
-  low-rank tokens T_i = A_i B_i                                      -> Reins.get_tokens
-  linking tokens to instances (queries)                              -> Reins.link_queries
-  Mask2Former head with the linked queries                           -> ReinMask2FormerHead
-  training recipe                                                    -> param_groups, lr_at, train
-  sliding-window evaluation                                          -> slide_segment, evaluate
-  official weights                                                   -> load_vfm_weights,
-                                                                        load_official_rein
-
-Deviations from the official code (numbered; `DEVIATION:` in the code):
+Deviations from the official code (`DEVIATION n:` in the code):
   1. timm's VisionTransformer / Eva replace the official DINOv2 / EVA-02 copies: same layers,
      weights loaded through an explicit key map; attention is PyTorch SDPA (official: xFormers
      memory-efficient attention when installed) - the same function, other kernels.
@@ -52,10 +50,9 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
   4. Resizes (train RandomChoiceResize and the eval Resize) use bilinear interpolation without
      antialiasing and nearest labels, as cv2 does (mmcv imresize); OpenCV's fixed-point rounding
      may differ by one grey level.
-  5. PhotoMetricDistortion reimplemented in torch with OpenCV's 8-bit HSV formulas (fixed-point
-     RGB->HSV, float HSV->RGB truncated, checked against opencv-python 4.8 values; float ties
-     may differ by one grey level); random draws from the loader's per-sample torch.Generator
-     (official: numpy's global RNG, not reproducible).
+  5. PhotoMetricDistortion in torch with OpenCV's 8-bit HSV formulas (common.rgb_to_hsv_cv2;
+     float ties may differ by one grey level); random draws from the loader's per-sample
+     torch.Generator (official: numpy's global RNG, not reproducible).
   6. Sliding window: the windows of one image run as one batch (same result: no cross-sample
      interaction in eval mode). A window whose side is not a multiple of the patch size (only
      when an image is smaller than the crop, which the official per-target resizes never
@@ -66,11 +63,9 @@ Deviations from the official code (numbered; `DEVIATION:` in the code):
      frozen backbone is rebuilt from --pretrained and checked against a fingerprint on resume.
   9. Evaluation during training restores the RNG state afterwards, so evaluating does not change
      the training run (official: evaluation advances the global RNG).
- 10. The poly schedule follows mmengine exactly: lr(t) = lr0 (1 - t/(T-1))^0.9, T = iterations
-     after the warm-up, and the warm-up factor runs from 1e-6 to 1 over its W-1 steps.
- 11. --seed defaults to 0 like every script here (official randomness.seed 42); out/last.pt is
-     written at each evaluation and at the end (official: every 4000 iterations, keep 3).
- 12. GTA5 + SYNTHIA joint training (README: 68.1 on Cityscapes) is not offered: one --source.
+ 10. --seed defaults to 0 like every script here (official randomness.seed 42); out/last.pt is
+     written before each evaluation and at the end (official: every 4000 iterations, keep 3).
+ 11. GTA5 + SYNTHIA joint training (README: 68.1 on Cityscapes) is not offered: one --source.
 """
 
 from __future__ import annotations
@@ -80,7 +75,6 @@ import json
 import math
 import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -91,329 +85,37 @@ from torch import nn
 
 import common
 
-# ================================================================================================
-# CLI: the shared block with Rein's official defaults, then Rein's own flags
-# ================================================================================================
-
-# Recipes of the two official configs; `--recipe` swaps these defaults (explicit flags win).
-RECIPES = {
-    # [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py, configs/_base_/datasets/
-    # dg_gta_512x512.py, configs/_base_/models/rein_dinov2_mask2former.py]
-    "gta512": dict(source="gta", targets="cityscapes,bdd,mapillary", crop=512, batch_size=4,
-                   lr=1e-4, warmup_iters=0, find_unused=False),
-    # [C configs/dinov2/rein_dinov2_mask2former_1024x1024_bs4x2.py, dg_citys2acdc_1024x1024.py]
-    "citys2acdc": dict(source="cityscapes",
-                       targets="acdc-fog,acdc-night,acdc-rain,acdc-snow,cityscapes", crop=1024,
-                       batch_size=8, lr=6e-5, warmup_iters=10000, find_unused=True),
-}  # fmt: skip
-
-# Toy defaults (CPU, minutes): the smallest DINOv2 (ViT-S), because ViT-L cannot train on a CPU
-# in minutes; crop 64 and 256 points (a 64 crop's mask has 16x16 pixels); whole-image inference
-# on the 256x128 toy images (a 64 crop would need 18 windows each). lr 5e-4: Rein's 100 queries
-# start nearly identical (tiny tokens A·B behind shared linear layers), and with 250 steps of
-# batch 2 the paper's 1e-4 does not separate them before the end (measured: ~3 mIoU vs ~30).
-# One CPU thread: the toy's many small ops ran 10-30x slower with 2 threads on a 2-core machine
-# that had any other load. Any flag written on the command line wins.
-TOY_DEFAULTS = dict(
-    backbone="dinov2_s",
-    crop=64,
-    batch_size=2,
-    iters=250,
-    lr=5e-4,
-    eval_every=0,
-    workers=0,
-    targets=",".join(common.TOY_TARGETS),
-    log_every=10,
-    num_points=256,
-    inference="whole",
-    cpu_threads=1,
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    gta = RECIPES["gta512"]
-    common.add_shared_flags(
-        parser, source=gta["source"], targets=gta["targets"], iters=40000,
-        batch_size=gta["batch_size"], crop=gta["crop"], amp=False, pretrained="auto",
-        eval_every=10000, workers=2,
-        cite={
-            "source": "official: GTA5 [C dg_gta_512x512.py]; toy selects ViT-S (ViT-L cannot "
-                      "train on a CPU in minutes), crop 64, batch 2, 250 iterations, lr 5e-4, "
-                      "256 points, whole-image inference, no workers, 1 CPU thread, "
-                      "evaluation at the end",
-            "iters": "official: 40000 [C rein_dinov2_mask2former_512x512_bs1x4.py]",
-            "batch_size": "official: 4 on one GPU [C ..._512x512_bs1x4.py]",
-            "crop": "official: 512; must be a multiple of the patch size 16 [C configs]",
-            "amp": "official: fp32 OptimWrapper; tools/train.py --amp is optional [C]",
-            "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>",
-            "eval_every": "official: val_interval 10000 [C configs]",
-        },
-    )  # fmt: skip
-    g = parser.add_argument_group("rein")
-    g.add_argument(
-        "--recipe",
-        choices=list(RECIPES),
-        default="gta512",
-        help="official recipe whose defaults to use: gta512 (GTA5 -> C/B/M, crop 512) "
-        "or citys2acdc (Cityscapes -> ACDC, crop 1024, lr 6e-5, 10k warm-up, "
-        "batch 8) (default gta512)",
-    )
-    g.add_argument(
-        "--backbone",
-        choices=list(VFM_SIZES),
-        default="dinov2_l",
-        help="frozen VFM: dinov2_s/b/l/g (DINOv2 ViT-S/B/L/G), eva02_l (EVA02-L), "
-        "test (tiny, tests only) (default dinov2_l [C rein_dinov2_mask2former.py])",
-    )
-    g.add_argument(
-        "--rein-tokens",
-        type=int,
-        default=REIN_TOKEN_LENGTH,
-        help=f"tokens per layer = queries (default {REIN_TOKEN_LENGTH} [C configs])",
-    )
-    g.add_argument(
-        "--rein-rank",
-        type=int,
-        default=REIN_LORA_DIM,
-        help=f"rank r of T_i = A_i B_i (default {REIN_LORA_DIM} [C configs: lora_dim])",
-    )
-    g.add_argument(
-        "--full-rank",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="full-rank tokens T_i (official class Reins) instead of A_i B_i "
-        "(default False: the headline LoRAReins)",
-    )
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=gta["lr"],
-        help="AdamW learning rate (default 1e-4; citys2acdc 6e-5 [C configs])",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=WEIGHT_DECAY,
-        help=f"AdamW weight decay (default {WEIGHT_DECAY} [C configs])",
-    )
-    g.add_argument(
-        "--warmup-iters",
-        type=int,
-        default=gta["warmup_iters"],
-        help="linear warm-up iterations from lr x 1e-6 (default 0; citys2acdc 10000 [C configs])",
-    )
-    g.add_argument(
-        "--stride",
-        type=int,
-        default=None,
-        help="sliding-window stride (default round(2/3 crop): 341 for 512, 683 for "
-        "1024 [C configs test_cfg])",
-    )
-    g.add_argument(
-        "--inference",
-        choices=["slide", "whole"],
-        default="slide",
-        help="slide (official, windows of --crop) or whole image (default slide)",
-    )
-    g.add_argument(
-        "--official-ckpt",
-        default=None,
-        help="load a released Rein checkpoint (backbone.reins.* + decode_head.*, "
-        "mmdet names; optionally backbone.* DINOv2 keys) before training/eval",
-    )
-    g.add_argument(
-        "--mapillary-map",
-        choices=["rein", "hrda"],
-        default="rein",
-        help="Mapillary 66->19 table (default rein [C mapillary2cityscape.py])",
-    )
-    g.add_argument(
-        "--num-points",
-        type=int,
-        default=MASK_POINTS,
-        help=f"points per mask for the matcher and the mask losses (default "
-        f"{MASK_POINTS} [C configs train_cfg.num_points]; toy 256)",
-    )
-    g.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=0,
-        help="intra-op CPU threads; 0 = PyTorch's default (default 0; toy 1)",
-    )
-    g.add_argument(
-        "--log-every",
-        type=int,
-        default=50,
-        help="log the losses every N iterations (default 50 [C default_runtime.py])",
-    )
-    return parser
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # --recipe citys2acdc replaces the GTA defaults (flags written explicitly win), then toy.
-    given = common.explicit_flags(parser, sys.argv[1:] if argv is None else argv)
-    recipe = RECIPES[args.recipe]
-    for name in ("source", "targets", "crop", "batch_size", "lr", "warmup_iters"):
-        if name not in given:
-            setattr(args, name, recipe[name])
-    args.find_unused = recipe["find_unused"]
-    common.apply_toy_defaults(parser, args, argv, **TOY_DEFAULTS)
-    if args.stride is None:
-        args.stride = round(2 * args.crop / 3)
-    return args
-
-
-# ================================================================================================
-# 1. The frozen vision foundation model [C rein/models/backbones/dino_v2.py, reins_dinov2.py]
-# ================================================================================================
-
-# Every Rein config changes the VFM's patch size to 16 [C configs/_base_/models/*.py; spec §2].
-PATCH_SIZE = 16
-
-# A literal table of the VFM sizes. out_indices: blocks whose outputs feed the head.
-VFM_SIZES: dict[str, dict] = {
-    "dinov2_s": dict(family="dinov2", embed_dim=384, depth=12, num_heads=6, swiglu=False,
-                     out_indices=(3, 5, 8, 11), weights="dinov2_vits14_pretrain.pth"),
-    "dinov2_b": dict(family="dinov2", embed_dim=768, depth=12, num_heads=12, swiglu=False,
-                     out_indices=(3, 5, 8, 11), weights="dinov2_vitb14_pretrain.pth"),
-    # [C configs/_base_/models/rein_dinov2_mask2former.py]
-    "dinov2_l": dict(family="dinov2", embed_dim=1024, depth=24, num_heads=16, swiglu=False,
-                     out_indices=(7, 11, 15, 23), weights="dinov2_vitl14_pretrain.pth"),
-    "dinov2_g": dict(family="dinov2", embed_dim=1536, depth=40, num_heads=24, swiglu=True,
-                     out_indices=(9, 19, 29, 39), weights="dinov2_vitg14_pretrain.pth"),
-    # [C configs/_base_/models/rein_eva02-L_mask2former.py]
-    "eva02_l": dict(family="eva02", embed_dim=1024, depth=24, num_heads=16, swiglu=True,
-                    out_indices=(7, 11, 15, 23), weights="eva02_L_pt_m38m_p14.pt"),
-    # tiny random-init model for tests
-    "test": dict(family="dinov2", embed_dim=32, depth=4, num_heads=2, swiglu=False,
-                 out_indices=(0, 1, 2, 3), weights=None),
-}  # fmt: skip
-DINOV2_LAYER_SCALE_INIT = 1e-5  # [C dino_v2 configs: init_values]
-EVA02_REF_GRID = 16  # RoPE reference grid, 224/14 [C rein_eva02-L_mask2former.py: pt_hw_seq_len]
-# Feature rescaling after the four out_indices: strides 16 -> 4, 8, 16, 32 [C dino_v2.py::forward]
-PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
-
-
-def build_vfm(size: str, img_size: int) -> nn.Module:
-    """The frozen VFM as a timm model with patch 16 (weights come later from load_vfm_weights)."""
-    from timm.layers import SwiGLUPacked
-    from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
-
-    cfg = VFM_SIZES[size]
-    if cfg["family"] == "eva02":
-        # DEVIATION 2: timm's EVA02-L layout [timm eva.py::eva02_large_patch14_224] at patch 16.
-        return Eva(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
-                   depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4 * 2 / 3,
-                   qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
-                   ref_feat_shape=(EVA02_REF_GRID, EVA02_REF_GRID), num_classes=0,
-                   dynamic_img_size=True)  # fmt: skip
-    if cfg["swiglu"]:
-        # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
-        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE,
-                                 embed_dim=cfg["embed_dim"], depth=cfg["depth"],
-                                 num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
-                                 mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, qkv_bias=True,
-                                 init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
-                                 dynamic_img_size=True)  # fmt: skip
-    return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
-                             depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4.0,
-                             qkv_bias=True, init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
-                             dynamic_img_size=True)  # fmt: skip
-
-
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """DINOv2's run-time rule: the stored square grid is used as is when the token grid is the same
-    square; otherwise bicubic with scale factors (h + 0.1)/g0, (w + 0.1)/g0 (the +0.1 avoids a
-    floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding].
-    pos_embed (1, 1+g0², C)."""
-    n = pos_embed.shape[1] - 1
-    h, w = grid_hw
-    if n == h * w and h == w:
-        return pos_embed
-    g0 = int(math.sqrt(n))
-    c = pos_embed.shape[-1]
-    patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
-    patch = F.interpolate(patch, scale_factor=((h + 0.1) / g0, (w + 0.1) / g0), mode="bicubic",
-                          align_corners=False)  # fmt: skip
-    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, c)  # (1, h·w, C)
-    return torch.cat([pos_embed[:, :1], patch.to(pos_embed.dtype)], dim=1)
-
-
-class ReinsBackbone(nn.Module):
-    """Frozen VFM with a Rein layer after every block; returns the 4-level pyramid and the queries.
-
-    [C reins_dinov2.py::ReinsDinoVisionTransformer.forward_features, dino_v2.py::forward]:
-    tokens -> for each block i: x = block_i(x); x = Rein_i(x); keep x after the out_indices
-    blocks (patch tokens only, no final norm), reshape to (B, C, H/16, W/16) and rescale
-    bilinearly by x4, x2, x1, x0.5 -> strides 4, 8, 16, 32. No learned neck.
-    """
-
-    def __init__(self, size: str, img_size: int, reins: Reins) -> None:
-        super().__init__()
-        cfg = VFM_SIZES[size]
-        self.is_eva = cfg["family"] == "eva02"
-        self.out_indices = tuple(cfg["out_indices"])
-        self.embed_dim = cfg["embed_dim"]
-        self.vfm = build_vfm(size, img_size)
-        self.reins = reins
-        # Frozen: every VFM parameter, in eval mode [C utils.py::set_requires_grad, set_train]
-        self.vfm.requires_grad_(False)
-        self.vfm.eval()
-
-    def train(self, mode: bool = True) -> ReinsBackbone:
-        """Only the Rein module follows train(); the VFM stays in eval mode (trap 10)."""
-        super().train(mode)
-        self.vfm.eval()
-        return self
-
-    def embed(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
-        """images (B, 3, H, W), H and W multiples of 16 -> tokens (B, 1+N, C) with the class token
-        first and position embeddings added, the grid (h, w), the RoPE table (EVA02) or None."""
-        x = self.vfm.patch_embed(images)  # (B, h, w, C)
-        b, h, w, c = x.shape
-        x = x.reshape(b, h * w, c)  # (B, N, C)
-        x = torch.cat([self.vfm.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1+N, C)
-        x = x + interpolate_pos_embed(self.vfm.pos_embed, (h, w))
-        rope = self.vfm.rope.get_embed(shape=(h, w)) if self.is_eva else None
-        return x, (h, w), rope
-
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """images (B, 3, H, W) normalised -> ([4 maps (B, C, H/4..H/32, ...)], queries (M, 256))."""
-        x, (h, w), rope = self.embed(images)
-        b = x.shape[0]
-        features = []
-        for i, block in enumerate(self.vfm.blocks):
-            x = block(x, rope=rope) if self.is_eva else block(x)
-            # [C reins_dinov2.py] trap 5: the Rein delta follows EVERY block, the last included
-            x = self.reins(x, i)
-            if i in self.out_indices:
-                # trap 2: block outputs before the VFM's final norm
-                features.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
-        features = [
-            f
-            if s == 1.0
-            else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
-            for f, s in zip(features, PYRAMID_SCALES)
-        ]  # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
-        return features, self.reins.link_queries()
-
-
-# ================================================================================================
-# 2. Rein: learnable tokens refining every layer's features [C rein/models/backbones/reins.py]
-# ================================================================================================
-
+# The Rein layer [C configs/_base_/models/rein_dinov2_mask2former.py, reins.py::Reins.__init__]
+PATCH_SIZE = 16  # every Rein config changes the VFM's patch size to 16 [C configs/_base_/models]
 REIN_TOKEN_LENGTH = 100  # m tokens per layer [C configs: token_length]
 REIN_LORA_DIM = 16  # rank r [C configs: lora_dim]
 REIN_SCALE_INIT = 1e-3  # [C reins.py: scale_init]
 REIN_QUERY_DIMS = 256  # Mask2Former hidden size [C reins.py: query_dims]
+# Optimisation [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py: optim_wrapper]
+WEIGHT_DECAY = 0.05  # [C configs: AdamW weight_decay]
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+POLY_POWER = 0.9  # [C configs: PolyLR power, eta_min 0]
+WARMUP_START_FACTOR = 1e-6  # [C 1024 config: LinearLR start_factor]
+# [C configs: paramwise_cfg.custom_keys] substrings of the official names with decay_mult 0
+# (all lr_mult 1); norm layers also get decay 0 through norm_decay_mult=0.
+NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "reins.scale")
+MASK_POINTS = 12544  # [C configs: train_cfg.num_points]
+# Training pipeline [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py: train_pipeline]
+SCALE_STEPS = range(5, 21)  # RandomChoiceResize short sides int(crop · x · 0.1), x = 5..20
+MAX_LONG_FACTOR = 4  # long side <= 4·crop: max_size 2048 for crop 512, 4096 for crop 1024
+CAT_MAX_RATIO = 0.75  # [C configs: RandomCrop cat_max_ratio]
+FLIP_PROB = 0.5
+PMD_BRIGHTNESS_DELTA = 32  # [C mmseg transforms.py::PhotoMetricDistortion defaults]
+PMD_CONTRAST_RANGE = (0.5, 1.5)
+PMD_SATURATION_RANGE = (0.5, 1.5)
+PMD_HUE_DELTA = 18
+
+
+# =============================================================================================
+# 1. The method
+# =============================================================================================
+# The Rein layer, then its tokens linked to Mask2Former's queries [C reins.py, rein_mask2former.py]
 
 
 class Reins(nn.Module):
@@ -461,6 +163,7 @@ class Reins(nn.Module):
         """T_i (m, C) of one layer, or all layers (L, m, C) when layer is None."""
         if self.lora_dim is None:
             return self.learnable_tokens if layer is None else self.learnable_tokens[layer]
+        # [C reins.py::LoRAReins.get_tokens] T_i = A_i B_i
         if layer is None:
             return self.learnable_tokens_a @ self.learnable_tokens_b  # (L, m, C)
         return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]  # (m, C)
@@ -469,20 +172,23 @@ class Reins(nn.Module):
         """x (B, 1+N, C) after block `layer`, class token first -> same shape."""
         cls_token, f = x[:, :1], x[:, 1:]  # (B, 1, C), (B, N, C)
         tokens = self.get_tokens(layer)  # (m, C)
-        # S_i = Softmax(f T_i^T / sqrt(C)) over the m tokens
+        # [C reins.py::forward_delta_feat] S_i = Softmax(f T_i^T / sqrt(C)) over the m tokens
         attn = torch.softmax(f @ tokens.t() * self.embed_dims**-0.5, dim=-1)  # (B, N, m)
-        # trap 3: token 0 is in the softmax's normaliser but contributes no value
+        # Δ = S_i[:, 1:] · MLP_token(T_i[1:]): token 0 is in the softmax's normaliser but
+        # contributes no value [C reins.py::forward_delta_feat]
         delta = attn[..., 1:] @ self.mlp_token2feat(tokens[1:])  # (B, N, C)
-        # trap 4: the residual f goes inside the second MLP, then scale·Δ is added outside
+        # Δ = MLP_delta(Δ + f): the residual f goes inside the second MLP [C forward_delta_feat]
         delta = self.mlp_delta_f(delta + f)
+        # f' = f + s · Δ, class token unchanged [C reins.py::Reins.forward]
         return torch.cat([cls_token, f + self.scale * delta], dim=1)
 
     def link_queries(self) -> torch.Tensor:
-        """Queries (m, 256) from the tokens of all layers, independent of the image:
-        Q_i = transform(T_i); Q = merge([max_i Q_i, mean_i Q_i, Q_L]) [C reins.py::return_auto]."""
+        """Queries (m, 256) from the tokens of all layers, independent of the image."""
+        # [C reins.py::return_auto] Q_i = transform(T_i)
         q = self.transform(self.get_tokens()).permute(1, 2, 0)  # (m, 256, L)
+        # Q = merge([max_i Q_i, mean_i Q_i, Q_L]), channel-major like the code
         pooled = torch.stack([q.amax(-1), q.mean(-1), q[..., -1]], dim=-1)  # (m, 256, 3)
-        return self.merge(pooled.flatten(1))  # (m, 768) -> (m, 256), channel-major like the code
+        return self.merge(pooled.flatten(1))  # (m, 768) -> (m, 256)
 
 
 def rein_parameter_counts(reins: Reins) -> dict[str, int]:
@@ -492,9 +198,885 @@ def rein_parameter_counts(reins: Reins) -> dict[str, int]:
     return {"rein": total - link, "linking": link, "rein_with_linking": total}
 
 
-# ================================================================================================
-# 3. Mask2Former (declared copy, identical in clouds.py; do not edit between the markers)
-# ================================================================================================
+class ReinMask2FormerHead(nn.Module):
+    """Mask2Former (Appendix A) whose learned query embeddings are deleted; the Rein queries Q
+    (m, 256) take their place [C rein_mask2former.py::ReinMask2FormerHead.forward]. Inits as
+    mmdet: xavier_normal for the transformer layers [C mmdet mask2former_head.py]."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = common.NUM_CLASSES,
+        num_queries: int = REIN_TOKEN_LENGTH,
+    ) -> None:
+        super().__init__()
+        self.m2f = Mask2FormerHead(
+            in_channels, num_classes, num_queries, learned_queries=False, init="xavier_normal"
+        )
+        self.querys2feat = nn.Linear(REIN_QUERY_DIMS, REIN_QUERY_DIMS)
+
+    def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor) -> dict:
+        q = queries[None].expand(features[0].shape[0], -1, -1)  # (B, m, 256)
+        # [C rein_mask2former.py::forward] query_feat = querys2feat(Q), query_pos = Q
+        return self.m2f(features, query_feat=self.querys2feat(q), query_pos=q)
+
+
+# =============================================================================================
+# 2. Model
+# =============================================================================================
+# The frozen VFM with a Rein layer after every block, the segmentor [C dino_v2.py, reins_dinov2.py]
+
+# A literal table of the VFM sizes. out_indices: blocks whose outputs feed the head.
+# DEVIATION 3: the out_indices of ViT-S/B/G are [unverified].
+VFM_SIZES: dict[str, dict] = {
+    "dinov2_s": dict(family="dinov2", embed_dim=384, depth=12, num_heads=6, swiglu=False,
+                     out_indices=(3, 5, 8, 11), weights="dinov2_vits14_pretrain.pth"),
+    "dinov2_b": dict(family="dinov2", embed_dim=768, depth=12, num_heads=12, swiglu=False,
+                     out_indices=(3, 5, 8, 11), weights="dinov2_vitb14_pretrain.pth"),
+    # [C configs/_base_/models/rein_dinov2_mask2former.py]
+    "dinov2_l": dict(family="dinov2", embed_dim=1024, depth=24, num_heads=16, swiglu=False,
+                     out_indices=(7, 11, 15, 23), weights="dinov2_vitl14_pretrain.pth"),
+    "dinov2_g": dict(family="dinov2", embed_dim=1536, depth=40, num_heads=24, swiglu=True,
+                     out_indices=(9, 19, 29, 39), weights="dinov2_vitg14_pretrain.pth"),
+    # [C configs/_base_/models/rein_eva02-L_mask2former.py]
+    "eva02_l": dict(family="eva02", embed_dim=1024, depth=24, num_heads=16, swiglu=True,
+                    out_indices=(7, 11, 15, 23), weights="eva02_L_pt_m38m_p14.pt"),
+    # tiny random-init model for tests
+    "test": dict(family="dinov2", embed_dim=32, depth=4, num_heads=2, swiglu=False,
+                 out_indices=(0, 1, 2, 3), weights=None),
+}  # fmt: skip
+DINOV2_LAYER_SCALE_INIT = 1e-5  # [C dino_v2 configs: init_values]
+EVA02_REF_GRID = 16  # RoPE reference grid, 224/14 [C rein_eva02-L_mask2former.py: pt_hw_seq_len]
+# Feature rescaling after the four out_indices: strides 16 -> 4, 8, 16, 32 [C dino_v2.py::forward]
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
+
+
+def build_vfm(size: str, img_size: int) -> nn.Module:
+    """The frozen VFM as a timm model with patch 16 (weights come later from load_vfm_weights).
+    DEVIATION 1: timm's VisionTransformer / Eva instead of the official DINOv2 / EVA-02 copies."""
+    from timm.layers import SwiGLUPacked
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = VFM_SIZES[size]
+    if cfg["family"] == "eva02":
+        # DEVIATION 2: timm's EVA02-L layout [timm eva.py::eva02_large_patch14_224] at patch 16.
+        return Eva(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                   depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4 * 2 / 3,
+                   qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                   ref_feat_shape=(EVA02_REF_GRID, EVA02_REF_GRID), num_classes=0,
+                   dynamic_img_size=True)  # fmt: skip
+    if cfg["swiglu"]:
+        # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
+        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE,
+                                 embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                                 num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
+                                 mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, qkv_bias=True,
+                                 init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
+                                 dynamic_img_size=True)  # fmt: skip
+    return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                             depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4.0,
+                             qkv_bias=True, init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
+                             dynamic_img_size=True)  # fmt: skip
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """DINOv2's run-time rule: the stored square grid is used as is when the token grid is the same
+    square; otherwise bicubic with scale factors (h + 0.1)/g0, (w + 0.1)/g0 (the +0.1 avoids a
+    floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding]. DEVIATION 7: EVA02 too.
+    pos_embed (1, 1+g0², C)."""
+    n = pos_embed.shape[1] - 1
+    h, w = grid_hw
+    if n == h * w and h == w:
+        return pos_embed
+    g0 = int(math.sqrt(n))
+    c = pos_embed.shape[-1]
+    patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+    patch = F.interpolate(patch, scale_factor=((h + 0.1) / g0, (w + 0.1) / g0), mode="bicubic",
+                          align_corners=False)  # fmt: skip
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, c)  # (1, h·w, C)
+    return torch.cat([pos_embed[:, :1], patch.to(pos_embed.dtype)], dim=1)
+
+
+class ReinsBackbone(nn.Module):
+    """Frozen VFM with a Rein layer after every block; returns the 4-level pyramid and the queries.
+
+    [C reins_dinov2.py::ReinsDinoVisionTransformer.forward_features, dino_v2.py::forward]:
+    tokens -> for each block i: x = block_i(x); x = Rein_i(x); keep x after the out_indices
+    blocks (patch tokens only, no final norm), reshape to (B, C, H/16, W/16) and rescale
+    bilinearly by x4, x2, x1, x0.5 -> strides 4, 8, 16, 32. No learned neck.
+    """
+
+    def __init__(self, size: str, img_size: int, reins: Reins) -> None:
+        super().__init__()
+        cfg = VFM_SIZES[size]
+        self.is_eva = cfg["family"] == "eva02"
+        self.out_indices = tuple(cfg["out_indices"])
+        self.embed_dim = cfg["embed_dim"]
+        self.vfm = build_vfm(size, img_size)
+        self.reins = reins
+        # Frozen: every VFM parameter, in eval mode [C utils.py::set_requires_grad, set_train]
+        self.vfm.requires_grad_(False)
+        self.vfm.eval()
+
+    def train(self, mode: bool = True) -> ReinsBackbone:
+        """Only the Rein module follows train(); the VFM stays in eval mode [C reins_dinov2.py::
+        ReinsDinoVisionTransformer.train]."""
+        super().train(mode)
+        self.vfm.eval()
+        return self
+
+    def embed(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+        """images (B, 3, H, W), H and W multiples of 16 -> tokens (B, 1+N, C) with the class token
+        first and position embeddings added, the grid (h, w), the RoPE table (EVA02) or None."""
+        x = self.vfm.patch_embed(images)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)  # (B, N, C)
+        x = torch.cat([self.vfm.cls_token.expand(b, -1, -1), x], dim=1)  # (B, 1+N, C)
+        x = x + interpolate_pos_embed(self.vfm.pos_embed, (h, w))
+        rope = self.vfm.rope.get_embed(shape=(h, w)) if self.is_eva else None
+        return x, (h, w), rope
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """images (B, 3, H, W) normalised -> ([4 maps (B, C, H/4..H/32, ...)], queries (M, 256))."""
+        x, (h, w), rope = self.embed(images)
+        b = x.shape[0]
+        features = []
+        for i, block in enumerate(self.vfm.blocks):
+            x = block(x, rope=rope) if self.is_eva else block(x)
+            # the Rein delta follows EVERY block, the last included [C reins_dinov2.py::
+            # forward_features]
+            x = self.reins(x, i)
+            if i in self.out_indices:
+                # block outputs before the VFM's final norm [C dino_v2.py::forward]
+                features.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
+        features = [
+            f
+            if s == 1.0
+            else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
+            for f, s in zip(features, PYRAMID_SCALES)
+        ]  # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
+        return features, self.reins.link_queries()
+
+
+class ReinSegmentor(nn.Module):
+    """Frozen VFM + Rein -> (pyramid, queries) -> Mask2Former. The module names follow the
+    official ones (backbone.reins.*, decode_head.*) so the key map stays short."""
+
+    def __init__(
+        self,
+        backbone: str = "dinov2_l",
+        img_size: int = 512,
+        token_length: int = REIN_TOKEN_LENGTH,
+        lora_dim: int | None = REIN_LORA_DIM,
+        num_classes: int = common.NUM_CLASSES,
+    ) -> None:
+        super().__init__()
+        cfg = VFM_SIZES[backbone]
+        reins = Reins(cfg["depth"], cfg["embed_dim"], PATCH_SIZE, token_length, lora_dim)
+        self.backbone = ReinsBackbone(backbone, img_size, reins)
+        self.decode_head = ReinMask2FormerHead([cfg["embed_dim"]] * 4, num_classes, token_length)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, 3, H, W) normalised, H and W multiples of 16 -> Mask2Former outputs."""
+        features, queries = self.backbone(images)
+        return self.decode_head(features, queries)
+
+
+@torch.no_grad()
+def segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class scores (B, K, H, W) of normalised images: mask logits upsampled to the input size,
+    then Σ_q softmax(class_q)[:K] · sigmoid(mask_q) [C mmseg mask2former_head.py::predict].
+    DEVIATION 6: sides that are not multiples of 16 are zero-padded and the scores cropped."""
+    h, w = images.shape[-2:]
+    ph, pw = -h % PATCH_SIZE, -w % PATCH_SIZE
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    out = model(images)
+    masks = F.interpolate(out["pred_masks"].float(), size=images.shape[-2:], mode="bilinear",
+                          align_corners=False)  # fmt: skip
+    return semantic_inference(out["pred_logits"].float(), masks)[..., :h, :w]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors only (Rein + head); DEVIATION 8: the frozen VFM is rebuilt from
+    --pretrained (the official checkpoints hold the same subset [C reins_dinov2.py::state_dict])."""
+    model = common.unwrap(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def frozen_fingerprint(model: nn.Module) -> float:
+    """A cheap checksum of the frozen VFM, stored in checkpoints to catch a resume with other
+    --pretrained / --backbone weights."""
+    vfm = common.unwrap(model).backbone.vfm
+    return float(sum(p.double().abs().sum() for p in vfm.parameters()))
+
+
+def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
+    total, trainable = common.count_parameters(model)
+    rein = rein_parameter_counts(model.backbone.reins)
+    head = sum(p.numel() for p in model.decode_head.parameters())
+    vfm = sum(p.numel() for p in model.backbone.vfm.parameters())
+    return {"total": total, "trainable": trainable, "frozen_vfm": vfm, "head": head, **rein}
+
+
+def build_model(args: argparse.Namespace) -> ReinSegmentor:
+    """The segmentor with its frozen VFM's weights (--pretrained) and, with --official-ckpt, a
+    released Rein checkpoint. The files are read first, so a missing or unreadable one fails
+    before the model is built. Built from a fixed seed so every process (and a resumed run)
+    starts from the same random init."""
+    path = None
+    if args.pretrained == "auto":
+        if VFM_SIZES[args.backbone]["weights"] is None:
+            raise common.UsageError(
+                f"--backbone {args.backbone} has no official weights; use --pretrained none"
+            )
+        path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
+    elif args.pretrained != "none":
+        path = args.pretrained
+    vfm_state = read_state_dict(path, *vfm_file(args.backbone)) if path else None
+    release = args.official_ckpt
+    release_state = read_state_dict(release, *RELEASE_FILE) if release else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = ReinSegmentor(
+            args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
+        )
+    if path is not None:
+        load_vfm_weights(model, path, args.backbone, args.crop, vfm_state)
+    if release:
+        load_official_rein(model, release, args.backbone, args.crop, release_state)
+    return model
+
+
+# =============================================================================================
+# 3. Data and augmentation
+# =============================================================================================
+# The training split of each source and the official training pipeline [C configs/_base_/datasets]
+
+# GTA5: every images/*.png (mmseg folder scan, 24,966 frames) [C dg_gta_512x512.py]; Cityscapes:
+# the train split [C dg_citys2acdc_1024x1024.py]. Rein ships no SYNTHIA config: the folder scan of
+# its GTA5 config applied to SYNTHIA is every frame (9,400). toy: its GTA5-layout train list.
+# DEVIATION 11: one --source per run (no GTA5 + SYNTHIA joint training).
+SOURCE_SPLITS = {"gta": "train", "cityscapes": "train", "synthia": "all", "toy": "train"}
+
+
+def mmcv_resize(
+    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cv2-style resize (mmcv imresize): bilinear without antialiasing (rounded to uint8), label
+    nearest with OpenCV's floor(dst · scale) rule. DEVIATION 4: OpenCV's fixed-point rounding."""
+    if tuple(image.shape[-2:]) != tuple(size_hw):
+        image = F.interpolate(image[None].float(), size=size_hw, mode="bilinear",
+                              align_corners=False, antialias=False)[0]  # fmt: skip
+        image = image.round().clamp(0, 255).to(torch.uint8)
+        if label is not None:
+            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[
+                0, 0
+            ].long()
+    return image, label
+
+
+def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """mmseg PhotoMetricDistortion on uint8 RGB (3, H, W): brightness ±32, contrast 0.5-1.5 (before
+    or after the HSV ops, at random), saturation 0.5-1.5, hue ±18 (of 180), each with p = 0.5,
+    every step rounding to uint8 [C mmseg/datasets/transforms/transforms.py::PhotoMetricDistortion].
+    DEVIATION 5: draws come from `g`."""
+
+    def coin() -> bool:
+        return bool(torch.randint(2, (), generator=g))
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return common.to_uint8_truncated(x, alpha=uniform(*PMD_CONTRAST_RANGE)) if coin() else x
+
+    x = image
+    if coin():
+        x = common.to_uint8_truncated(x, beta=uniform(-PMD_BRIGHTNESS_DELTA, PMD_BRIGHTNESS_DELTA))
+    contrast_first = coin()
+    if contrast_first:
+        x = contrast(x)
+    if coin():
+        hsv = common.rgb_to_hsv_cv2(x)
+        hsv[1] = common.to_uint8_truncated(hsv[1], alpha=uniform(*PMD_SATURATION_RANGE)).long()
+        x = common.hsv_to_rgb_cv2(hsv)
+    if coin():
+        hsv = common.rgb_to_hsv_cv2(x)
+        # numpy randint(-18, 18): high exclusive
+        shift = int(torch.randint(-PMD_HUE_DELTA, PMD_HUE_DELTA, (), generator=g))
+        hsv[0] = torch.remainder(hsv[0] + shift, common.HSV_HUE_RANGE)
+        x = common.hsv_to_rgb_cv2(hsv)
+    if not contrast_first:
+        x = contrast(x)
+    return x
+
+
+class ReinTrainTransform:
+    """Resize (random short side) -> RandomCrop (cat_max_ratio 0.75) -> flip -> photometric
+    distortion -> ImageNet normalisation -> pad to crop (image 0 after normalisation, label 255),
+    the order of the official pipeline and SegDataPreProcessor [C configs, mmseg
+    data_preprocessor.py]. Returns (float (3, crop, crop), int64 (crop, crop))."""
+
+    def __init__(self, crop: int) -> None:
+        self.crop = crop
+        self.short_sides = [int(crop * x * 0.1) for x in SCALE_STEPS]
+        self.max_long = MAX_LONG_FACTOR * crop
+
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # [C RandomChoiceResize + ResizeShortestEdge(max_size)] a short side from the list
+        short = self.short_sides[int(torch.randint(len(self.short_sides), (), generator=g))]
+        h, w = image.shape[-2:]
+        image, label = mmcv_resize(image, label, common.fit_size(h, w, self.max_long, short))
+        image, label = common.random_crop(image, label, self.crop, g, cat_max_ratio=CAT_MAX_RATIO,
+                                          pad=False)  # fmt: skip
+        image, label = common.random_hflip(image, label, g, p=FLIP_PROB)
+        image = photometric_distortion(image, g)
+        x = common.normalize(image[None], common.IMAGENET_MEAN, common.IMAGENET_STD)[0]
+        # the official preprocessor pads after normalising: padded pixels are 0 = the mean colour
+        return common.pad_pair(x, label, (self.crop, self.crop))
+
+
+def build_source(args: argparse.Namespace) -> torch.utils.data.Dataset:
+    """The training set of --source with the official split and pipeline."""
+    split, transform = SOURCE_SPLITS[args.source], ReinTrainTransform(args.crop)
+    return common.build_dataset(args.source, args.data, split, gta_list="all", transform=transform)
+
+
+# =============================================================================================
+# 4. Training
+# =============================================================================================
+# Loss, parameter groups, schedule, checkpoints, the loop [C tools/train.py with the configs].
+
+MODEL_FLAGS = ("backbone", "rein_tokens", "rein_rank", "full_rank")  # what shapes the model
+# DDP's find_unused_parameters per recipe [C rein_dinov2_mask2former_1024x1024_bs4x2.py]
+FIND_UNUSED = {"gta512": False, "citys2acdc": True}
+
+
+def build_criterion(num_points: int = MASK_POINTS) -> SetCriterion:
+    """[C configs/_base_/models/rein_dinov2_mask2former.py: loss_cls 2.0 with class_weight
+    [1]*19+[0.1], loss_mask 5.0, loss_dice 5.0, 12544 points, oversample 3, importance 0.75;
+    HungarianAssigner ClassificationCost 2, CrossEntropyLossCost 5, DiceCost 5]."""
+    return SetCriterion(num_classes=common.NUM_CLASSES, eos_coef=0.1, weight_ce=2.0,
+                        weight_mask=5.0, weight_dice=5.0, num_points=num_points, oversample=3.0,
+                        importance=0.75)  # fmt: skip
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups, decided on the official parameter names exactly as mmengine's
+    DefaultOptimWrapperConstructor does: a name containing one of NO_DECAY_KEYS, or a parameter of
+    a norm layer, gets no weight decay. Frozen parameters are left out
+    [C PEFTOptimWrapperConstructor].
+    (So the head's level_embed has no decay, the pixel decoder's level_encoding has.)"""
+    model = common.unwrap(model)
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+        for p in m.parameters()
+    }
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        official = official_name(name)
+        if id(p) in norm_params or any(key in official for key in NO_DECAY_KEYS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, args: argparse.Namespace, dist: common.Dist
+) -> torch.optim.AdamW:
+    """AdamW over Rein + head with the official no-decay groups [C configs optim_wrapper]; fused
+    (one kernel for every tensor) on the fast path."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                             betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                             **common.optimizer_options(args, dist, "adamw"))  # fmt: skip
+
+
+def lr_at(iteration: int, base_lr: float, total_iters: int, warmup_iters: int) -> float:
+    """mmengine LinearLR(start 1e-6, end at warm-up) then PolyLR(power 0.9, eta_min 0) in closed
+    form; mmengine counts T = end - begin - 1 steps, so the last iteration gets lr 0
+    [C mmengine param_scheduler.py::LinearParamScheduler, PolyParamScheduler]."""
+    if iteration < warmup_iters:
+        steps = max(warmup_iters - 1, 1)
+        # lr(t) = lr0 (s0 + (1 - s0) t / (W - 1)), s0 = 1e-6
+        return base_lr * (WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * iteration / steps)
+    steps = max(total_iters - warmup_iters - 1, 1)
+    t = min(iteration - warmup_iters, steps)
+    # lr(t) = lr0 (1 - t / (T - 1))^0.9, t counted from the end of the warm-up
+    return base_lr * (1 - t / steps) ** POLY_POWER
+
+
+def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Namespace) -> float:
+    """The scheduled lr on both groups (lr_mult 1 everywhere [C configs: custom_keys])."""
+    lr = lr_at(iteration, args.lr, args.iters, args.warmup_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def predictions(outputs: dict) -> dict[str, torch.Tensor]:
+    """What the matcher will see: the final prediction, and for the 9 auxiliary ones the sum of
+    each (a nan or inf anywhere makes its sum nan or inf)."""
+    aux = [a["pred_logits"].sum(dtype=torch.float32) + a["pred_masks"].sum(dtype=torch.float32)
+           for a in outputs["aux_outputs"]]  # fmt: skip
+    return {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
+            "aux_outputs": torch.stack(aux)}  # fmt: skip
+
+
+def loss_terms(loss: torch.Tensor, losses: dict, model: nn.Module) -> dict[str, float]:
+    """The logged numbers (one device sync): the loss, its three final terms, Rein's scale s."""
+    names = ("loss_ce", "loss_mask", "loss_dice")
+    scale = common.unwrap(model).backbone.reins.scale
+    values = torch.stack([loss, *(losses[k] for k in names), scale]).detach().tolist()
+    return dict(zip(("loss", *names, "scale"), values))
+
+
+def save_checkpoint(
+    args: argparse.Namespace,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """out/last.pt (process 0): the trained tensors, DEVIATION 8: not the frozen VFM, whose
+    fingerprint is kept instead; DEVIATION 10: written before each evaluation and at the end."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    common.save_checkpoint(
+        Path(args.out) / "last.pt",
+        method="rein",
+        iteration=iteration,
+        model_state=trainable_state(model),
+        optimizer=optimizer,
+        scaler=scaler,
+        args=args,
+        extra={
+            "frozen_fingerprint": frozen_fingerprint(model),
+            "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)",
+        },
+    )
+
+
+def check_checkpoint(ckpt: dict, args: argparse.Namespace) -> None:
+    """Before the model is built: --resume was made by a model of the same shape and, to train,
+    has iterations left."""
+    common.check_resume_args(ckpt, args, MODEL_FLAGS)
+    if not args.eval_only and ckpt["iter"] >= args.iters:
+        raise common.UsageError(
+            f"--resume {args.resume} is at iteration {ckpt['iter']} of --iters {args.iters}: "
+            "nothing to train; pass a larger --iters, or --eval-only to evaluate it"
+        )
+
+
+def load_trained(model: nn.Module, ckpt: dict, args: argparse.Namespace) -> None:
+    """The trained tensors of one of our checkpoints (--resume), trained on the same frozen VFM
+    (its fingerprint, DEVIATION 8); only the VFM may be absent."""
+    fp = ckpt.get("frozen_fingerprint")
+    if fp is not None and not math.isclose(fp, frozen_fingerprint(model), rel_tol=1e-9):
+        raise common.CheckpointError(
+            f"--resume {args.resume}: the frozen VFM differs from the one it was trained with; "
+            f"pass the same --pretrained ({ckpt['args'].get('pretrained')}) and --seed"
+        )
+    common.load_state_strict(
+        model,
+        ckpt["model"],
+        args.resume,
+        "use the same --backbone, --rein-tokens, --rein-rank and --full-rank as the run that "
+        "wrote it",
+        may_lack=("backbone.vfm.",),
+    )
+
+
+def train(
+    args: argparse.Namespace,
+    dist: common.Dist,
+    log: common.RunLog,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    loader: common.TrainLoader,
+    targets: dict[str, torch.utils.data.Dataset],
+    start: int,
+    criterion: SetCriterion,
+    autocast_ctx: Callable,
+) -> dict:
+    """Iterations start..--iters; returns the last evaluation's results."""
+    results = {}
+    bar = common.progress(args.iters, start, dist.is_main)
+    for it in range(start, args.iters):
+        # PLUMBING: the next batch; gradients cleared before the forward pass
+        batch = next(loader)
+        optimizer.zero_grad(set_to_none=True)
+        # METHOD: learning rate of this iteration [C configs param_scheduler: PolyLR, LinearLR]
+        lr = set_lr(optimizer, it, args)
+        # METHOD: frozen VFM + Rein -> Mask2Former; every prediction checked before the matcher
+        # sees it; 30 weighted set-prediction loss terms [C rein_mask2former.py, configs]
+        images = batch[0].to(dist.device, non_blocking=True)
+        labels = batch[1].to(dist.device, non_blocking=True)
+        with autocast_ctx():
+            outputs = model(images)
+        common.check_finite_outputs(it + 1, predictions(outputs))
+        losses = criterion(outputs, semantic_to_targets(labels, common.NUM_CLASSES))
+        loss = sum(losses.values())
+        terms = loss_terms(loss, losses, model)
+        # PLUMBING: stop on a non-finite loss, backward, step, log
+        common.check_finite(it + 1, terms)
+        common.backward_and_step(loss, optimizer, scaler)
+        common.log_step(log, bar, it + 1, args, lr, terms)
+        # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
+        if common.eval_due(it + 1, args):
+            save_checkpoint(args, it + 1, model, optimizer, scaler)
+            results = evaluate(model, targets, args, dist)
+            common.report_results(results, it + 1, log)
+    bar.close()
+    return results
+
+
+# =============================================================================================
+# 5. Evaluation
+# =============================================================================================
+# Per-target resize, sliding windows, mIoU [C configs test_cfg, rein/dg_metrics.py::DGIoUMetric]
+
+# Per-target Resize(scale, keep_ratio=True) before sliding; labels stay at their stored size
+# [C configs/_base_/datasets/*.py]. Mapillary uses pre-halved files. The toy targets (256x128,
+# Cityscapes-like) follow Cityscapes: halved with gta512, as 2048x1024 -> 1024x512.
+EVAL_SCALES = {
+    "gta512": {"cityscapes": (1024, 512), "mapillary": (1024, 512), "bdd": (1280, 720),
+               "gta": (1280, 720), "acdc": (960, 540), "synthia": (1280, 760),
+               "toy": (128, 64)},
+    "citys2acdc": {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "bdd": (1280, 720),
+                   "mapillary": (2048, 1024), "gta": (1280, 720), "synthia": (1280, 760),
+                   "toy": (256, 128)},
+}  # fmt: skip
+
+
+class _RescaledTarget(torch.utils.data.Dataset):
+    """A target dataset with the official test-time resize: optional halving (Rein's Mapillary
+    copies: image PIL-bicubic, label nearest [C tools/convert_datasets/mapillary_resize.py]), then
+    mmcv Resize keep_ratio of the image only (cv2 bilinear)."""
+
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None, pre_halve: bool
+    ) -> None:
+        self.dataset, self.scale, self.pre_halve = dataset, scale, pre_halve
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label, name = self.dataset[i]
+        if self.pre_halve:
+            h, w = image.shape[-2:]
+            image, label = common.resize_pair(image, label, (h // 2, w // 2), "bicubic")
+        if self.scale is not None:
+            h, w = image.shape[-2:]
+            image, _ = mmcv_resize(image, None, common.fit_size(h, w, *self.scale))
+        return image, label, name
+
+
+def eval_dataset(target: str, args: argparse.Namespace) -> torch.utils.data.Dataset:
+    """One --targets entry, opened (layout, counts, image/label sizes) with its test resize."""
+    ds = common.build_dataset(target, args.data, "val", mapillary_map=args.mapillary_map)
+    family = target.split("-")[0] if target.startswith(("acdc-", "toy-")) else target
+    return _RescaledTarget(ds, EVAL_SCALES[args.recipe][family], pre_halve=target == "mapillary")
+
+
+def build_targets(args: argparse.Namespace) -> dict[str, torch.utils.data.Dataset]:
+    """Every --targets entry, opened at start: a typo or a missing folder fails before training."""
+    return {target: eval_dataset(target, args) for target in common.parse_targets(args)}
+
+
+@torch.no_grad()
+def slide_segment(
+    model: nn.Module, image: torch.Tensor, crop: int, stride: int, window_batch: int = 8
+) -> torch.Tensor:
+    """Sliding-window scores (B, K, H, W): windows of crop x crop on the mmseg grid
+    (common.slide_windows), summed and divided by the per-pixel window count. DEVIATION 6: the
+    windows of an image run in batches of `window_batch`."""
+    b, _, h, w = image.shape
+    windows = common.slide_windows(h, w, crop, stride)
+    scores = image.new_zeros((b, common.NUM_CLASSES, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for start in range(0, len(windows), window_batch):
+        chunk = windows[start : start + window_batch]
+        crops = torch.cat(
+            [image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk]
+        )  # (n·B, 3, ch, cw)
+        out = segment(model, crops).view(len(chunk), b, common.NUM_CLASSES, *crops.shape[-2:])
+        for (y1, y2, x1, x2), s in zip(chunk, out):
+            scores[:, :, y1:y2, x1:x2] += s
+            count[:, :, y1:y2, x1:x2] += 1
+    return scores / count
+
+
+def make_predictor(
+    model: nn.Module, args: argparse.Namespace, autocast_ctx: Callable
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
+
+    def predict(image: torch.Tensor) -> torch.Tensor:
+        x = common.normalize(image, common.IMAGENET_MEAN, common.IMAGENET_STD)
+        with autocast_ctx():
+            if args.inference == "whole":
+                return segment(model, x)
+            return slide_segment(model, x, args.crop, args.stride)
+
+    return predict
+
+
+def evaluate(
+    model: nn.Module,
+    targets: dict[str, torch.utils.data.Dataset],
+    args: argparse.Namespace,
+    dist: common.Dist,
+) -> dict[str, dict]:
+    """Per target: mIoU (nanmean over the 19 classes, one confusion matrix) and per-class IoU;
+    scores bilinearly resized to the label size, then argmax [C rein/dg_metrics.py::DGIoUMetric].
+    DEVIATION 9: the global random streams are left as they were."""
+    net = common.unwrap(model)
+    was_training = net.training
+    net.eval()
+    autocast_ctx, _ = common.autocast(dist.device, args.amp)
+    predict = make_predictor(net, args, autocast_ctx)
+    results = {}
+    with common.rng_neutral():
+        for name, dataset in targets.items():
+            results[name] = common.evaluate_dataset(
+                predict,
+                dataset,
+                resize=common.EvalResize(),
+                dist=dist,
+                miou_mode="nanmean",
+                workers=args.workers,
+                save_preds=args.save_preds,
+                save_dir=Path(args.out) / "preds" / name,
+                desc=name,
+            )
+    net.train(was_training)
+    return results
+
+
+# =============================================================================================
+# 6. Command line and main
+# =============================================================================================
+
+# Recipes of the two official configs; `--recipe` installs these defaults (flags written win).
+RECIPES = {
+    # [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py, configs/_base_/datasets/
+    # dg_gta_512x512.py, configs/_base_/models/rein_dinov2_mask2former.py]
+    "gta512": dict(source="gta", targets="cityscapes,bdd,mapillary", crop=512, batch_size=4,
+                   lr=1e-4, warmup_iters=0),
+    # [C configs/dinov2/rein_dinov2_mask2former_1024x1024_bs4x2.py, dg_citys2acdc_1024x1024.py]
+    "citys2acdc": dict(source="cityscapes",
+                       targets="acdc-fog,acdc-night,acdc-rain,acdc-snow,cityscapes", crop=1024,
+                       batch_size=8, lr=6e-5, warmup_iters=10000),
+}  # fmt: skip
+
+# Toy defaults (CPU, about a minute on one thread). ViT-S, the smallest DINOv2 (ViT-L cannot
+# train on a CPU in minutes; the 4-block `test` ViT did not learn in 250 steps: ~3 mIoU). A step
+# costs about as much as reading the head's 20M weights, whatever the crop, so the savings are:
+# 50 tokens (= queries; the toy has 8 classes) and crop 48 with 144 points (0.56x the step time
+# of 100 tokens at crop 64), fused AdamW (--fast on: 3x faster optimizer step on a CPU), and the
+# targets evaluated at half size (EVAL_SCALES). lr 5e-4 and 250 steps: Rein's queries start nearly
+# identical (tiny tokens A·B behind shared linear layers) and separate only after ~150 steps;
+# with the paper's 1e-4, or 200-220 steps, they separate late or not at all (3-9 mIoU on some
+# targets). One CPU thread: the toy's many small ops ran 10-30x slower with 2 threads on a
+# 2-core machine that had any other load. Any flag written on the command line wins.
+TOY_DEFAULTS = dict(backbone="dinov2_s", rein_tokens=50, crop=48, num_points=144, batch_size=2,
+                    iters=250, lr=5e-4, fast="on", eval_every=0, workers=0, log_every=10,
+                    targets=",".join(common.TOY_TARGETS), inference="whole",
+                    cpu_threads=1)  # fmt: skip
+
+
+def presets(first: argparse.Namespace) -> dict:
+    """The defaults of --recipe, then the toy settings when --source toy."""
+    table = dict(RECIPES[first.recipe])
+    if first.source == "toy":
+        table.update(TOY_DEFAULTS)
+    return table
+
+
+def default_stride(crop: int) -> int:
+    """2/3 of the crop: 341 for 512, 683 for 1024 [C configs test_cfg stride]."""
+    return round(2 * crop / 3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common.make_parser(__doc__)
+    gta = RECIPES["gta512"]
+    common.add_shared_flags(
+        parser, source=gta["source"], targets=gta["targets"], iters=40000,
+        batch_size=gta["batch_size"], crop=gta["crop"], amp=False, pretrained="auto",
+        eval_every=10000, log_every=50, workers=2,
+        cite={
+            "source": "toy selects ViT-S, 50 tokens, crop 48, 144 points, batch 2, 250 "
+                      "iterations, lr 5e-4, --fast on, whole-image inference, no workers, 1 CPU "
+                      "thread, evaluation at the end (see TOY_DEFAULTS); official: GTA5 "
+                      "[C dg_gta_512x512.py]",
+            "iters": "official: 40000 [C rein_dinov2_mask2former_512x512_bs1x4.py]",
+            "batch_size": "official: 4 on one GPU, citys2acdc 2 x 4 GPUs [C configs]",
+            "crop": "a multiple of the patch size 16; official: 512, citys2acdc 1024 [C configs]",
+            "amp": "official: fp32 OptimWrapper; tools/train.py --amp is optional [C]",
+            "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>",
+            "eval_every": "official: val_interval 10000 [C configs]",
+            "log_every": "official: 50 [C default_runtime.py]",
+            "threads": "toy: 1, its many small ops run slower with more on a loaded CPU",
+        },
+    )  # fmt: skip
+    g = parser.add_argument_group("rein")
+    a = g.add_argument
+    # fmt: off
+    a("--recipe", choices=list(RECIPES), default="gta512",
+      help="official recipe whose defaults to use: gta512 (GTA5 -> C/B/M, crop 512) or citys2acdc "
+      "(Cityscapes -> ACDC, crop 1024, lr 6e-5, 10k warm-up, batch 8) (default %(default)s)")
+    a("--backbone", choices=list(VFM_SIZES), default="dinov2_l",
+      help="frozen VFM: dinov2_s/b/l/g (DINOv2 ViT-S/B/L/G), eva02_l (EVA02-L), test (tiny, "
+      "tests only) (default %(default)s; official: dinov2_l [C rein_dinov2_mask2former.py])")
+    a("--rein-tokens", type=common.positive_int, default=REIN_TOKEN_LENGTH,
+      help="tokens per layer = queries (default %(default)s [C configs: token_length])")
+    a("--rein-rank", type=common.positive_int, default=REIN_LORA_DIM,
+      help="rank r of T_i = A_i B_i (default %(default)s [C configs: lora_dim])")
+    a("--full-rank", action=argparse.BooleanOptionalAction, default=False,
+      help="full-rank tokens T_i (official class Reins) instead of A_i B_i (default %(default)s: "
+      "the headline LoRAReins)")
+    a("--lr", type=common.positive_float, default=gta["lr"],
+      help="AdamW learning rate (default %(default)s; official: 1e-4, citys2acdc 6e-5 [C configs])")
+    a("--weight-decay", type=float, default=WEIGHT_DECAY,
+      help="AdamW weight decay, >= 0 (default %(default)s [C configs])")
+    a("--warmup-iters", type=common.nonnegative_int, default=gta["warmup_iters"],
+      help="linear warm-up iterations from lr x 1e-6 (default %(default)s; official: 0, "
+      "citys2acdc 10000 [C configs])")
+    a("--stride", type=common.positive_int, default=default_stride(gta["crop"]),
+      help="sliding-window stride (default %(default)s = 2/3 of --crop; official: 341 for 512, "
+      "683 for 1024 [C configs test_cfg])")
+    a("--inference", choices=["slide", "whole"], default="slide",
+      help="slide (official, windows of --crop) or whole image (default %(default)s)")
+    a("--official-ckpt", default=None,
+      help="load a released Rein checkpoint (backbone.reins.* + decode_head.*, mmdet names; "
+      "optionally backbone.* DINOv2 keys) before training/eval (default %(default)s)")
+    a("--mapillary-map", choices=["rein", "hrda"], default="rein",
+      help="Mapillary 66->19 table (default %(default)s [C mapillary2cityscape.py])")
+    a("--num-points", type=common.positive_int, default=MASK_POINTS,
+      help="points per mask for the matcher and the mask losses (default %(default)s; "
+      "official: 12544 [C configs train_cfg.num_points])")
+    # fmt: on
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--recipe and --source toy choose the defaults (common.parse_with_presets); the stride's
+    default then follows the crop in force."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = common.parse_with_presets(parser, [a for a in argv if a not in ("-h", "--help")],
+                                      presets)  # fmt: skip
+    parser.set_defaults(stride=default_stride(first.crop))
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the flags cannot mean together: an error; a value this configuration does not use:
+    one warning line."""
+    if args.crop % PATCH_SIZE:
+        raise common.UsageError(
+            f"--crop {args.crop} is not a multiple of the patch size {PATCH_SIZE}; use e.g. "
+            f"{args.crop // PATCH_SIZE * PATCH_SIZE or PATCH_SIZE}"
+        )
+    if args.inference == "slide" and args.stride > args.crop:
+        raise common.UsageError(
+            f"--stride {args.stride} is larger than --crop {args.crop}: the windows would leave "
+            f"pixels unscored; use at most {args.crop} (default {default_stride(args.crop)})"
+        )
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise common.UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not common.parse_targets(args):
+        raise common.UsageError("--targets is empty; name at least one evaluation target")
+    if args.resume and args.official_ckpt:
+        raise common.UsageError(
+            "--official-ckpt and --resume both give the trained weights; pass one of them"
+        )
+    if args.inference == "whole" and args.stride != default_stride(args.crop):
+        common.warn(f"--stride {args.stride} is not used: --inference whole has no windows")
+    if args.full_rank and args.rein_rank != REIN_LORA_DIM:
+        common.warn(f"--rein-rank {args.rein_rank} is not used: --full-rank tokens have no rank")
+    if not args.eval_only and args.warmup_iters >= args.iters:
+        common.warn(
+            f"--warmup-iters {args.warmup_iters} >= --iters {args.iters}: the whole run is warm-up"
+        )
+    if args.mapillary_map != "rein" and "mapillary" not in common.parse_targets(args):
+        common.warn(f"--mapillary-map {args.mapillary_map} is not used: no mapillary target")
+    if args.eval_only and not (args.resume or args.official_ckpt):
+        common.warn("--eval-only without --resume or --official-ckpt scores an untrained model")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    dist = common.setup(args)  # threads, device, TF32 and cuDNN autotuning on CUDA, seeds
+    if args.bench:
+        bench(args, dist)
+        return
+    common.prepare_out_dir(args)
+    if args.source == "toy" or any(t.startswith("toy") for t in common.parse_targets(args)):
+        common.make_toy_dataset(args.data)  # written once; `make data-toy` does the same
+    # Everything the run reads is opened now, quickest first: targets, checkpoint, weights, source.
+    targets = build_targets(args)
+    ckpt = common.load_checkpoint(args.resume, "rein") if args.resume else None
+    if ckpt is not None:
+        check_checkpoint(ckpt, args)
+    model = build_model(args).to(dist.device)
+    source = None if args.eval_only else build_source(args)
+    counts = describe_parameters(model)
+    common.print0(f"args: {json.dumps(common.args_to_primitives(args), sort_keys=True)}")
+    common.print0(
+        f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} = Rein "
+        f"{counts['rein']:,} (tokens, MLPs, scale) + query linking {counts['linking']:,} "
+        f"(Rein with linking {counts['rein_with_linking']:,}) + head {counts['head']:,} | "
+        f"frozen VFM {counts['frozen_vfm']:,}"
+    )
+    common.print0("targets: " + ", ".join(f"{k} {len(v)} images" for k, v in targets.items()))
+    log = common.RunLog(args.out, args, {"parameters": counts}, enabled=dist.is_main)
+    autocast_ctx, scaler = common.autocast(dist.device, args.amp)
+    if ckpt is not None:
+        load_trained(model, ckpt, args)
+    if args.eval_only:
+        common.report_results(evaluate(model, targets, args, dist), None, log)
+        return
+    optimizer = build_optimizer(model, args, dist)
+    start = 0 if ckpt is None else common.restore_training_state(ckpt, optimizer, scaler)
+    common.print0(
+        f"source {args.source}: {len(source)} images; global batch {args.batch_size} "
+        f"({args.batch_size // dist.world_size} per process x {dist.world_size})"
+    )
+    loader = common.TrainLoader(source, args.batch_size, dist, args.seed, args.workers, start)
+    net = common.wrap_ddp(model, dist, find_unused=FIND_UNUSED[args.recipe])  # no BatchNorm here
+    net = common.maybe_compile(net, args)
+    net.train()  # the VFM stays in eval mode (ReinsBackbone.train)
+    criterion = build_criterion(args.num_points).to(dist.device)
+    train(args, dist, log, net, optimizer, scaler, loader, targets, start, criterion, autocast_ctx)
+
+
+# `python rein.py` runs main() from the last line of this file, once the appendices are defined.
+
+
+# =============================================================================================
+# Appendix A: Mask2Former
+# =============================================================================================
+# The declared copy, identical in rein.py and clouds.py (a test compares them): do not edit it.
 
 # ---- BEGIN Mask2Former (declared copy: identical in rein.py and clouds.py) ----
 # Host-file imports: import math; from collections.abc import Sequence; import torch;
@@ -1269,111 +1851,25 @@ class SetCriterion(nn.Module):
 # ---- END Mask2Former ----
 
 
-# ================================================================================================
-# 4. The Rein segmentor: linked queries into Mask2Former [C rein/models/heads/rein_mask2former.py]
-# ================================================================================================
-
-
-class ReinMask2FormerHead(nn.Module):
-    """Mask2Former whose learned query embeddings are deleted; with the Rein queries Q (m, 256):
-    query_pos = Q and query_feat = querys2feat(Q) (trap 6) [C ReinMask2FormerHead.forward].
-    Inits as mmdet: xavier_normal for the transformer layers [C mmdet mask2former_head.py]."""
-
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        num_classes: int = common.NUM_CLASSES,
-        num_queries: int = REIN_TOKEN_LENGTH,
-    ) -> None:
-        super().__init__()
-        self.m2f = Mask2FormerHead(
-            in_channels, num_classes, num_queries, learned_queries=False, init="xavier_normal"
-        )
-        self.querys2feat = nn.Linear(REIN_QUERY_DIMS, REIN_QUERY_DIMS)
-
-    def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor) -> dict:
-        q = queries[None].expand(features[0].shape[0], -1, -1)  # (B, m, 256)
-        return self.m2f(features, query_feat=self.querys2feat(q), query_pos=q)
-
-
-class ReinSegmentor(nn.Module):
-    """Frozen VFM + Rein -> (pyramid, queries) -> Mask2Former. The module names follow the
-    official ones (backbone.reins.*, decode_head.*) so the key map stays short."""
-
-    def __init__(
-        self,
-        backbone: str = "dinov2_l",
-        img_size: int = 512,
-        token_length: int = REIN_TOKEN_LENGTH,
-        lora_dim: int | None = REIN_LORA_DIM,
-        num_classes: int = common.NUM_CLASSES,
-    ) -> None:
-        super().__init__()
-        cfg = VFM_SIZES[backbone]
-        reins = Reins(cfg["depth"], cfg["embed_dim"], PATCH_SIZE, token_length, lora_dim)
-        self.backbone = ReinsBackbone(backbone, img_size, reins)
-        self.decode_head = ReinMask2FormerHead([cfg["embed_dim"]] * 4, num_classes, token_length)
-
-    def forward(self, images: torch.Tensor) -> dict:
-        """images (B, 3, H, W) normalised, H and W multiples of 16 -> Mask2Former outputs."""
-        features, queries = self.backbone(images)
-        return self.decode_head(features, queries)
-
-
-@torch.no_grad()
-def segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Class scores (B, K, H, W) of normalised images: mask logits upsampled to the input size,
-    then Σ_q softmax(class_q)[:K] · sigmoid(mask_q) [C mmseg mask2former_head.py::predict].
-    DEVIATION 6: sides that are not multiples of 16 are zero-padded and the scores cropped."""
-    h, w = images.shape[-2:]
-    ph, pw = -h % PATCH_SIZE, -w % PATCH_SIZE
-    if ph or pw:
-        images = F.pad(images, (0, pw, 0, ph))
-    out = model(images)
-    masks = F.interpolate(out["pred_masks"].float(), size=images.shape[-2:], mode="bilinear",
-                          align_corners=False)  # fmt: skip
-    return semantic_inference(out["pred_logits"].float(), masks)[..., :h, :w]
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors only (Rein + head); the frozen VFM is rebuilt from --pretrained
-    (the official checkpoints hold the same subset [C reins_dinov2.py::state_dict])."""
-    model = common.unwrap(model)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def frozen_fingerprint(model: nn.Module) -> float:
-    """A cheap checksum of the frozen VFM, stored in checkpoints to catch a resume with other
-    --pretrained / --backbone weights."""
-    vfm = common.unwrap(model).backbone.vfm
-    return float(sum(p.double().abs().sum() for p in vfm.parameters()))
-
-
-# ================================================================================================
-# 5. Official weights: DINOv2 / EVA02 into the timm model, released Rein checkpoints
-# ================================================================================================
+# =============================================================================================
+# Appendix B: Official weights
+# =============================================================================================
+# DINOv2 / EVA02 files into timm [C tools/convert_models/*.py], released Rein checkpoints (mmdet)
 
 # Keys of the original DINOv2 checkpoints that no segmentation path uses [C dino_v2.py: mask_token
 # is only used by masked pre-training].
 DINOV2_UNUSED_KEYS = ("mask_token",)
 
 
-def _read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise common.UsageError(f"{what} not found: {path} ({hint})")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or unsafe pickle content
-        raise common.UsageError(
-            f"cannot read {what} {path} ({type(e).__name__}): expected a torch state dict ({hint})"
-        ) from None
-    for key in ("state_dict", "model", "module"):  # mmengine / EVA wrappers
+def read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, out of the mmengine / EVA wrappers ('state_dict', 'model',
+    'module')."""
+    sd = common.read_weights_file(path, what, hint)
+    for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise common.UsageError(f"{path} is not a state dict of tensors ({hint})")
+        raise common.CheckpointError(f"{path} is not a state dict of tensors ({hint})")
     return sd
 
 
@@ -1432,13 +1928,30 @@ def convert_eva02_state(
     return checkpoint_filter_fn(sd, vfm)
 
 
-def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int) -> None:
-    """Load the frozen VFM's weights: exactly the VFM's keys, none missing, none left over."""
-    hint = (
-        f"download {VFM_SIZES[backbone]['weights']} into checkpoints/, pass --pretrained "
-        "PATH, or --pretrained none for random init"
+def vfm_file(backbone: str) -> tuple[str, str]:
+    """What a VFM weights file is called in messages, and how to get one."""
+    official = VFM_SIZES[backbone]["weights"]
+    get = f"download {official} into checkpoints/, " if official else ""
+    return (
+        f"{backbone} weight file",
+        f"{get}pass --pretrained PATH, or --pretrained none for random init",
     )
-    sd = _read_state_dict(path, f"{backbone} weight file", hint)
+
+
+RELEASE_FILE = ("Rein checkpoint", "a released Rein file such as dinov2_rein_and_head.pth or "
+                "iter_40000_published.pth")  # fmt: skip
+
+
+def load_vfm_weights(
+    model: ReinSegmentor,
+    path: str | Path,
+    backbone: str,
+    img_size: int,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Load the frozen VFM's weights from `path` (or `state`, its tensors already read): exactly
+    the VFM's keys, none missing, none left over."""
+    sd = read_state_dict(path, *vfm_file(backbone)) if state is None else state
     if any(k.startswith("backbone.") for k in sd):  # a full segmentor file: take its VFM part
         sd = {
             k[9:]: v
@@ -1451,17 +1964,7 @@ def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_
         sd = convert_eva02_state(sd, vfm, grid)
     else:
         sd = convert_dinov2_state(sd, grid)
-    own = vfm.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        raise common.UsageError(
-            f"{path} does not fit --backbone {backbone}: {len(missing)} missing (e.g. "
-            f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(wrong)} of another shape (e.g. {wrong[:3]}); check --backbone"
-        )
-    vfm.load_state_dict(sd)
+    common.load_state_strict(vfm, sd, str(path), f"check --backbone (now {backbone})")
 
 
 # Our decode_head names -> mmdet Mask2FormerHead names [mmdet mask2former_head.py,
@@ -1471,53 +1974,37 @@ _HEAD_KEY_RULES = [
     (r"pixel_decoder\.input_proj\.(\d)\.0\.", r"pixel_decoder.input_convs.\1.conv."),
     (r"pixel_decoder\.input_proj\.(\d)\.1\.", r"pixel_decoder.input_convs.\1.gn."),
     (r"pixel_decoder\.level_embed$", r"pixel_decoder.level_encoding.weight"),
-    (
-        r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.",
-        r"pixel_decoder.encoder.layers.\1.self_attn.",
-    ),
+    (r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.",
+     r"pixel_decoder.encoder.layers.\1.self_attn."),
     (r"pixel_decoder\.encoder_layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
     (r"pixel_decoder\.encoder_layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
-    (
-        r"pixel_decoder\.encoder_layers\.(\d+)\.linear1\.",
-        r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0.",
-    ),
-    (
-        r"pixel_decoder\.encoder_layers\.(\d+)\.linear2\.",
-        r"pixel_decoder.encoder.layers.\1.ffn.layers.1.",
-    ),
+    (r"pixel_decoder\.encoder_layers\.(\d+)\.linear1\.",
+     r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
+    (r"pixel_decoder\.encoder_layers\.(\d+)\.linear2\.",
+     r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
     (r"pixel_decoder\.lateral_conv\.0\.", r"pixel_decoder.lateral_convs.0.conv."),
     (r"pixel_decoder\.lateral_conv\.1\.", r"pixel_decoder.lateral_convs.0.gn."),
     (r"pixel_decoder\.output_conv\.0\.", r"pixel_decoder.output_convs.0.conv."),
     (r"pixel_decoder\.output_conv\.1\.", r"pixel_decoder.output_convs.0.gn."),
     (r"pixel_decoder\.mask_features\.", r"pixel_decoder.mask_feature."),
     (r"transformer_decoder\.level_embed\.", r"level_embed."),
-    (
-        r"transformer_decoder\.layers\.(\d+)\.cross_attn\.",
-        r"transformer_decoder.layers.\1.cross_attn.attn.",
-    ),
-    (
-        r"transformer_decoder\.layers\.(\d+)\.self_attn\.",
-        r"transformer_decoder.layers.\1.self_attn.attn.",
-    ),
-    (
-        r"transformer_decoder\.layers\.(\d+)\.norm_cross\.",
-        r"transformer_decoder.layers.\1.norms.0.",
-    ),
+    (r"transformer_decoder\.layers\.(\d+)\.cross_attn\.",
+     r"transformer_decoder.layers.\1.cross_attn.attn."),
+    (r"transformer_decoder\.layers\.(\d+)\.self_attn\.",
+     r"transformer_decoder.layers.\1.self_attn.attn."),
+    (r"transformer_decoder\.layers\.(\d+)\.norm_cross\.",
+     r"transformer_decoder.layers.\1.norms.0."),
     (r"transformer_decoder\.layers\.(\d+)\.norm_self\.", r"transformer_decoder.layers.\1.norms.1."),
     (r"transformer_decoder\.layers\.(\d+)\.norm_ffn\.", r"transformer_decoder.layers.\1.norms.2."),
-    (
-        r"transformer_decoder\.layers\.(\d+)\.linear1\.",
-        r"transformer_decoder.layers.\1.ffn.layers.0.0.",
-    ),
-    (
-        r"transformer_decoder\.layers\.(\d+)\.linear2\.",
-        r"transformer_decoder.layers.\1.ffn.layers.1.",
-    ),
+    (r"transformer_decoder\.layers\.(\d+)\.linear1\.",
+     r"transformer_decoder.layers.\1.ffn.layers.0.0."),
+    (r"transformer_decoder\.layers\.(\d+)\.linear2\.",
+     r"transformer_decoder.layers.\1.ffn.layers.1."),
     (r"transformer_decoder\.decoder_norm\.", r"transformer_decoder.post_norm."),
     (r"transformer_decoder\.class_embed\.", r"cls_embed."),
     (r"transformer_decoder\.mask_embed\.", r"mask_embed."),
     (r"querys2feat\.", r"querys2feat."),
-]
+]  # fmt: skip
 
 
 def official_name(name: str) -> str:
@@ -1539,14 +2026,19 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
 
 
 def load_official_rein(
-    model: ReinSegmentor, path: str | Path, backbone: str, img_size: int
+    model: ReinSegmentor,
+    path: str | Path,
+    backbone: str,
+    img_size: int,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """A released Rein checkpoint ({'state_dict': backbone.reins.* + decode_head.*}, optionally
-    with the DINOv2 keys as backbone.*): every trained tensor must be present, nothing unknown."""
-    hint = "a released Rein file such as dinov2_rein_and_head.pth or iter_40000_published.pth"
-    sd = _read_state_dict(path, "Rein checkpoint", hint)
+    with the DINOv2 keys as backbone.*) from `path` (or `state`, its tensors already read): every
+    trained tensor must be present, nothing unknown."""
+    sd = read_state_dict(path, *RELEASE_FILE) if state is None else state
     if any(k.startswith("backbone.") and not k.startswith("backbone.reins.") for k in sd):
-        load_vfm_weights(model, path, backbone, img_size)  # full weights (generate_full_weights.py)
+        # full weights (generate_full_weights.py)
+        load_vfm_weights(model, path, backbone, img_size, sd)
         sd = {k: v for k, v in sd.items() if k.startswith(("backbone.reins.", "decode_head."))}
     to_ours = {v: k for k, v in official_key_map(model).items()}
     missing = sorted(set(to_ours) - set(sd))
@@ -1554,7 +2046,7 @@ def load_official_rein(
     own = model.state_dict()
     wrong = sorted(k for k in set(sd) & set(to_ours) if own[to_ours[k]].shape != sd[k].shape)
     if missing or unexpected or wrong:
-        raise common.UsageError(
+        raise common.CheckpointError(
             f"{path} does not fit this Rein model (--backbone {backbone}, --rein-tokens/"
             f"--rein-rank/--full-rank): {len(missing)} missing (e.g. {missing[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another "
@@ -1563,575 +2055,120 @@ def load_official_rein(
     model.load_state_dict({to_ours[k]: v for k, v in sd.items()}, strict=False)
 
 
-# ================================================================================================
-# 6. Augmentation [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py: train_pipeline]
-# ================================================================================================
-
-# [C configs] RandomChoiceResize short sides int(crop · x · 0.1), x = 5..20, long side <= 4·crop
-SCALE_STEPS = range(5, 21)
-MAX_LONG_FACTOR = 4  # max_size 2048 for crop 512, 4096 for crop 1024
-CAT_MAX_RATIO = 0.75  # [C configs: RandomCrop cat_max_ratio]
-FLIP_PROB = 0.5
-# [C mmseg transforms.py::PhotoMetricDistortion defaults]
-PMD_BRIGHTNESS_DELTA = 32
-PMD_CONTRAST_RANGE = (0.5, 1.5)
-PMD_SATURATION_RANGE = (0.5, 1.5)
-PMD_HUE_DELTA = 18
-
-
-def mmcv_resize(
-    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """cv2-style resize (mmcv imresize): bilinear without antialiasing (rounded to uint8), label
-    nearest with OpenCV's floor(dst · scale) rule. DEVIATION 4 (fixed-point rounding aside)."""
-    if tuple(image.shape[-2:]) != tuple(size_hw):
-        image = F.interpolate(image[None].float(), size=size_hw, mode="bilinear",
-                              align_corners=False, antialias=False)[0]  # fmt: skip
-        image = image.round().clamp(0, 255).to(torch.uint8)
-        if label is not None:
-            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[
-                0, 0
-            ].long()
-    return image, label
-
-
-def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """mmseg PhotoMetricDistortion on uint8 RGB (3, H, W): brightness ±32, contrast 0.5-1.5 (before
-    or after the HSV ops, at random), saturation 0.5-1.5, hue ±18 (of 180), each with p = 0.5,
-    every step rounding to uint8 [C mmseg/datasets/transforms/transforms.py::PhotoMetricDistortion].
-    DEVIATION 5: draws come from `g`."""
-
-    def coin() -> bool:
-        return bool(torch.randint(2, (), generator=g))
-
-    def uniform(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * torch.rand((), generator=g).item()
-
-    def contrast(x: torch.Tensor) -> torch.Tensor:
-        return common.to_uint8_truncated(x, alpha=uniform(*PMD_CONTRAST_RANGE)) if coin() else x
-
-    x = image
-    if coin():
-        x = common.to_uint8_truncated(x, beta=uniform(-PMD_BRIGHTNESS_DELTA, PMD_BRIGHTNESS_DELTA))
-    contrast_first = coin()
-    if contrast_first:
-        x = contrast(x)
-    if coin():
-        hsv = common.rgb_to_hsv_cv2(x)
-        hsv[1] = common.to_uint8_truncated(hsv[1], alpha=uniform(*PMD_SATURATION_RANGE)).long()
-        x = common.hsv_to_rgb_cv2(hsv)
-    if coin():
-        hsv = common.rgb_to_hsv_cv2(x)
-        # numpy randint(-18, 18): high exclusive
-        shift = int(torch.randint(-PMD_HUE_DELTA, PMD_HUE_DELTA, (), generator=g))
-        hsv[0] = torch.remainder(hsv[0] + shift, common.HSV_HUE_RANGE)
-        x = common.hsv_to_rgb_cv2(hsv)
-    if not contrast_first:
-        x = contrast(x)
-    return x
-
-
-class ReinTrainTransform:
-    """Resize (random short side) -> RandomCrop (cat_max_ratio 0.75) -> flip -> photometric
-    distortion -> ImageNet normalisation -> pad to crop (image 0 after normalisation, label 255),
-    the order of the official pipeline and SegDataPreProcessor [C configs, mmseg
-    data_preprocessor.py]. Returns (float (3, crop, crop), int64 (crop, crop))."""
-
-    def __init__(self, crop: int) -> None:
-        self.crop = crop
-        self.short_sides = [int(crop * x * 0.1) for x in SCALE_STEPS]
-        self.max_long = MAX_LONG_FACTOR * crop
-
-    def __call__(
-        self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # [C RandomChoiceResize + ResizeShortestEdge(max_size)] a short side from the list
-        short = self.short_sides[int(torch.randint(len(self.short_sides), (), generator=g))]
-        h, w = image.shape[-2:]
-        image, label = mmcv_resize(image, label, common.fit_size(h, w, self.max_long, short))
-        image, label = common.random_crop(image, label, self.crop, g, cat_max_ratio=CAT_MAX_RATIO,
-                                          pad=False)  # fmt: skip
-        image, label = common.random_hflip(image, label, g, p=FLIP_PROB)
-        image = photometric_distortion(image, g)
-        x = common.normalize(image[None], common.IMAGENET_MEAN, common.IMAGENET_STD)[0]
-        # the official preprocessor pads after normalising: padded pixels are 0 = the mean colour
-        return common.pad_pair(x, label, (self.crop, self.crop))
-
-
-# ================================================================================================
-# 7. Losses, parameter groups, schedule [C configs; mmengine optim + param_scheduler]
-# ================================================================================================
-
-WEIGHT_DECAY = 0.05  # [C configs: AdamW weight_decay]
-ADAMW_BETAS = (0.9, 0.999)
-ADAMW_EPS = 1e-8
-POLY_POWER = 0.9  # [C configs: PolyLR power, eta_min 0]
-WARMUP_START_FACTOR = 1e-6  # [C 1024 config: LinearLR start_factor]
-# [C configs: paramwise_cfg.custom_keys] substrings of the official names with decay_mult 0
-# (all lr_mult 1); norm layers also get decay 0 through norm_decay_mult=0.
-NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "reins.scale")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups, decided on the official parameter names exactly as mmengine's
-    DefaultOptimWrapperConstructor does: a name containing one of NO_DECAY_KEYS, or a parameter of
-    a norm layer, gets no weight decay. Frozen parameters are left out
-    [C PEFTOptimWrapperConstructor].
-    (So the head's level_embed has no decay, the pixel decoder's level_encoding has.)"""
-    model = common.unwrap(model)
-    norm_params = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
-        for p in m.parameters()
-    }
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        official = official_name(name)
-        if id(p) in norm_params or any(key in official for key in NO_DECAY_KEYS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def lr_at(iteration: int, base_lr: float, total_iters: int, warmup_iters: int) -> float:
-    """mmengine LinearLR(start 1e-6, end at warm-up) then PolyLR(power 0.9, eta_min 0) in closed
-    form; mmengine counts T = end - begin - 1 steps, so the last iteration gets lr 0 (DEVIATION 10:
-    spec §9 writes t/40000) [C mmengine param_scheduler.py::LinearParamScheduler,
-    PolyParamScheduler]."""
-    if iteration < warmup_iters:
-        steps = max(warmup_iters - 1, 1)
-        return base_lr * (WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * iteration / steps)
-    steps = max(total_iters - warmup_iters - 1, 1)
-    t = min(iteration - warmup_iters, steps)
-    return base_lr * (1 - t / steps) ** POLY_POWER
-
-
-MASK_POINTS = 12544  # [C configs: train_cfg.num_points]
-
-
-def build_criterion(num_points: int = MASK_POINTS) -> SetCriterion:
-    """[C configs/_base_/models/rein_dinov2_mask2former.py: loss_cls 2.0 with class_weight
-    [1]*19+[0.1], loss_mask 5.0, loss_dice 5.0, 12544 points, oversample 3, importance 0.75;
-    HungarianAssigner ClassificationCost 2, CrossEntropyLossCost 5, DiceCost 5]."""
-    return SetCriterion(num_classes=common.NUM_CLASSES, eos_coef=0.1, weight_ce=2.0,
-                        weight_mask=5.0, weight_dice=5.0, num_points=num_points, oversample=3.0,
-                        importance=0.75)  # fmt: skip
-
-
-# ================================================================================================
-# 8. Evaluation [C configs test_cfg mode="slide"; mmseg encoder_decoder.py::slide_inference]
-# ================================================================================================
-
-# Per-target Resize(scale, keep_ratio=True) before sliding; labels stay at their stored size
-# [C configs/_base_/datasets/*.py; datasets spec §9]. Mapillary uses pre-halved files.
-EVAL_SCALES = {
-    "gta512": {"cityscapes": (1024, 512), "mapillary": (1024, 512), "bdd": (1280, 720),
-               "gta": (1280, 720), "acdc": (960, 540), "synthia": (1280, 760)},
-    "citys2acdc": {"cityscapes": (2048, 1024), "acdc": (1920, 1080), "bdd": (1280, 720),
-                   "mapillary": (2048, 1024), "gta": (1280, 720), "synthia": (1280, 760)},
-}  # fmt: skip
-
-
-class _RescaledTarget(torch.utils.data.Dataset):
-    """A target dataset with the official test-time resize: optional halving (Rein's Mapillary
-    copies: image PIL-bicubic, label nearest [C tools/convert_datasets/mapillary_resize.py]), then
-    mmcv Resize keep_ratio of the image only (cv2 bilinear)."""
-
-    def __init__(
-        self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None, pre_halve: bool
-    ) -> None:
-        self.dataset, self.scale, self.pre_halve = dataset, scale, pre_halve
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, label, name = self.dataset[i]
-        if self.pre_halve:
-            h, w = image.shape[-2:]
-            image, label = common.resize_pair(image, label, (h // 2, w // 2), "bicubic")
-        if self.scale is not None:
-            h, w = image.shape[-2:]
-            image, _ = mmcv_resize(image, None, common.fit_size(h, w, *self.scale))
-        return image, label, name
-
-
-def eval_dataset(target: str, args: argparse.Namespace) -> torch.utils.data.Dataset:
-    ds = common.build_dataset(target, args.data, "val", mapillary_map=args.mapillary_map)
-    if target.startswith("toy"):
-        return ds  # toy targets are scored at their own size
-    family = "acdc" if target.startswith("acdc-") else target
-    return _RescaledTarget(ds, EVAL_SCALES[args.recipe][family], pre_halve=target == "mapillary")
-
-
-@torch.no_grad()
-def slide_segment(
-    model: nn.Module, image: torch.Tensor, crop: int, stride: int, window_batch: int = 8
-) -> torch.Tensor:
-    """Sliding-window scores (B, K, H, W): windows of crop x crop on the mmseg grid
-    (common.slide_windows), summed and divided by the per-pixel window count. DEVIATION 6: the
-    windows of an image run in batches of `window_batch`."""
-    b, _, h, w = image.shape
-    windows = common.slide_windows(h, w, crop, stride)
-    scores = image.new_zeros((b, common.NUM_CLASSES, h, w), dtype=torch.float32)
-    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start : start + window_batch]
-        crops = torch.cat(
-            [image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk]
-        )  # (n·B, 3, ch, cw)
-        out = segment(model, crops).view(len(chunk), b, common.NUM_CLASSES, *crops.shape[-2:])
-        for (y1, y2, x1, x2), s in zip(chunk, out):
-            scores[:, :, y1:y2, x1:x2] += s
-            count[:, :, y1:y2, x1:x2] += 1
-    return scores / count
-
-
-def make_predictor(
-    model: nn.Module, args: argparse.Namespace, autocast_ctx: Callable
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
-
-    def predict(image: torch.Tensor) -> torch.Tensor:
-        x = common.normalize(image, common.IMAGENET_MEAN, common.IMAGENET_STD)
-        with autocast_ctx():
-            if args.inference == "whole":
-                return segment(model, x)
-            return slide_segment(model, x, args.crop, args.stride)
-
-    return predict
-
-
-def evaluate(
-    model: nn.Module, args: argparse.Namespace, dist: common.Dist, autocast_ctx
-) -> dict[str, dict]:
-    """Per target: mIoU (nanmean over the 19 classes, one confusion matrix) and per-class IoU;
-    scores bilinearly resized to the label size, then argmax [C rein/dg_metrics.py::DGIoUMetric]."""
-    net = common.unwrap(model)
-    was_training = net.training
-    net.eval()
-    predict = make_predictor(net, args, autocast_ctx)
-    results = {}
-    for target in common.parse_targets(args):
-        results[target] = common.evaluate_dataset(
-            predict,
-            eval_dataset(target, args),
-            resize=common.EvalResize(),
-            dist=dist,
-            miou_mode="nanmean",
-            workers=args.workers,
-            save_preds=args.save_preds,
-            save_dir=Path(args.out) / "preds" / target,
-            desc=target,
-        )
-    net.train(was_training)
-    return results
-
-
-# ================================================================================================
-# 9. Training [C tools/train.py with the configs above]
-# ================================================================================================
-
-
-def build_model(args: argparse.Namespace) -> ReinSegmentor:
-    """The segmentor with its frozen VFM's weights. Built from a fixed seed so every process
-    (and a resumed run) starts from the same random init."""
-    if args.crop % PATCH_SIZE:
-        raise common.UsageError(
-            f"--crop {args.crop} is not a multiple of the patch size "
-            f"{PATCH_SIZE}; use e.g. {args.crop // PATCH_SIZE * PATCH_SIZE or 16}"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = ReinSegmentor(
-            args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
-        )
-    if args.pretrained != "none":
-        path = args.pretrained
-        if path == "auto":
-            if VFM_SIZES[args.backbone]["weights"] is None:
-                raise common.UsageError("--backbone test has no weights; use --pretrained none")
-            path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
-        load_vfm_weights(model, path, args.backbone, args.crop)
-    if args.official_ckpt:
-        load_official_rein(model, args.official_ckpt, args.backbone, args.crop)
-    return model
-
-
-def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
-    total, trainable = common.count_parameters(model)
-    rein = rein_parameter_counts(model.backbone.reins)
-    head = sum(p.numel() for p in model.decode_head.parameters())
-    vfm = sum(p.numel() for p in model.backbone.vfm.parameters())
-    return {"total": total, "trainable": trainable, "frozen_vfm": vfm, "head": head, **rein}
-
-
-def train(args: argparse.Namespace, dist: common.Dist) -> None:
-    # PLUMBING: seeds, model, output folder, log header
-    common.seed_everything(args.seed, dist.rank)
-    model = build_model(args).to(dist.device)
-    counts = describe_parameters(model)
-    common.print0(f"args: {json.dumps(common.args_to_primitives(args), sort_keys=True)}")
-    common.print0(
-        f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} = Rein "
-        f"{counts['rein']:,} (tokens, MLPs, scale) + query linking {counts['linking']:,} "
-        f"(Rein with linking {counts['rein_with_linking']:,}) + head {counts['head']:,} | "
-        f"frozen VFM {counts['frozen_vfm']:,}"
-    )
-    log = common.RunLog(args.out, args, {"parameters": counts}, enabled=dist.is_main)
-    autocast_ctx, scaler = common.autocast(dist.device, args.amp)
-
-    if args.eval_only:
-        # PLUMBING: evaluate the given weights and stop
-        if args.resume:
-            load_trained(model, common.load_checkpoint(args.resume, "rein"), args.resume)
-        results = evaluate(model, args, dist, autocast_ctx)
-        report(results, log, dist)
-        return
-
-    # METHOD: AdamW over Rein + head with the official no-decay groups [C configs optim_wrapper]
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=ADAMW_BETAS, eps=ADAMW_EPS)  # fmt: skip
-    criterion = build_criterion(args.num_points).to(dist.device)
-
-    # PLUMBING: resume, data, DDP
-    start_iter = 0
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, "rein")
-        check_resume(ckpt, model, args)
-        load_trained(model, ckpt, args.resume)
-        start_iter = common.restore_training_state(ckpt, optimizer, scaler)
-    dataset = common.build_dataset(args.source, args.data, "train", gta_list="all",
-                                   transform=ReinTrainTransform(args.crop))  # fmt: skip
-    common.print0(
-        f"source {args.source}: {len(dataset)} images; global batch {args.batch_size} "
-        f"({args.batch_size // dist.world_size} per process x {dist.world_size})"
-    )
-    loader = common.TrainLoader(dataset, args.batch_size, dist, args.seed, args.workers, start_iter)
-    model = common.convert_sync_bn(model, dist)  # (no BatchNorm in Rein: GN and LN only)
-    ddp_model = common.wrap_ddp(model, dist, find_unused=args.find_unused)
-    ddp_model.train()  # the VFM stays in eval mode (ReinsBackbone.train)
-
-    bar = common.progress(args.iters, start_iter, dist.is_main)
-    results, t0 = {}, time.perf_counter()
-    for it in range(start_iter, args.iters):
-        images, labels, _ = next(loader)
-        images = images.to(dist.device, non_blocking=True)
-        labels = labels.to(dist.device, non_blocking=True)
-        # METHOD: poly schedule (with the optional linear warm-up of the 1024 recipe)
-        lr = lr_at(it, args.lr, args.iters, args.warmup_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # METHOD: frozen VFM + Rein -> Mask2Former; 30 weighted set-prediction loss terms
-        with autocast_ctx():
-            outputs = ddp_model(images)
-        losses = criterion(outputs, semantic_to_targets(labels, common.NUM_CLASSES))
-        loss = sum(losses.values())
-        # PLUMBING: step (GradScaler only for fp16)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        # PLUMBING: log, evaluate, checkpoint
-        bar.update(1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
-            final_terms = {k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")}
-            sec = (time.perf_counter() - t0) / (it + 1 - start_iter)
-            log.log({"type": "train", "iter": it + 1, "lr": lr, "loss": loss.item(), **final_terms,
-                     "scale": model.backbone.reins.scale.item(), "sec_per_iter": sec})  # fmt: skip
-        last = it + 1 == args.iters
-        if last or (args.eval_every and (it + 1) % args.eval_every == 0):
-            rng = common.get_rng_state()  # DEVIATION 9: evaluation leaves the RNG untouched
-            results = evaluate(ddp_model, args, dist, autocast_ctx)
-            common.set_rng_state(rng)
-            report(results, log, dist, iteration=it + 1)
-            if dist.is_main:
-                common.save_checkpoint(
-                    Path(args.out) / "last.pt",
-                    method="rein",
-                    iteration=it + 1,
-                    model_state=trainable_state(model),
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    args=args,
-                    metrics=results,
-                    extra={
-                        "frozen_fingerprint": frozen_fingerprint(model),
-                        "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)",
-                    },
-                )
-    bar.close()
-
-
-def load_trained(model: nn.Module, ckpt: dict, path: str) -> None:
-    """The trained tensors of one of our checkpoints; only the frozen VFM may be absent."""
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.vfm.")]
-    if missing or unexpected:
-        raise common.UsageError(
-            f"{path} does not fit this model: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}); use the same --backbone, "
-            "--rein-tokens, --rein-rank and --full-rank as the run that wrote it"
-        )
-
-
-def check_resume(ckpt: dict, model: nn.Module, args: argparse.Namespace) -> None:
-    """A resumed run needs the same model and the same frozen VFM weights."""
-    for name in ("backbone", "rein_tokens", "rein_rank", "full_rank"):
-        if name in ckpt["args"] and ckpt["args"][name] != getattr(args, name):
-            raise common.UsageError(
-                f"--resume {args.resume} was trained with --{name.replace('_', '-')} "
-                f"{ckpt['args'][name]}, this run has {getattr(args, name)}; use the same value"
-            )
-    fp = ckpt.get("frozen_fingerprint")
-    if fp is not None and not math.isclose(fp, frozen_fingerprint(model), rel_tol=1e-9):
-        raise common.UsageError(
-            f"--resume {args.resume}: the frozen VFM differs from the one it was trained with; "
-            f"pass the same --pretrained ({ckpt['args'].get('pretrained')}) and --seed"
-        )
-
-
-def report(
-    results: dict[str, dict], log: common.RunLog, dist: common.Dist, iteration: int | None = None
-) -> None:
-    if not dist.is_main:
-        return
-    common.print0(
-        ("" if iteration is None else f"iteration {iteration}\n") + common.format_results(results)
-    )
-    for target, r in results.items():
-        per_class = ", ".join(
-            f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None
-        )
-        common.print0(f"  {target}: {per_class}")
-    log.log({"type": "eval", "iter": iteration, "results": results})
-    log.write_results(results)
-
-
-# ================================================================================================
-# 10. Benchmarks (--bench): JSON lines, not timed tests
-# ================================================================================================
+# =============================================================================================
+# Appendix C: Benchmark
+# =============================================================================================
 
 
 def bench(args: argparse.Namespace, dist: common.Dist) -> None:
-    """Training step (images/s, peak memory), sliding-window eval (images/s) and MSDeformAttn
-    forward+backward, as JSON lines. GPU: ViT-L, batch 4, crop 512, 12544 points (the paper
-    setting), eval on a 1024x512 Cityscapes-sized image. CPU: ViT-S, batch 2, crop 128, 1024
-    points, eval on a 256x128 toy-sized image."""
+    """--bench: JSON records (common.benchmark: FLOPs, throughput, MFU on GPU, peak memory) of a
+    training step, with the share of its time spent in the frozen backbone (VFM + Rein forward
+    and backward), in MSDeformAttn and in the loss (criterion with the matcher); of sliding-window
+    evaluation; of MSDeformAttn alone. GPU: the paper setting (DINOv2-L, batch 4, crop 512, 12,544
+    points), evaluation of a 1024x512 Cityscapes-sized image. CPU: ViT-S, batch 2, crop 128, 1,024
+    points, a 256x128 toy-sized image."""
     device = dist.device
     gpu = device.type == "cuda"
     backbone, batch, crop, points = (
         ("dinov2_l", 4, 512, MASK_POINTS) if gpu else ("dinov2_s", 2, 128, 1024)
     )
+    steps = 10 if gpu else 3
+    timing = dict(device=device, precision=common.bench_precision(args, device),
+                  peak=args.peak_tflops)  # fmt: skip
     autocast_ctx, scaler = common.autocast(device, args.amp)
     torch.manual_seed(0)
     model = ReinSegmentor(backbone, crop).to(device).train()
+    net = common.maybe_compile(model, args)
     counts = describe_parameters(model)
     criterion = build_criterion(points).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4,
+                                  **common.optimizer_options(args, dist, "adamw"))  # fmt: skip
     images = torch.randn(batch, 3, crop, crop, device=device)
     targets = semantic_to_targets(torch.randint(0, 8, (batch, crop, crop), device=device))
 
     def train_step() -> None:
-        with autocast_ctx():
-            outputs = model(images)
-        loss = sum(criterion(outputs, targets).values())
         optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with autocast_ctx():
+            outputs = net(images)
+        common.backward_and_step(sum(criterion(outputs, targets).values()), optimizer, scaler)
 
-    setting = {"backbone": backbone, "batch": batch, "crop": crop, "amp": args.amp}
-    extra = {
-        **setting,
-        "points": points,
-        "trainable_params": counts["trainable"],
-        "rein_params": counts["rein"],
-        "frozen_vfm_params": counts["frozen_vfm"],
+    # The parts of the step, each timed alone on the step's inputs and shapes.
+    def backbone_step() -> None:  # VFM + Rein forward, backward from unit output gradients
+        model.zero_grad(set_to_none=True)
+        with autocast_ctx():
+            features, queries = model.backbone(images)
+        outs = [*features, queries]
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    shapes = [(crop // 32, crop // 32), (crop // 16, crop // 16), (crop // 8, crop // 8)]
+    tokens = sum(h * w for h, w in shapes)
+    src = torch.randn(batch, tokens, M2F_DIM, device=device, requires_grad=True)
+    ref = encoder_reference_points(shapes, device)
+    layers = model.decode_head.m2f.pixel_decoder.encoder_layers
+
+    def deform_step() -> None:  # the 6 encoder MSDeformAttn of the pixel decoder
+        outs = [layer.self_attn(src, ref, src, shapes) for layer in layers]
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+    with autocast_ctx():
+        fixed = model(images)
+    leaves = [fixed, *fixed["aux_outputs"]]
+    leaves = [{k: d[k].detach().float().requires_grad_() for k in ("pred_logits", "pred_masks")}
+              for d in leaves]  # fmt: skip
+    outputs = {**leaves[0], "aux_outputs": leaves[1:]}
+
+    def loss_step() -> None:  # criterion (10 matchings, point sampling, losses) and backward
+        sum(criterion(outputs, targets).values()).backward()
+
+    # Rounds of (whole step, each part), interleaved so that a change of the machine's load
+    # touches all of them; medians over the rounds.
+    fns = {"step": train_step, "backbone": backbone_step, "msdeformattn": deform_step,
+           "loss": loss_step}  # fmt: skip
+    rounds = {name: [] for name in fns}
+    for fn in fns.values():
+        common.time_step(fn, device, warmup=1, steps=1)
+    for _ in range(steps):
+        for name, fn in fns.items():
+            rounds[name].append(common.time_step(fn, device, warmup=0, steps=1))
+    median = {name: sorted(v)[len(v) // 2] for name, v in rounds.items()}
+    shares = {
+        **{f"share_{k}": round(median[k] / median["step"], 3) for k in fns if k != "step"},
+        "share_how": "median seconds of each part run alone on the step's inputs (backbone: VFM "
+        "+ Rein forward and backward from unit output gradients; msdeformattn: the 6 encoder "
+        "MSDeformAttn forward and backward; loss: criterion with matcher and backward on the "
+        "step's detached outputs) / median seconds of the whole step, over rounds that time the "
+        "step and each part in turn",
+        "parts_s": {k: round(v, 5) for k, v in median.items()},
     }
-    common.benchmark(
-        "rein/train_step",
-        train_step,
-        device=device,
-        warmup=2,
-        steps=10 if gpu else 3,
-        images_per_step=batch,
-        extra=extra,
-    )
+    setting = {"backbone": backbone, "batch": batch, "crop": crop, "amp": args.amp}
+    extra = {**setting, "points": points, "trainable_params": counts["trainable"],
+             "rein_params": counts["rein"], "frozen_vfm_params": counts["frozen_vfm"],
+             "fast": common.fast_path(args, dist), "compile": args.compile, **shares}  # fmt: skip
+    common.benchmark("rein/train_step", train_step, warmup=2, steps=steps,
+                     images_per_step=batch, extra=extra, **timing)  # fmt: skip
 
     model.eval()
     h, w = (512, 1024) if gpu else (128, 256)
-    stride = round(2 * crop / 3)
+    stride = default_stride(crop)
     image = torch.randn(1, 3, h, w, device=device)
 
     def eval_step() -> None:
-        with autocast_ctx():
+        with torch.inference_mode(), autocast_ctx():
             slide_segment(model, image, crop, stride)
 
     windows = len(common.slide_windows(h, w, crop, stride))
-    common.benchmark(
-        "rein/slide_eval",
-        eval_step,
-        device=device,
-        warmup=1,
-        steps=10 if gpu else 3,
-        images_per_step=1,
-        extra={**setting, "image_hw": [h, w], "windows": windows},
-    )
+    common.benchmark("rein/slide_eval", eval_step, warmup=1, steps=steps, images_per_step=1,
+                     extra={**setting, "image_hw": [h, w], "windows": windows},
+                     **timing)  # fmt: skip
 
     attn = MSDeformAttn().to(device)
-    shapes = [(crop // 32, crop // 32), (crop // 16, crop // 16), (crop // 8, crop // 8)]
-    tokens = sum(a * b for a, b in shapes)
-    src = torch.randn(batch, tokens, M2F_DIM, device=device, requires_grad=True)
-    ref = encoder_reference_points(shapes, device)
 
-    def deform_step() -> None:
+    def attn_step() -> None:
         attn(src, ref, src, shapes).sum().backward()
 
-    common.benchmark(
-        "rein/msdeformattn_fwd_bwd",
-        deform_step,
-        device=device,
-        warmup=2,
-        steps=10,
-        images_per_step=batch,
-        extra={"tokens": tokens, "batch": batch},
-    )
-
-
-# ================================================================================================
-# 11. main
-# ================================================================================================
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    dist = common.setup_distributed(args.device)
-    if dist.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # [C default_runtime.py: env_cfg]
-    if args.bench:
-        bench(args, dist)
-        return
-    uses_toy = args.source == "toy" or any(t.startswith("toy") for t in common.parse_targets(args))
-    if uses_toy and not (Path(args.data) / "toy" / "toy.json").is_file():
-        common.make_toy_dataset(args.data)  # written once; `make data-toy` does the same
-    train(args, dist)
+    common.benchmark("rein/msdeformattn_fwd_bwd", attn_step, warmup=2, steps=10,
+                     images_per_step=batch, extra={"tokens": tokens, "batch": batch,
+                     "note": "grid_sample is not in the FLOP count"}, **timing)  # fmt: skip
 
 
 if __name__ == "__main__":

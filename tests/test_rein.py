@@ -1,14 +1,16 @@
 """Tests of rein.py: Rein layer equations, parameter counts, query linking, backbone, official key
-maps, augmentation, schedule, sliding window, the CLI end to end, and the Mask2Former block.
-CPU only, random weights, tiny sizes except where a full-size module is cheap to build."""
+maps, augmentation, schedule, sliding window, the command line (presets, bad inputs, divergence,
+resume, fast path) end to end, and the Mask2Former block. CPU only, random weights, tiny sizes
+except where a full-size module is cheap to build."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
 import pathlib
-import subprocess
+import re
+import shutil
 import sys
 
 import pytest
@@ -27,7 +29,7 @@ m2f = rein  # the Mask2Former block lives in rein.py's namespace
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These tests run many small ops: one intra-op thread is faster on a shared 2-core machine
-    and makes the in-process and subprocess runs use the same kernels (bit-equal resume)."""
+    and makes the in-process and subprocess runs (--cpu-threads 1) use the same kernels."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -49,7 +51,8 @@ def tiny_model(seed: int = 0, **kw) -> rein.ReinSegmentor:
 
 
 def test_rein_parameter_counts_match_the_paper_and_official_module():
-    # [spec §1.1, verified on the official module] ViT-L: 2.53M (paper Fig. 5) / 2,990,081
+    # [C reins.py::LoRAReins, counted on the official module built on CPU] ViT-L: 2.53M
+    # (paper Fig. 5) / 2,990,081 with the linking layers
     counts = rein.rein_parameter_counts(rein.Reins(24, 1024))
     assert counts == {
         "rein": 2_530_817,
@@ -87,7 +90,7 @@ def test_initial_values_scale_and_token_bounds():
     torch.manual_seed(0)
     low = rein.Reins(24, 1024)
     assert low.scale.item() == pytest.approx(1e-3)
-    bound = math.sqrt(6 / (3 * 16 * 16 + math.sqrt(1024 * 16)))  # 0.0818 [spec §9]
+    bound = math.sqrt(6 / (3 * 16 * 16 + math.sqrt(1024 * 16)))  # 0.0818 [C reins.py::create_model]
     assert bound == pytest.approx(0.0818, abs=1e-4)
     for t in (low.learnable_tokens_a, low.learnable_tokens_b):
         assert t.abs().max() <= bound
@@ -543,54 +546,6 @@ def test_lr_schedule_values():
 # ================================================================================================
 
 
-def test_cv2_hsv_conversion_hand_values():
-    pixels = torch.tensor(
-        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 0], [0, 0, 0]],
-        dtype=torch.uint8,
-    ).T[:, None, :]  # (3, 1, 6)
-    hsv = common.rgb_to_hsv_cv2(pixels)[:, 0].T.tolist()
-    assert hsv == [
-        [0, 255, 255],
-        [60, 255, 255],
-        [120, 255, 255],
-        [0, 0, 128],
-        [30, 255, 255],
-        [0, 0, 0],
-    ]
-    assert torch.equal(common.hsv_to_rgb_cv2(common.rgb_to_hsv_cv2(pixels)), pixels)
-    # (200, 100, 50): v 200, s = round(255·150/200) = 191, h = round(30·(100-50)/150) = 10
-    assert common.rgb_to_hsv_cv2(torch.tensor([[[200]], [[100]], [[50]]], dtype=torch.uint8))[
-        :, 0, 0
-    ].tolist() == [10, 191, 200]
-    shifted = common.rgb_to_hsv_cv2(pixels)
-    shifted[0] = (shifted[0] + 60) % 180
-    assert common.hsv_to_rgb_cv2(shifted)[:, 0, 0].tolist() == [0, 255, 0]  # red + 120° = green
-
-
-def test_hsv_conversion_matches_opencv_reference_values():
-    """cv2.cvtColor values of opencv-python 4.8.0 (BGR2HSV per pixel, HSV2BGR on a whole row)."""
-    rgb = torch.tensor(
-        [[200, 120, 40], [10, 200, 90], [33, 34, 250], [255, 128, 129], [1, 0, 0], [90, 90, 91]],
-        dtype=torch.uint8,
-    ).T[:, None]  # (3, 1, 6)
-    assert common.rgb_to_hsv_cv2(rgb)[:, 0].T.tolist() == [
-        [15, 204, 200], [73, 242, 200], [120, 221, 250], [0, 127, 255], [0, 255, 1], [120, 3, 91]
-    ]  # fmt: skip
-    hsv = torch.tensor([
-        [0, 255, 255], [17, 100, 201], [95, 37, 180], [179, 255, 10], [60, 250, 250], [33, 180, 77]
-    ]).T[:, None]  # fmt: skip
-    assert common.hsv_to_rgb_cv2(hsv)[:, 0].T.tolist() == [
-        [255, 0, 0], [201, 166, 122], [153, 175, 180], [10, 0, 0], [4, 250, 4], [71, 77, 22]
-    ]  # fmt: skip
-
-
-def test_pmd_convert_truncates_and_clips_like_numpy():
-    x = torch.tensor([10, 100, 250], dtype=torch.uint8)
-    assert common.to_uint8_truncated(x, alpha=1.0, beta=0.7).tolist() == [10, 100, 250]
-    assert common.to_uint8_truncated(x, alpha=1.5).tolist() == [15, 150, 255]
-    assert common.to_uint8_truncated(x, beta=-20.5).tolist() == [0, 79, 229]
-
-
 def test_photometric_distortion_is_seeded_and_keeps_shape():
     image = torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8)
     outs = [rein.photometric_distortion(image, torch.Generator().manual_seed(s)) for s in range(12)]
@@ -639,7 +594,9 @@ def test_train_transform_shapes_padding_and_scales():
 
 
 def test_slide_windows_arithmetic():
-    windows = common.slide_windows(512, 1024, 512, 341)  # Cityscapes at 1024x512 [spec §9]
+    windows = common.slide_windows(
+        512, 1024, 512, 341
+    )  # Cityscapes at 1024x512 [C configs test_cfg]
     assert [(x1, x2) for _, _, x1, x2 in windows] == [(0, 512), (341, 853), (512, 1024)]
     assert all((y1, y2) == (0, 512) for y1, y2, _, _ in windows)
     bdd = common.slide_windows(720, 1280, 512, 341)
@@ -683,9 +640,9 @@ def test_segment_pads_sides_that_are_not_patch_multiples():
 
 
 def test_eval_protocol_on_real_layouts(data_root, mapillary_tree):
-    """Rein's per-target test resize [C configs; spec §5]: Mapillary halved (image and label) then
-    fit into (1024, 512); BDD fit into (1280, 720); Cityscapes into (1024, 512); labels keep their
-    stored size; Mapillary uses Rein's 66 -> 19 table."""
+    """Rein's per-target test resize [C configs/_base_/datasets/*.py]: Mapillary halved (image and
+    label) then fit into (1024, 512); BDD fit into (1280, 720); Cityscapes into (1024, 512);
+    labels keep their stored size; Mapillary uses Rein's 66 -> 19 table."""
     args = rein.parse_args(["--data", str(data_root)])
     ds = rein.eval_dataset("mapillary", args)
     assert len(ds) == 3
@@ -695,7 +652,8 @@ def test_eval_protocol_on_real_layouts(data_root, mapillary_tree):
         half = (h0 // 2, w0 // 2)
         assert tuple(label.shape) == half
         assert tuple(image.shape[-2:]) == common.fit_size(*half, 1024, 512)
-        # [datasets spec §9] 4:3 and portrait -> 683 x 512, 16:9 -> 910 x 512
+        # [C mapillary_resize.py, then Resize (1024, 512)] 4:3 and portrait -> 683 x 512,
+        # 16:9 -> 910 x 512
         assert min(image.shape[-2:]) == 512
         assert max(image.shape[-2:]) == (910 if w0 * 9 == h0 * 16 else 683)
         rein_ids = torch.from_numpy(mapillary_tree.extra["rein"][name]).long()
@@ -710,144 +668,11 @@ def test_eval_protocol_on_real_layouts(data_root, mapillary_tree):
 
 
 # ================================================================================================
-# The script end to end (toy data, subprocess + in-process), resume, bad inputs
+# Command line: presets, validated numbers, what each source trains on
 # ================================================================================================
 
-TOY_COUNTS = {"source": (6, 1), "city": (0, 1), "fog": (0, 1), "night": (0, 1)}
-FAST = [
-    "--source",
-    "toy",
-    "--pretrained",
-    "none",
-    "--device",
-    "cpu",
-    "--backbone",
-    "test",
-    "--crop",
-    "64",
-    "--batch-size",
-    "2",
-    "--num-points",
-    "64",
-    "--workers",
-    "0",
-    "--targets",
-    "toy-city",
-    "--stride",
-    "64",
-]
 
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("rein_data")
-    common.make_toy_dataset(root, counts=TOY_COUNTS)
-    return root
-
-
-def run_script(args: list[str]) -> subprocess.CompletedProcess:
-    # same thread count as this process: the in-process runs below must match bit for bit
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "rein.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def trained(path: pathlib.Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def test_script_trains_evaluates_and_resumes_exactly(toy_root, tmp_path):
-    full = run_script(
-        [*FAST, "--data", str(toy_root), "--iters", "2", "--out", str(tmp_path / "a")]
-    )
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert "Rein 388,609" not in full.stdout  # the test backbone, not ViT-S
-    assert "trainable" in full.stdout and "toy-city" in full.stdout
-    results = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert set(results) == {"toy-city"}
-    assert 0 <= results["toy-city"]["miou"] <= 100
-    assert set(results["toy-city"]["per_class_iou"]) == set(common.CLASS_NAMES)
-    header = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
-    assert header["parameters"]["rein"] == rein.rein_parameter_counts(rein.Reins(4, 32))["rein"]
-    ckpt_a = trained(tmp_path / "a" / "last.pt")
-    assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 2
-    assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
-    # 1 iteration, then resume to 2 (in-process): bit-identical to the straight run
-    fast = [*FAST, "--data", str(toy_root), "--inference", "whole"]
-    rein.main([*fast, "--iters", "1", "--out", str(tmp_path / "b")])
-    rein.main(
-        [
-            *fast,
-            "--iters",
-            "2",
-            "--out",
-            str(tmp_path / "b"),
-            "--resume",
-            str(tmp_path / "b" / "last.pt"),
-        ]
-    )
-    ckpt_b = trained(tmp_path / "b" / "last.pt")
-    assert ckpt_b["iter"] == 2 and set(ckpt_b["model"]) == set(ckpt_a["model"])
-    for k, v in ckpt_a["model"].items():
-        assert torch.equal(v, ckpt_b["model"][k]), k
-    # resuming with another frozen VFM is refused
-    with pytest.raises(common.UsageError, match="frozen VFM differs"):
-        rein.main(
-            [
-                *fast,
-                "--iters",
-                "3",
-                "--seed",
-                "1",
-                "--out",
-                str(tmp_path / "b"),
-                "--resume",
-                str(tmp_path / "b" / "last.pt"),
-            ]
-        )
-
-
-def test_bad_inputs_give_one_clear_message(toy_root, tmp_path, monkeypatch, capsys):
-    # the script's own entry point (common.run_cli(main)): one line on stderr, exit code 2
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "rein.py",
-            *FAST,
-            "--data",
-            str(toy_root),
-            "--backbone",
-            "dinov2_s",
-            "--pretrained",
-            str(tmp_path / "nope.pth"),
-        ],
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(rein.main)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: dinov2_s weight file not found")
-    assert "--pretrained none" in lines[0]
-    with pytest.raises(common.UsageError, match="not a multiple of the patch size 16"):
-        rein.main([*FAST, "--data", str(toy_root), "--crop", "100"])
-    torch.save({"method": "famix", "iter": 1}, tmp_path / "famix.pt")
-    with pytest.raises(common.UsageError, match="famix checkpoint"):
-        rein.main([*FAST, "--data", str(toy_root), "--resume", str(tmp_path / "famix.pt")])
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UsageError, match="cannot read Rein checkpoint"):
-        rein.main(
-            [*FAST, "--data", str(toy_root), "--official-ckpt", str(tmp_path / "garbage.pth")]
-        )
-
-
-def test_recipe_and_toy_defaults():
+def test_recipe_and_toy_presets_are_real_defaults():
     args = rein.parse_args(["--source", "gta"])
     assert (args.crop, args.batch_size, args.lr, args.warmup_iters, args.stride) == (
         512,
@@ -867,14 +692,305 @@ def test_recipe_and_toy_defaults():
         10000,
         683,
     )
-    assert acdc.find_unused and acdc.targets.startswith("acdc-fog")
+    assert acdc.targets.startswith("acdc-fog") and not hasattr(acdc, "find_unused")
+    assert rein.FIND_UNUSED == {"gta512": False, "citys2acdc": True}
+    # the stride follows the crop in force, also when the crop written equals another default
     assert rein.parse_args(["--recipe", "citys2acdc", "--crop", "512"]).stride == 341
+    assert rein.parse_args(["--source", "toy", "--crop", "512"]).stride == 341
+    assert rein.parse_args(["--source", "toy", "--crop", "64"]).stride == 43
+    assert rein.parse_args(["--crop", "512", "--stride", "100"]).stride == 100
     toy = rein.parse_args(["--source", "toy", "--iters", "7"])
     got = (toy.backbone, toy.crop, toy.iters, toy.num_points, toy.lr, toy.inference, toy.stride)
-    assert got == ("dinov2_s", 64, 7, 256, 5e-4, "whole", 43)
-    assert toy.cpu_threads == 1 and args.cpu_threads == 0
+    assert got == ("dinov2_s", 48, 7, 144, 5e-4, "whole", 32)
+    assert (toy.rein_tokens, toy.fast, args.rein_tokens, args.fast) == (50, "on", 100, "auto")
+    assert (toy.cpu_threads, toy.log_every, args.cpu_threads, args.log_every) == (1, 10, 0, 50)
     assert toy.targets == "toy-city,toy-fog,toy-night"
     assert rein.parse_args(["--source", "toy", "--lr", "1e-4"]).lr == 1e-4
+    assert rein.parse_args(["--recipe", "citys2acdc", "--source", "toy"]).crop == 48
+
+
+def test_help_shows_the_defaults_of_the_chosen_preset(run_script):
+    run = run_script("rein.py", "--recipe", "citys2acdc", "--help")
+    assert run.returncode == 0
+    text = " ".join(run.stdout.split())
+    assert (
+        "(default 683 = 2/3 of --crop" in text
+        and "--crop CROP training crop size (default 1024" in text
+    )
+    toy = " ".join(run_script("rein.py", "--source", "toy", "--help").stdout.split())
+    assert "(default 32 = 2/3 of --crop" in toy and "(default dinov2_s;" in toy
+
+
+def one_error_line(run) -> str:
+    """The run failed with exit code 2 and said why in one line of stderr, no traceback. (An
+    open progress bar may precede the line on the terminal: split at carriage returns too.)"""
+    assert run.returncode == 2, (run.stdout[-2000:], run.stderr[-2000:])
+    assert "Traceback" not in run.stderr
+    parts = re.split(r"[\r\n]", run.stderr)
+    lines = [p[p.index("error: ") :] for p in parts if "error: " in p]
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--iters", "-3"], "argument --iters: must be >= 1, got -3"),
+        (["--rein-tokens", "0"], "argument --rein-tokens: must be >= 1, got 0"),
+        (["--rein-rank", "0"], "argument --rein-rank: must be >= 1, got 0"),
+        (["--stride", "0"], "argument --stride: must be >= 1, got 0"),
+        (["--num-points", "-1"], "argument --num-points: must be >= 1, got -1"),
+        (["--warmup-iters", "-1"], "argument --warmup-iters: must be >= 0, got -1"),
+        (["--lr", "0"], "argument --lr: must be > 0.0, got 0"),
+        (["--crop", "100"], "--crop 100 is not a multiple of the patch size 16; use e.g. 96"),
+        (["--crop", "64", "--stride", "65"], "--stride 65 is larger than --crop 64"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+        (["--targets", ","], "--targets is empty"),
+        (["--resume", "x.pt", "--official-ckpt", "y.pth"], "pass one of them"),
+    ],
+)
+def test_impossible_numbers_and_flags_fail_in_one_line(run_script, tmp_path, flags, expect):
+    run = run_script("rein.py", "--out", tmp_path / "out", *flags, cwd=tmp_path)
+    assert expect in one_error_line(run)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_source_splits_rein_trains_on(data_root, gta5_tree, synthia_tree):
+    """GTA5: every frame of images/ (list "all": 00003's label has another size and is skipped);
+    Cityscapes: the train split; SYNTHIA: every frame, the val list notwithstanding."""
+
+    def names(source: str) -> list[str]:
+        args = rein.parse_args(["--source", source, "--data", str(data_root), "--crop", "64"])
+        return sorted(image.stem for image, _ in rein.build_source(args).pairs)
+
+    assert names("gta") == ["00001", "00002", "15188"]
+    assert names("cityscapes") == ["aachen_000000_000019_leftImg8bit"]
+    assert names("synthia") == sorted(synthia_tree.images)
+    assert rein.SOURCE_SPLITS == {"gta": "train", "cityscapes": "train", "synthia": "all",
+                                  "toy": "train"}  # fmt: skip
+
+
+# ================================================================================================
+# The script end to end on the toy data: train, checkpoint, evaluate, resume, fast path
+# ================================================================================================
+
+FAST = ["--source", "toy", "--pretrained", "none", "--device", "cpu", "--backbone", "test",
+        "--crop", "64", "--batch-size", "2", "--num-points", "64", "--workers", "0",
+        "--targets", "toy-night", "--cpu-threads", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_toy(toy_data, tmp_path_factory) -> pathlib.Path:
+    """A --data root with the toy's marker and a few of its frames: 8 source images, 2 toy-night
+    ones (the script checks the marker, then reads what the folders hold)."""
+    src, dst = toy_data / "toy", tmp_path_factory.mktemp("small_toy") / "toy"
+    names = [f"{i:05d}.png" for i in range(1, 9)]
+    for folder in ("images", "labels"):
+        (dst / "source" / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(src / "source" / folder / name, dst / "source" / folder / name)
+    (dst / "source" / "gtav_split_train.txt").write_text("\n".join(names) + "\n")
+    for folder, suffix in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):
+        (dst / "night" / folder / "val" / "toy").mkdir(parents=True)
+        for i in range(2):
+            name = f"toy/toy_{i:06d}_000019_{suffix}.png"
+            shutil.copy(
+                src / "night" / folder / "val" / name, dst / "night" / folder / "val" / name
+            )
+    shutil.copy(src / "toy.json", dst / "toy.json")
+    return dst.parent
+
+
+def test_toy_targets_are_evaluated_at_half_size_like_cityscapes(small_toy):
+    """gta512 evaluates Cityscapes at 1024x512, half its size; the Cityscapes-like toy targets
+    (256x128) likewise at 128x64, scored against their full-size labels; citys2acdc at full size."""
+    for recipe, size in (("gta512", (64, 128)), ("citys2acdc", (128, 256))):
+        args = rein.parse_args(["--source", "toy", "--recipe", recipe, "--data", str(small_toy)])
+        image, label, _ = rein.eval_dataset("toy-night", args)[0]
+        raw_image, raw_label, _ = common.build_dataset("toy-night", small_toy, "val")[0]
+        assert tuple(image.shape[-2:]) == size and torch.equal(label, raw_label)
+        assert torch.equal(image, rein.mmcv_resize(raw_image, None, size)[0])
+
+
+def trained(path: pathlib.Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_records(out: pathlib.Path) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+
+
+def test_script_trains_evaluates_resumes_exactly_and_fast_path_matches(
+    run_script, small_toy, tmp_path, monkeypatch
+):
+    """The script as a process (the toy preset's --fast on: fused AdamW), 3 iterations; the same
+    run in two pieces in-process; the plain path (--fast off) against it."""
+    a = tmp_path / "a"
+    full = run_script("rein.py", *FAST, "--data", small_toy, "--iters", "3", "--log-every", "1",
+                      "--out", a)  # fmt: skip
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "Rein 388,609" not in full.stdout  # the test backbone, not ViT-S
+    assert "trainable" in full.stdout and "toy-night 2 images" in full.stdout
+    results = json.loads((a / "results.json").read_text())
+    assert set(results) == {"toy-night"}
+    assert 0 <= results["toy-night"]["miou"] <= 100
+    assert set(results["toy-night"]["per_class_iou"]) == set(common.CLASS_NAMES)
+    header = json.loads((a / "log.jsonl").read_text().splitlines()[0])
+    toy_reins = rein.Reins(4, 32, token_length=50)  # the test VFM, the toy's 50 tokens
+    assert header["parameters"]["rein"] == rein.rein_parameter_counts(toy_reins)["rein"]
+    ckpt_a = trained(a / "last.pt")
+    assert ckpt_a["method"] == "rein" and ckpt_a["iter"] == 3
+    assert not any(k.startswith("backbone.vfm.") for k in ckpt_a["model"])
+
+    # 1 iteration whose evaluation fails: its checkpoint was written before evaluating
+    b = [*FAST, "--data", str(small_toy), "--log-every", "1", "--out", str(tmp_path / "b")]
+    with monkeypatch.context() as patch:
+        patch.setattr(rein, "evaluate", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            rein.main([*b, "--iters", "1"])
+    assert trained(tmp_path / "b" / "last.pt")["iter"] == 1
+    # resumed to 3 (in-process): bit-identical to the straight run
+    last = str(tmp_path / "b" / "last.pt")
+    rein.main([*b, "--iters", "3", "--resume", last])
+    ckpt_b = trained(tmp_path / "b" / "last.pt")
+    assert ckpt_b["iter"] == 3 and set(ckpt_b["model"]) == set(ckpt_a["model"])
+    for k, v in ckpt_a["model"].items():
+        assert torch.equal(v, ckpt_b["model"][k]), k
+    losses = [r["loss"] for r in train_records(a)]
+    assert [r["loss"] for r in train_records(tmp_path / "b")] == losses
+
+    # resuming with another model-shaping flag, another frozen VFM, or nothing left to train
+    with pytest.raises(common.CheckpointError, match="trained with --rein-tokens 50, this run"):
+        rein.main([*b, "--iters", "4", "--resume", last, "--rein-tokens", "20"])
+    with pytest.raises(common.UsageError, match="is at iteration 3 of --iters 3: nothing to train"):
+        rein.main([*b, "--iters", "3", "--resume", last])
+    with pytest.raises(common.CheckpointError, match="frozen VFM differs"):
+        rein.main([*b, "--iters", "4", "--resume", last, "--seed", "1"])
+
+    # The plain path: the first loss comes before any optimizer step and is equal. Later ones
+    # may differ by rel 1e-2: fused AdamW's rounding (1e-9 of the weights, see the next test)
+    # changes discrete choices downstream, which points PointRend's top-k keeps and which query
+    # the Hungarian matcher picks among near-identical ones; each such choice moves the loss by
+    # ~1e-3. Evaluating the fast run's checkpoint on the plain path gives the fast run's numbers.
+    c = tmp_path / "c"
+    rein.main([*FAST, "--data", str(small_toy), "--iters", "3", "--log-every", "1",
+               "--fast", "off", "--out", str(c)])  # fmt: skip
+    plain = [r["loss"] for r in train_records(c)]
+    assert len(plain) == 3 and plain[0] == losses[0]
+    assert losses == pytest.approx(plain, rel=1e-2)
+    assert plain[2] < 0.95 * plain[0] and losses[2] < 0.95 * losses[0]  # both learn
+    rein.main([*FAST, "--data", str(small_toy), "--eval-only", "--fast", "off",
+               "--resume", str(a / "last.pt"), "--out", str(c)])  # fmt: skip
+    assert json.loads((c / "results.json").read_text()) == results
+
+
+def test_fused_adamw_step_equals_the_plain_step():
+    """The fast path's only CPU switch: fused AdamW. One step from the same gradients gives the
+    same weights up to rounding (the fused kernel orders its float operations differently)."""
+    weights, init = {}, tiny_model()
+    for fast in ("off", "on"):
+        model = copy.deepcopy(init)
+        args = rein.parse_args([*FAST, "--fast", fast])
+        optimizer = rein.build_optimizer(model, args, common.Dist())
+        assert optimizer.defaults["fused"] is (True if fast == "on" else None)
+        torch.manual_seed(1)
+        out = model(torch.randn(2, 3, 64, 64))
+        targets = rein.semantic_to_targets(torch.randint(0, 8, (2, 64, 64)))
+        sum(rein.build_criterion(64)(out, targets).values()).backward()
+        optimizer.step()
+        weights[fast] = rein.trainable_state(model)
+    for k, v in weights["off"].items():
+        assert torch.allclose(weights["on"][k], v, rtol=1e-6, atol=1e-9), k
+    assert not torch.equal(
+        weights["off"]["backbone.reins.scale"], tiny_model().backbone.reins.scale
+    )
+
+
+def test_compiled_model_checkpoints_without_prefixes(tmp_path):
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")  # wraps only; nothing is compiled here
+    optimizer = torch.optim.AdamW(rein.param_groups(compiled, 0.05))
+    args = rein.parse_args(["--source", "toy", "--backbone", "test", "--out", str(tmp_path)])
+    rein.save_checkpoint(args, 1, compiled, optimizer, None)
+    ckpt = trained(tmp_path / "last.pt")
+    assert set(ckpt["model"]) == set(rein.trainable_state(model))
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+
+
+# ================================================================================================
+# Bad inputs and faults: one line, exit code 2, nothing lost
+# ================================================================================================
+
+
+def test_divergence_stops_before_the_matcher(run_script, small_toy, tmp_path):
+    run = run_script("rein.py", *FAST, "--data", small_toy, "--iters", "4", "--lr", "1e30",
+                     "--out", tmp_path)  # fmt: skip
+    line = one_error_line(run)
+    assert "not finite" in line and "training stopped" in line and "lower --lr" in line
+    assert "invalid numeric entries" not in run.stderr  # scipy never saw the NaNs
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_bad_targets_and_weights_fail_at_start(run_script, toy_data, tmp_path):
+    base = [*FAST, "--data", toy_data, "--iters", "2", "--out", tmp_path / "out"]
+    typo = run_script("rein.py", *base, "--targets", "toy-ctiy")
+    assert "unknown toy target 'toy-ctiy'" in one_error_line(typo)
+    # the default targets include Mapillary, which is often never downloaded
+    missing = one_error_line(run_script("rein.py", *base, "--targets", "toy-night,mapillary"))
+    assert missing.startswith("error: mapillary: missing validation/images/")
+    nope = tmp_path / "nope.pth"
+    weights = one_error_line(run_script("rein.py", *base, "--pretrained", nope))
+    assert weights == (
+        f"error: test weight file not found: {nope} (pass --pretrained PATH, or --pretrained "
+        "none for random init)"
+    )
+    auto = one_error_line(run_script("rein.py", *base, "--pretrained", "auto"))
+    assert "--backbone test has no official weights; use --pretrained none" in auto
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    garbage = run_script("rein.py", *base, "--official-ckpt", tmp_path / "garbage.pth")
+    assert "cannot read Rein checkpoint" in one_error_line(garbage)
+    torch.save({"method": "famix", "iter": 1, "args": {}}, tmp_path / "famix.pt")
+    other = run_script("rein.py", *base, "--resume", tmp_path / "famix.pt")
+    assert "is a famix checkpoint; rein.py needs one of its own" in one_error_line(other)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_unused_flags_warn_in_one_line_and_out_folder_is_guarded(run_script, toy_data, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    run = run_script("rein.py", *FAST, "--data", toy_data, "--out", tmp_path / "a_file",
+                     "--inference", "whole", "--stride", "20", "--full-rank", "--rein-rank", "8",
+                     "--mapillary-map", "hrda")  # fmt: skip
+    assert "is a file, not a folder" in one_error_line(run)
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --stride 20 is not used: --inference whole has no windows",
+        "warning: --rein-rank 8 is not used: --full-rank tokens have no rank",
+        "warning: --mapillary-map hrda is not used: no mapillary target",
+    ]
+    (tmp_path / "run").mkdir()
+    torch.save({}, tmp_path / "run" / "last.pt")
+    again = run_script("rein.py", *FAST, "--data", toy_data, "--out", tmp_path / "run")
+    assert "already holds a run" in one_error_line(again) and "--overwrite" in again.stderr
+
+
+def test_corrupt_training_image_ends_in_one_line(run_script, small_toy, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_toy, data)
+    for image in (data / "toy" / "source" / "images").glob("*.png"):
+        image.write_bytes(image.read_bytes()[:200])  # header intact, pixels cut off
+    run = run_script("rein.py", *FAST, "--data", data, "--iters", "2", "--out", tmp_path / "out")
+    line = one_error_line(run)
+    assert line.startswith(f"error: cannot read image {data / 'toy' / 'source' / 'images'}")
+    assert "delete" in line and "to have it written again" in line
+    assert not (tmp_path / "out" / "last.pt").exists()
+    # an evaluation label that cannot be decoded stops the run at start
+    label = sorted((data / "toy" / "night" / "gtFine").rglob("*_labelIds.png"))[0]
+    label.write_bytes(b"not a png")
+    run = run_script("rein.py", *FAST, "--data", data, "--out", tmp_path / "out2")
+    assert one_error_line(run).startswith(f"error: cannot read label {label}")
+    assert "Namespace" not in run.stdout and "parameters" not in run.stdout  # before the model
 
 
 # ================================================================================================
