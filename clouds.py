@@ -122,12 +122,12 @@ RECIPE = {
     ("toy", "warmup"): dict(iters=40, lr=1e-4, lr_schedule="constant", eval_every=0),
     ("toy", "joint"): dict(iters=10, lr=1e-4, lr_schedule="constant", eval_every=0),
 }
-# --source toy: CPU-sized settings (not paper values): tiny random encoder, 64 px crops, 20
-# queries, 1024 matcher/criterion points, fake SAM with the 5000 px threshold scaled from 768^2 to
-# 64^2 images (35 px), no evaluation before training.
+# --source toy: CPU-sized settings (not paper values): tiny random encoder, 64 px crops, 10
+# queries, 256 matcher/criterion points, fake SAM with the 5000 px threshold scaled from 768^2 to
+# 64^2 images (35 px), no evaluation before training, the fast path (fused AdamW) on CPU too.
 TOY_DEFAULTS = dict(
-    crop=64, batch_size=4, backbone="test", sam="fake", sam_min_area=35, num_points=1024,
-    num_queries=20, workers=0, pretrained="none", log_every=1, eval_before=False,
+    crop=64, batch_size=4, backbone="test", sam="fake", sam_min_area=35, num_points=256,
+    num_queries=10, workers=0, pretrained="none", log_every=1, eval_before=False, fast="on",
 )  # fmt: skip
 # [C configs/joint_training/*/*.yaml] DATASETS.TARGET_FACTOR: repeat factor of each generated
 # image (source images 1.0) in detectron2's WeightedTrainingSampler
@@ -542,7 +542,7 @@ def train_step(
                 )
             target["masks"] = pad_to(target["masks"], x.shape[-2:], 0.0)
             targets[b] = target
-    # one set criterion over the whole batch, no per-domain weighting (30 weighted terms)
+    # L = sum_t w_t * L_t over source and generated images alike (30 set-loss terms, no weighting)
     with model.autocast():
         losses = model.criterion(outputs, targets)
     loss = sum(losses.values())

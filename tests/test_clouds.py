@@ -673,6 +673,7 @@ def test_recipe_defaults_follow_source_and_phase():
         ["--source", "toy", "--data", "D", "--phase", "joint", "--init", "w"]
     )
     assert (args.iters, args.backbone, args.sam, args.crop) == (10, "test", "fake", 64)
+    assert (args.num_points, args.num_queries, args.fast, args.lr) == (256, 10, "on", 1e-4)
     assert args.generated == os.path.join("D", "toy_generated") and args.pretrained == "none"
     names = ("lr", "lr_schedule", "gen_factor", "targets", "iters", "eval_every", "pretrained")
     assert None not in [getattr(args, n) for n in (*names, "generated")]
@@ -1010,7 +1011,8 @@ def joint_run(toy_data, warmup_run, tmp_path_factory):
 
 def test_warmup_run_outputs(warmup_run):
     out, stdout = warmup_run
-    assert "parameters: total" in stdout and "head 19,537,108" in stdout
+    # 19,537,108 with 20 queries; the toy's 10 have 2 x 10 x 256 parameters fewer
+    assert "parameters: total" in stdout and "head 19,531,988" in stdout
     assert "data: 240 source images (toy train)" in stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"cityscapes"} and results["cityscapes"]["num_images"] == 2
@@ -1020,7 +1022,7 @@ def test_warmup_run_outputs(warmup_run):
     assert ckpt["method"] == "clouds" and ckpt["iter"] == 1 and ckpt["teacher"] is None
     assert any(k.startswith("head.") for k in ckpt["model"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert records[0]["parameters"]["head"] == 19_537_108
+    assert records[0]["parameters"]["head"] == 19_531_988
     assert records[0]["args"]["phase"] == "warmup"
     assert [r["type"] for r in records[1:]] == ["train", "eval"]
     assert {"loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm", "time_s"} <= set(records[1])
@@ -1189,10 +1191,10 @@ def test_bad_checkpoints_one_line(run_script, toy_data, warmup_run, joint_run, t
     warm, joint = warmup_run[0] / "last.pt", joint_run[0] / "last.pt"
     gen = ["--generated", str(tmp_path / "gen"), "--make-toy-generated", "2"]
     cases = [
-        (["--resume", str(warm), "--num-queries", "10"], "trained with --num-queries 20"),
+        (["--resume", str(warm), "--num-queries", "12"], "trained with --num-queries 10, this"),
         (["--phase", "joint", "--init", str(joint), *gen], "is a --phase joint checkpoint"),
         (["--phase", "joint", "--resume", str(warm), *gen], "is a --phase warmup checkpoint"),
-        (["--init", str(warm), "--num-queries", "7"], "--backbone test --num-queries 20"),
+        (["--init", str(warm), "--num-queries", "7"], "--backbone test --num-queries 10"),
     ]
     for k, (extra, expected) in enumerate(cases):
         proc = run_script("clouds.py", *toy_args(toy_data, tmp_path / f"o{k}", *extra))
