@@ -132,8 +132,7 @@ TOY_DEFAULTS = dict(
 # [C configs/joint_training/*/*.yaml] DATASETS.TARGET_FACTOR: repeat factor of each generated
 # image (source images 1.0) in detectron2's WeightedTrainingSampler
 GEN_FACTOR = {"gta": 2.0, "synthia": 0.7, "cityscapes": 0.2, "toy": 1.0}
-# generated images under --data: stable_diffusion/<folder> [C register_sd_semantic.py]; toy:
-# written by --make-toy-generated
+# under --data: stable_diffusion/<folder> [C register_sd_semantic.py]; toy: --make-toy-generated
 SD_FOLDER = os.path.join("stable_diffusion", "sd_llama70b_v2")
 GENERATED_DIR = {"gta": SD_FOLDER, "synthia": SD_FOLDER, "cityscapes": SD_FOLDER,
                  "toy": "toy_generated"}  # fmt: skip
@@ -165,6 +164,7 @@ EMA_ALPHA = 0.999  # SAM.ALPHA_EMA
 EMA_EVERY = 100  # ITERATION_UPDATE
 SAM_MIN_AREA = 5000  # SAM.SIZE_THRESHOLD (components must be strictly larger)
 SAM_POINTS = 5  # SAM.NUM_POINTS
+SEGMENT_ANYTHING = ("segment_anything", "pip install segment-anything")  # vit_h / vit_l / vit_b
 SAM_DEFAULT_CHECKPOINTS = {"mobile_sam": "weights/mobile_sam.pt",  # [C sam.py] ./weights/...
                            "vit_h": "weights/sam_vit_h_4b8939.pth",
                            "vit_l": "weights/sam_vit_l_0b3195.pth",
@@ -180,8 +180,7 @@ GEN_NUM_IMAGES = 5000  # --num-images per call (5,000 in total [unverified])
 # Evaluation [C mapper_test.py: ResizeShortestEdge(1024)]; mIoU over classes with GT pixels
 # [C semantic_evaluation.py]. toy: short side 64 (CPU-sized).
 EVAL_SHORT_SIDE = {"gta": 1024, "synthia": 1024, "cityscapes": 1024, "toy": 64}
-# SYNTHIA-source runs are trained and scored with 19 classes [C configs]; the 16- and 13-class
-# means usual for SYNTHIA are logged beside them (miou_16, miou_13).
+# SYNTHIA runs are scored with 19 classes [C configs]; the usual 16- and 13-class means beside
 SYNTHIA_SUBSETS = {"16": common.SYNTHIA16, "13": common.SYNTHIA13}
 
 
@@ -448,13 +447,12 @@ def build_sam_predictor(kind: str, checkpoint: str | None, device: torch.device)
     (1024) + SAM normalisation (set_image), points scaled into that frame, multimask_output=True,
     masks binarised at logit 0. checkpoint None: the official weights/... path.
     DEVIATION 2: eval mode (official: MobileSAM left in train mode, BatchNorm batch statistics)."""
-    package = "mobile_sam" if kind == "mobile_sam" else "segment_anything"
+    package, how = ("mobile_sam", "install MobileSAM") if kind == "mobile_sam" else SEGMENT_ANYTHING
     try:
         sam_lib = importlib.import_module(package)
     except ImportError:
         raise common.UsageError(
-            f"--sam {kind} needs the `{package}` package (MobileSAM's, or pip install "
-            "segment-anything); or use --sam none (no-SAM ablation)"
+            f"--sam {kind} needs the `{package}` package ({how}); or --sam none (no-SAM ablation)"
         ) from None
     checkpoint = checkpoint or SAM_DEFAULT_CHECKPOINTS[kind]
     if not os.path.isfile(checkpoint):
@@ -1099,11 +1097,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def build_model(
-    args: argparse.Namespace, dist: common.Dist
+    args: argparse.Namespace, dist: common.Dist, resume: dict | None = None
 ) -> tuple[CLOUDS, torch.amp.GradScaler | None, dict]:
-    """Encoder and head with their weights (Appendix B), the teacher (joint phase), SAM, the
-    criterion, and the speed switches: channels_last encoder (--fast), compiled head
-    (--compile)."""
+    """Encoder and head with their weights (Appendix B; `resume`: the --resume checkpoint), the
+    teacher (joint phase), SAM, the criterion, and the speed switches: channels_last encoder
+    (--fast), compiled head (--compile)."""
     backbone, head, weights = load_weights(args)
     backbone.memory_format = common.memory_format(args, dist)
     backbone.to(dist.device, memory_format=backbone.memory_format)
@@ -1116,6 +1114,8 @@ def build_model(
     autocast, scaler = common.autocast(dist.device, args.amp)
     student = common.wrap_ddp(common.maybe_compile(head, args), dist)
     model = CLOUDS(backbone, head, student, criterion, teacher, sam, autocast, dist.rank)
+    if resume is not None:
+        restore_run(model, resume, f"--resume {args.resume}")
     return model, scaler, weights
 
 
@@ -1145,17 +1145,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             make_toy_generated(args.generated, args.make_toy_generated, args.crop, args.seed)
     if dist.enabled:
         torch.distributed.barrier()
-    # every dataset and weights file the flags name is opened now: a typo fails in seconds
+    # every checkpoint, dataset and weights file the flags name is opened now: a typo fails fast
+    ckpt = read_resume(args) if args.resume else None
     targets = {t: common.build_dataset(t, args.data, "val") for t in common.parse_targets(args)}
     train_set, factors = (None, None) if args.eval_only else build_train_set(args)
-    model, scaler, weights = build_model(args, dist)
+    model, scaler, weights = build_model(args, dist, ckpt)
     counts = parameter_counts(model)
     common.print0("args: " + json.dumps(common.args_to_primitives(args), sort_keys=True))
     common.print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     per_gpu = args.batch_size // dist.world_size
     common.print0(f"batch: {args.batch_size} global, {per_gpu} per process x {dist.world_size}")
     log = common.RunLog(args.out, args, {"parameters": counts, "weights": weights}, dist.is_main)
-    ckpt = load_resume(args, model) if args.resume else None
     if args.eval_only:
         common.report_results(evaluate(model, targets, args, dist), None, log)
         return
@@ -2181,15 +2181,19 @@ def load_weights(args: argparse.Namespace) -> tuple[FrozenCLIPEncoder, Mask2Form
     weights file or a released CLOUDS .pth) and --init applied. Returns counts for the log."""
     kind = pretrained_kind(args)
     obj = read_weights(args.pretrained) if kind == "file" else None
+    init = read_init(args) if args.init else None  # every file read before anything is built
     backbone = FrozenCLIPEncoder(args.backbone, args.pretrained if kind == "tag" else "none")
     head = build_head(backbone, args.num_queries)
     report = {}
-    if obj is not None and is_official_checkpoint(obj):
+    if obj is not None and is_official_checkpoint(obj):  # a released CLOUDS .pth
         report.update(load_official_checkpoint(obj, backbone, head))
-    elif obj is not None:
+    elif obj is not None:  # CLIP weights
         report["clip_tensors"] = load_clip_weights(backbone, obj, args.pretrained)
-    if args.init:
-        report.update(load_init_weights(args, backbone, head))
+    if init is not None and is_official_checkpoint(init):
+        report.update(load_official_checkpoint(init, backbone, head))
+    elif init is not None:
+        load_model_state(backbone, head, init, f"--init {args.init}")
+        report.update(init=args.init, init_iter=init["iter"], init_phase=init["args"].get("phase"))
     return backbone, head, report
 
 
@@ -2202,8 +2206,9 @@ def model_state(model: CLOUDS) -> dict:
     return state
 
 
-def load_resume(args: argparse.Namespace, model: CLOUDS) -> dict:
-    """--resume: a checkpoint of this phase and these model flags; head, test encoder, teacher."""
+def read_resume(args: argparse.Namespace) -> dict:
+    """--resume: a checkpoint of this file, of this phase and these model flags (checked before
+    anything is built)."""
     ckpt = common.load_checkpoint(args.resume, "clouds")
     phase = ckpt["args"].get("phase")
     if phase != args.phase and not args.eval_only:
@@ -2212,10 +2217,14 @@ def load_resume(args: argparse.Namespace, model: CLOUDS) -> dict:
             "(a joint run starts from a warm-up checkpoint with --init)"
         )
     common.check_resume_args(ckpt, args, MODEL_FLAGS)
-    load_model_state(model.backbone, model.head, ckpt, f"--resume {args.resume}")
+    return ckpt
+
+
+def restore_run(model: CLOUDS, ckpt: dict, source: str) -> None:
+    """A checkpoint of this file onto the model: head, test encoder, teacher and its counter."""
+    load_model_state(model.backbone, model.head, ckpt, source)
     if model.teacher is not None and ckpt.get("teacher") is not None:
         model.teacher.load_state_dict(ckpt["teacher"])
-    return ckpt
 
 
 def load_model_state(backbone: FrozenCLIPEncoder, head: nn.Module, ckpt: dict, source: str) -> int:
@@ -2232,16 +2241,14 @@ def load_model_state(backbone: FrozenCLIPEncoder, head: nn.Module, ckpt: dict, s
     return n
 
 
-def load_init_weights(
-    args: argparse.Namespace, backbone: FrozenCLIPEncoder, head: nn.Module
-) -> dict:
+def read_init(args: argparse.Namespace) -> dict:
     """--init: a warm-up checkpoint of this file (head, + test encoder) or a released CLOUDS .pth.
     A joint-phase checkpoint is refused: its teacher would be dropped."""
     path = args.init
     hint = "the joint phase starts from the warm-up run's last.pt (run --phase warmup first)"
     obj = common.read_weights_file(path, "--init checkpoint", hint)
     if is_official_checkpoint(obj):
-        return load_official_checkpoint(obj, backbone, head)
+        return obj
     ckpt = obj if isinstance(obj, dict) and obj.get("method") == "clouds" else None
     ckpt = ckpt or common.load_checkpoint(path, "clouds")  # its one-line reason
     phase = ckpt["args"].get("phase")
@@ -2250,8 +2257,7 @@ def load_init_weights(
             f"--init {path} is a --phase joint checkpoint: start a joint run from the warm-up "
             f"run's last.pt (--resume {path} continues that joint run)"
         )
-    load_model_state(backbone, head, ckpt, f"--init {path}")
-    return {"init": path, "init_iter": ckpt["iter"], "init_phase": phase}
+    return ckpt
 
 
 # =============================================================================================

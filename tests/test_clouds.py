@@ -6,6 +6,7 @@ resume, fast path). CPU only, random weights, no network."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -27,6 +28,12 @@ import common
 REPO = Path(__file__).resolve().parents[1]
 CONVNEXT_L = (192, 384, 768, 1536)
 RESNET = (256, 512, 1024, 2048)
+
+
+@functools.cache
+def meta_encoder(backbone: str) -> clouds.FrozenCLIPEncoder:
+    """Shapes and names of a full-size encoder without memory, built once (read-only use)."""
+    return clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -77,7 +84,7 @@ def test_file_skeleton():
     ],
 )
 def test_head_parameter_counts(backbone, expected):
-    encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
+    encoder = meta_encoder(backbone)
     assert encoder.channels == (CONVNEXT_L if backbone.startswith("convnext") else RESNET)
     with torch.device("meta"):
         head = clouds.build_head(encoder)
@@ -90,11 +97,11 @@ def test_head_parameter_counts(backbone, expected):
 def test_encoder_keeps_only_the_image_trunk():
     # ConvNeXt-L visual has 199,770,816 parameters; the text tower, the projection MLP
     # and the pooling head are not kept (only the stem and the four stages are used)
-    encoder = clouds.FrozenCLIPEncoder("convnext_large_d_320", "none", device="meta")
+    encoder = meta_encoder("convnext_large_d_320")
     keys = list(encoder.state_dict())
     assert all(k.startswith("visual.trunk.") for k in keys)
     assert {k.split(".")[2] for k in keys} == {"stem", "stages"}
-    rn = clouds.FrozenCLIPEncoder("RN50-quickgelu", "none", device="meta")
+    rn = meta_encoder("RN50-quickgelu")
     assert not any(k.startswith("visual.attnpool") for k in rn.state_dict())
 
 
@@ -103,7 +110,7 @@ def test_encoder_keeps_only_the_image_trunk():
 )
 def test_shapes_at_768(backbone, channels):
     """a 768x768 batch: res2..res5, mask features, 12,096 encoder tokens, outputs."""
-    encoder = clouds.FrozenCLIPEncoder(backbone, "none", device="meta")
+    encoder = meta_encoder(backbone)
     feats = encoder(torch.zeros(2, 3, 768, 768, device="meta"))
     assert [tuple(f.shape) for f in feats] == [
         (2, channels[0], 192, 192),
