@@ -1162,50 +1162,54 @@ def one_error_line(proc) -> str:
     return "error: " + proc.stderr.split("error: ", 1)[1].splitlines()[0]
 
 
-@pytest.mark.parametrize(
-    "extra, expected",
-    [
-        (["--pretrained", "/no/such/file.pt"], "--pretrained /no/such/file.pt: no such file"),
-        (["--targets", "toy-city,toy-nowhere"], "unknown toy target 'toy-nowhere'"),
-        (
-            [
-                "--phase",
-                "joint",
-                "--init",
-                "nope.pt",
-                "--generated",
-                "GEN",
-                "--make-toy-generated",
-                "2",
-            ],
-            "--init checkpoint not found: nope.pt",
-        ),
-        (["--num-queries", "0"], "--num-queries: must be >= 1"),
-        (["--ema-alpha", "1.5"], "--ema-alpha 1.5: must be in [0, 1]"),
-        (["--gen-factor", "0"], "--gen-factor: must be > 0"),
-        (["--sam-points", "-1"], "--sam-points: must be >= 1"),
-        (["--source", "gta", "--make-toy-generated", "3"], "--make-toy-generated is for"),
-    ],
-)
-def test_bad_inputs_one_line(run_script, toy_data, tmp_path, extra, expected):
-    extra = [str(tmp_path / "gen") if word == "GEN" else word for word in extra]
-    proc = run_script("clouds.py", *toy_args(toy_data, tmp_path / "o", "--no-eval-before", *extra))
-    assert expected in one_error_line(proc)
-    assert not (tmp_path / "o" / "last.pt").exists()
-
-
-def test_bad_checkpoints_one_line(run_script, toy_data, warmup_run, joint_run, tmp_path):
+def test_bad_inputs_as_processes(run_script, toy_data, warmup_run, joint_run, tmp_path):
+    """The command line: exit code 2 and one line, for a flag, a file and a checkpoint error."""
     warm, joint = warmup_run[0] / "last.pt", joint_run[0] / "last.pt"
     gen = ["--generated", str(tmp_path / "gen"), "--make-toy-generated", "2"]
     cases = [
-        (["--resume", str(warm), "--num-queries", "12"], "trained with --num-queries 10, this"),
+        (["--num-queries", "0"], "argument --num-queries: must be >= 1"),
+        (["--pretrained", "/no/such/file.pt"], "--pretrained /no/such/file.pt: no such file"),
         (["--phase", "joint", "--init", str(joint), *gen], "is a --phase joint checkpoint"),
-        (["--phase", "joint", "--resume", str(warm), *gen], "is a --phase warmup checkpoint"),
-        (["--init", str(warm), "--num-queries", "7"], "--backbone test --num-queries 10"),
+        (["--resume", str(warm), "--num-queries", "12"], "trained with --num-queries 10, this"),
     ]
     for k, (extra, expected) in enumerate(cases):
         proc = run_script("clouds.py", *toy_args(toy_data, tmp_path / f"o{k}", *extra))
         assert expected in one_error_line(proc), extra
+        assert not (tmp_path / f"o{k}" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--targets", "toy-city,toy-nowhere"], "unknown toy target 'toy-nowhere'"),
+        (["--phase", "joint", "--init", "nope.pt", "GEN"], "--init checkpoint not found: nope.pt"),
+        (["--phase", "joint", "--init", "W", "--generated", "nowhere"], "nowhere: no such folder"),
+        (["--ema-alpha", "1.5"], "--ema-alpha 1.5: must be in [0, 1]"),
+        (["--source", "gta", "--make-toy-generated", "3"], "--make-toy-generated is for"),
+        (["--init", "W", "--num-queries", "7"], "trained with --backbone test --num-queries 10"),
+        (["--phase", "joint", "--resume", "W", "GEN"], "is a --phase warmup checkpoint"),
+        (["--resume", "W", "--backbone", "RN50-quickgelu"], "trained with --backbone test, this"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(toy_data, warmup_run, tmp_path, extra, expected):
+    """The same errors in this process (run_cli turns each into one line and exit code 2)."""
+    names = {"W": [str(warmup_run[0] / "last.pt")], "GEN": ["--generated", str(tmp_path / "g"),
+                                                          "--make-toy-generated", "2"]}  # fmt: skip
+    extra = [word for w in extra for word in names.get(w, [w])]
+    with pytest.raises(common.UsageError) as info:
+        run_main(*toy_args(toy_data, tmp_path / "o", "--no-eval-before", *extra))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_numbers_are_validated(capsys):
+    for flag, value in (("--num-points", "0"), ("--sam-points", "0"), ("--sam-min-area", "-1"),
+                        ("--ema-every", "0"), ("--gen-factor", "0"), ("--lr", "-1"),
+                        ("--make-toy-generated", "-5"), ("--iters", "0")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            clouds.parse_args(["--source", "toy", flag, value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: must be" in err
 
 
 def test_existing_run_is_not_replaced(run_script, toy_data, warmup_run, tmp_path):
@@ -1238,13 +1242,14 @@ def test_open_clip_tag_offline_fails_at_once(run_script, toy_data, tmp_path):
     assert "--pretrained FILE" in line
 
 
-def test_unused_values_get_one_warning(run_script, toy_data, tmp_path):
+def test_unused_values_get_one_warning(toy_data, tmp_path, capsys):
     _, notes = clouds.parse_args(["--source", "toy", "--generated", "x", "--ema-alpha", "0.5"])
     assert notes == ["--generated, --ema-alpha: only the joint phase uses them; this warm-up run "
                      "ignores them"]  # fmt: skip
     argv = ["--source", "toy", "--phase", "joint", "--init", "w", "--sam-checkpoint", "s.pt"]
     assert clouds.parse_args(argv)[1] == ["--sam-checkpoint is not used with --sam fake"]
     assert clouds.parse_args(["--source", "toy"])[1] == []
-    proc = run_script("clouds.py", *toy_args(toy_data, tmp_path / "u", "--gen-factor", "3",
-                                             "--targets", "nope"))  # fmt: skip
-    assert proc.stderr.count("warning: ") == 1 and "--gen-factor" in proc.stderr
+    with pytest.raises(common.UsageError, match="unknown dataset 'nope'"):
+        run_main(*toy_args(toy_data, tmp_path / "u", "--gen-factor", "3", "--targets", "nope"))
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "--gen-factor" in err
