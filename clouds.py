@@ -128,6 +128,7 @@ RECIPE = {
 TOY_DEFAULTS = dict(
     crop=64, batch_size=4, backbone="test", sam="fake", sam_min_area=35, num_points=256,
     num_queries=10, workers=0, pretrained="none", log_every=1, eval_before=False, fast="on",
+    eval_batch_size=16,
 )  # fmt: skip
 # [C configs/joint_training/*/*.yaml] DATASETS.TARGET_FACTOR: repeat factor of each generated
 # image (source images 1.0) in detectron2's WeightedTrainingSampler
@@ -974,6 +975,7 @@ def evaluate(model: CLOUDS, targets: dict, args: argparse.Namespace, dist: commo
                 dist=dist,
                 miou_mode="present_gt",
                 workers=min(args.workers, 2),
+                batch_size=args.eval_batch_size,
                 save_preds=args.save_preds,
                 save_dir=os.path.join(args.out, "preds", name) if args.save_preds else None,
                 subsets=SYNTHIA_SUBSETS if args.source == "synthia" else None,

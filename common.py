@@ -1415,10 +1415,6 @@ class _EvalView(Dataset):
         return image, label, name, self.indices[i]
 
 
-def _single(batch: list) -> Any:
-    return batch[0]
-
-
 @torch.inference_mode()
 def evaluate_dataset(
     predict: Callable[[torch.Tensor], torch.Tensor],
@@ -1429,38 +1425,43 @@ def evaluate_dataset(
     miou_mode: str = "nanmean",
     align_corners: bool = False,
     workers: int = 2,
+    batch_size: int = 1,
     save_preds: int = 0,
     save_dir: str | Path | None = None,
     subsets: dict | None = None,
     desc: str = "eval",
 ) -> dict:
-    """Score `predict` (uint8 (1,3,h,w) on the device -> logits (1,C,h',w')) on a dataset.
-    Logits are bilinearly resized to the label's size, then argmax. Returns {"miou",
-    "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g. SYNTHIA16).
-    Runs under inference_mode, with cuDNN's autotuner off (every image size would be tuned)."""
+    """Score `predict` (uint8 (B,3,h,w) on the device -> logits (B,C,h',w')) on a dataset.
+    Logits are bilinearly resized to the label's size, then argmax. Up to `batch_size` images of
+    one size go through `predict` together (in eval mode no sample sees another). Returns
+    {"miou", "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g.
+    SYNTHIA16). Runs under inference_mode, with cuDNN's autotuner off (every image size would
+    be tuned)."""
     indices = range(dist.rank, len(dataset), dist.world_size)
     view = _EvalView(dataset, indices, resize)
     # Own generator: evaluating does not consume the global RNG, so training resumes exactly
     # whether or not an evaluation happened in between.
-    loader = DataLoader(
-        view,
-        batch_size=1,
-        num_workers=workers,
-        collate_fn=_single,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = DataLoader(view, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
     tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-    for image, label, name, index in progress(len(view), 0, dist.is_main, desc)(loader):
-        logits = predict(image[None].to(dist.device, non_blocking=True))
-        if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(
-                logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=align_corners
-            )
-        pred = logits.argmax(1)[0]
-        cm.update(pred, label)
-        if save_dir is not None and index < save_preds:
-            save_prediction_strip(Path(save_dir) / f"{index:05d}_{name}.png", image, label, pred)
+    bar = progress(len(view), 0, dist.is_main, desc)
+    for items in loader:
+        for group in _same_size_runs(items):
+            images = torch.stack([image for image, *_ in group])  # (B, 3, h, w)
+            logits = predict(images.to(dist.device, non_blocking=True))
+            label_hw = group[0][1].shape[-2:]
+            if logits.shape[-2:] != label_hw:
+                logits = F.interpolate(
+                    logits.float(), size=label_hw, mode="bilinear", align_corners=align_corners
+                )
+            for (image, label, name, index), pred in zip(group, logits.argmax(1)):
+                cm.update(pred, label)
+                if save_dir is not None and index < save_preds:
+                    path = Path(save_dir) / f"{index:05d}_{name}.png"
+                    save_prediction_strip(path, image, label, pred)
+        bar.update(len(items))
+    bar.close()
     torch.backends.cudnn.benchmark = tuned
     cm.all_reduce()
     result = {
@@ -1471,6 +1472,18 @@ def evaluate_dataset(
     for key, subset in (subsets or {}).items():
         result[f"miou_{key}"] = round(cm.miou(miou_mode, subset), 4)
     return result
+
+
+def _same_size_runs(items: list) -> list[list]:
+    """Consecutive (image, label, ...) items split where the image or label size changes."""
+    runs: list[list] = []
+    for item in items:
+        sizes = (item[0].shape, item[1].shape)
+        if runs and (runs[-1][0][0].shape, runs[-1][0][1].shape) == sizes:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def format_results(results: dict[str, dict]) -> str:
@@ -1862,6 +1875,8 @@ def add_shared_flags(
       help=h("evaluate every N iterations; 0 = at the end only", "eval_every"))
     a("--log-every", type=positive_int, default=log_every, help=h("log every N", "log_every"))
     a("--workers", type=nonnegative_int, default=workers, help=h("loader workers", "workers"))
+    a("--eval-batch-size", type=positive_int, default=1,
+      help=h("images of one size per evaluation forward pass", "eval_batch_size"))
     a("--cpu-threads", type=nonnegative_int, default=0, help=h("0 = PyTorch's choice", "threads"))
     a("--save-preds", type=nonnegative_int, default=0,
       help=h("save image | label | prediction of the first N images per target", "save_preds"))

@@ -862,6 +862,7 @@ def evaluate(
                 dist=dist,
                 miou_mode="nanmean",
                 workers=args.workers,
+                batch_size=args.eval_batch_size,
                 save_preds=args.save_preds,
                 save_dir=Path(args.out) / "preds" / name,
                 desc=name,
@@ -886,7 +887,7 @@ RECIPES = {
                        batch_size=8, lr=6e-5, warmup_iters=10000),
 }  # fmt: skip
 
-# Toy defaults (CPU, about a minute on one thread). ViT-S, the smallest DINOv2 (ViT-L cannot
+# Toy defaults (CPU, about two minutes on 2 cores). ViT-S, the smallest DINOv2 (ViT-L cannot
 # train on a CPU in minutes; the 4-block `test` ViT did not learn in 250 steps: ~3 mIoU). A step
 # costs about as much as reading the head's 20M weights, whatever the crop, so the savings are:
 # 50 tokens (= queries; the toy has 8 classes) and crop 48 with 144 points (0.56x the step time
@@ -894,12 +895,13 @@ RECIPES = {
 # targets evaluated at half size (EVAL_SCALES). lr 5e-4 and 250 steps: Rein's queries start nearly
 # identical (tiny tokens A·B behind shared linear layers) and separate only after ~150 steps;
 # with the paper's 1e-4, or 200-220 steps, they separate late or not at all (3-9 mIoU on some
-# targets). One CPU thread: the toy's many small ops ran 10-30x slower with 2 threads on a
-# 2-core machine that had any other load. Any flag written on the command line wins.
+# targets). The 144 target images are evaluated 16 at a time. PyTorch's thread count: on an idle
+# 2-core machine two threads take 0.89x the time of one (--cpu-threads 1 on a busy machine,
+# where a second thread only waits). Any flag written on the command line wins.
 TOY_DEFAULTS = dict(backbone="dinov2_s", rein_tokens=50, crop=48, num_points=144, batch_size=2,
                     iters=250, lr=5e-4, fast="on", eval_every=0, workers=0, log_every=10,
                     targets=",".join(common.TOY_TARGETS), inference="whole",
-                    cpu_threads=1)  # fmt: skip
+                    eval_batch_size=16)  # fmt: skip
 
 
 def presets(first: argparse.Namespace) -> dict:
@@ -924,9 +926,9 @@ def build_parser() -> argparse.ArgumentParser:
         eval_every=10000, log_every=50, workers=2,
         cite={
             "source": "toy selects ViT-S, 50 tokens, crop 48, 144 points, batch 2, 250 "
-                      "iterations, lr 5e-4, --fast on, whole-image inference, no workers, 1 CPU "
-                      "thread, evaluation at the end (see TOY_DEFAULTS); official: GTA5 "
-                      "[C dg_gta_512x512.py]",
+                      "iterations, lr 5e-4, --fast on, whole-image inference, no workers, "
+                      "evaluation at the end, 16 images at a time (see TOY_DEFAULTS); official: "
+                      "GTA5 [C dg_gta_512x512.py]",
             "iters": "official: 40000 [C rein_dinov2_mask2former_512x512_bs1x4.py]",
             "batch_size": "official: 4 on one GPU, citys2acdc 2 x 4 GPUs [C configs]",
             "crop": "a multiple of the patch size 16; official: 512, citys2acdc 1024 [C configs]",
@@ -934,7 +936,6 @@ def build_parser() -> argparse.ArgumentParser:
             "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>",
             "eval_every": "official: val_interval 10000 [C configs]",
             "log_every": "official: 50 [C default_runtime.py]",
-            "threads": "toy: 1, its many small ops run slower with more on a loaded CPU",
         },
     )  # fmt: skip
     g = parser.add_argument_group("rein")

@@ -1210,7 +1210,7 @@ def test_strip_prefixes_and_unwrap():
 SHARED_DESTS = {
     "source", "data", "targets", "iters", "batch_size", "crop", "amp", "tf32", "fast", "compile",
     "out", "overwrite", "resume", "device", "seed", "pretrained", "eval_only", "eval_every",
-    "log_every", "workers", "cpu_threads", "save_preds", "bench", "peak_tflops",
+    "log_every", "workers", "eval_batch_size", "cpu_threads", "save_preds", "bench", "peak_tflops",
 }  # fmt: skip
 
 
