@@ -2645,7 +2645,7 @@ def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) ->
 
 # Arguments that tell runs of one method apart, shown in the row label when they differ.
 VARIANT_ARGS = ("phase", "style", "recipe", "freeze", "prompt", "mix_with", "num_styles", "sam",
-                "full_rank", "inference", "scale", "ensemble", "iters", "lr")  # fmt: skip
+                "full_rank", "inference", "scale", "ensemble")  # fmt: skip
 
 
 def read_run(run: str | Path) -> dict:
@@ -2680,7 +2680,9 @@ def _run_labels(runs: list[dict]) -> list[str]:
         peers = [r["args"] for r in runs if r["method"] == run["method"]]
         differ = [k for k in VARIANT_ARGS if len({str(p.get(k)) for p in peers}) > 1]
         labels.append(base + "".join(f" {k}={a.get(k)}" for k in differ))
-    return labels
+    # runs still alike (e.g. other learning rates) are told apart by their folder
+    return [f"{label} ({run['dir'].name})" if labels.count(label) > 1 else label
+            for label, run in zip(labels, runs)]  # fmt: skip
 
 
 def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> str:

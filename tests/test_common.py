@@ -1874,6 +1874,9 @@ def test_compare_runs_tables_and_picture(tmp_path, capsys):
         _fake_run(tmp_path / "c", "rein", {"backbone": "dinov2_s", "source": "toy"}, {
             "toy-fog": _result(40.5, {"road": 40.0, "sky": 41.0}),
         }),
+        _fake_run(tmp_path / "d", "rein", {"backbone": "dinov2_s", "source": "toy", "lr": 1}, {
+            "toy-fog": _result(1.0, {"road": 1.0}),
+        }),
     ]  # fmt: skip
     table = common.compare_runs(runs, tmp_path / "cmp")
     assert table == capsys.readouterr().out.split("wrote")[0].rstrip("\n")
@@ -1881,9 +1884,10 @@ def test_compare_runs_tables_and_picture(tmp_path, capsys):
     assert lines[0] == "| run | toy-city | toy-fog | mean |"  # source-val left out
     assert lines[2] == "| famix test toy style=famix | 20.00 | 30.00 | 25.00 |"
     assert lines[3] == "| famix test toy style=none | 10.00 | - | 10.00 |"
-    assert lines[4] == "| rein dinov2_s toy | - | 40.50 | 40.50 |"
-    assert "| road | 40.00 | 20.00 | 40.00 |" in lines  # mean over the run's targets
-    assert "| sky | 10.00 | 0.00 | 41.00 |" in lines
+    assert lines[4] == "| rein dinov2_s toy (c) | - | 40.50 | 40.50 |"  # alike: folder names
+    assert lines[5] == "| rein dinov2_s toy (d) | - | 1.00 | 1.00 |"
+    assert "| road | 40.00 | 20.00 | 40.00 | 1.00 |" in lines  # mean over the run's targets
+    assert "| sky | 10.00 | 0.00 | 41.00 | - |" in lines
     assert not any(line.startswith("| car |") for line in lines)  # no run scores it
     with Image.open(tmp_path / "cmp" / "compare.png") as im:
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] == 800
