@@ -2122,7 +2122,7 @@ def read_weights(path: str) -> dict:
 
 def load_clip_weights(backbone: FrozenCLIPEncoder, state: dict, path: str) -> int:
     """A local CLIP weights file into the frozen encoder: its visual.* tensors, strictly; the text
-    tower and the image projection / attention pool are not used (DEVIATION 1)."""
+    tower and the image projection / attention pool are not used (deviation 1)."""
     state = common.strip_prefixes(state)  # open_clip training checkpoints save module.*
     clip = {f"backbone.clip_model.{k}": v for k, v in state.items()}
     visual, _, _, dropped = split_official_state_dict(clip)

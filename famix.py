@@ -132,8 +132,8 @@ CHARS_LENGTH = 9
 TOY_DEFAULTS = {
     "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8,
     "iters": 240, "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3,
-    "pin_iters": 10, "templates": 2, "cpu_threads": 1,  # a 2nd thread only spins: tiny model
-    "eval_batch_size": 16,
+    "pin_iters": 10, "templates": 2, "eval_batch_size": 16,
+    "cpu_threads": 1,  # a 2nd thread only spins: tiny model
     # Random-init layer1 features are ~100x smaller than CLIP's: PIN's lr 1 would throw the
     # statistics far outside their range (even negative sigma), so the toy run steps gently.
     "pin_lr": 0.05,
@@ -999,9 +999,8 @@ def evaluate(model: FAMixSegmenter, targets: dict, args: argparse.Namespace, dis
             results[name] = common.evaluate_dataset(
                 predict, dataset, resize=EVAL_RESIZE.get(name, common.EvalResize()), dist=dist,
                 miou_mode="nanmean", align_corners=True, workers=args.workers,
-                batch_size=args.eval_batch_size,
-                save_preds=args.save_preds, save_dir=Path(args.out) / "preds" / name,
-                subsets=subsets, desc=name,
+                batch_size=args.eval_batch_size, save_preds=args.save_preds,
+                save_dir=Path(args.out) / "preds" / name, subsets=subsets, desc=name,
             )  # fmt: skip
     set_train_mode(model)  # DEVIATION 5: for every source (official: GTA5 only)
     return results

@@ -684,7 +684,7 @@ def check_checkpoint(ckpt: dict, args: argparse.Namespace) -> None:
 
 def load_trained(model: nn.Module, ckpt: dict, args: argparse.Namespace) -> None:
     """The trained tensors of one of our checkpoints (--resume), trained on the same frozen VFM
-    (its fingerprint, DEVIATION 8); only the VFM may be absent."""
+    (its fingerprint: deviation 8); only the VFM may be absent."""
     fp = ckpt.get("frozen_fingerprint")
     if fp is not None and not math.isclose(fp, frozen_fingerprint(model), rel_tol=1e-9):
         raise common.CheckpointError(

@@ -1901,6 +1901,70 @@ def test_compare_needs_results(run_script, tmp_path):
 
 
 # =============================================================================================
+# The three method files share one layout
+# =============================================================================================
+
+SECTIONS = ["1. The method", "2. Model", "3. Data and augmentation", "4. Training",
+            "5. Evaluation", "6. Command line and main"]  # fmt: skip
+APPENDICES = ["Appendix A: Mask2Former", "Appendix B: Official weights", "Appendix C: Benchmark"]
+BANNER = "# " + "=" * 93
+
+
+def _banners(lines: list[str]) -> list[tuple[int, str]]:
+    """(line number of the banner's first rule, title) of every section banner."""
+    return [(i, lines[i + 1][2:]) for i in range(len(lines) - 2)
+            if lines[i] == BANNER and lines[i + 2] == BANNER]  # fmt: skip
+
+
+def _plumbing_blocks(lines: list[str]) -> list[list[str]]:
+    """The `# PLUMBING:` blocks of `train`: the comment and the lines up to the next tag."""
+    body = lines[lines.index(next(x for x in lines if x.startswith("def train("))) :]
+    body = body[: body.index("    bar.close()")]
+    blocks, current = [], None
+    for line in body:
+        if "# PLUMBING:" in line or "# METHOD:" in line:
+            current = [line.strip()] if "# PLUMBING:" in line else None
+            if current is not None:
+                blocks.append(current)
+        elif current is not None:
+            current.append(line.strip())
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["famix.py", "rein.py", "clouds.py"])
+def test_method_file_skeleton(name):
+    lines = (REPO / name).read_text().splitlines()
+    titles = [title for _, title in _banners(lines)]
+    appendices = APPENDICES[name == "famix.py" :]  # FAMix has no Mask2Former
+    assert titles == SECTIONS + appendices
+    starts = dict((title, i + 1) for i, title in _banners(lines))
+    first = next(i for i in range(starts[SECTIONS[0]], len(lines))
+                 if lines[i].startswith(("def ", "class ")))  # fmt: skip
+    assert first + 1 < 300, f"the method's first component starts at line {first + 1}"
+    assert starts[appendices[0]] - 1 <= 1200, "main body over 1,200 lines"
+    assert lines[-1] == "    common.run_cli(main)" and lines[-2] == 'if __name__ == "__main__":'
+    text = "\n".join(lines)
+    for working_note in ("spec §", "STYLE §", "trap "):
+        assert working_note not in text
+    docstring, code = text.split('"""')[1], '"""'.join(text.split('"""')[2:])
+    numbered = re.findall(r"DEVIATION (\d+):", code)  # one marker syntax, numbered as listed
+    listed = re.findall(r"^ {1,2}(\d+)\. ", docstring, flags=re.M)
+    assert numbered and set(numbered) <= set(listed) and code.count("DEVIATION") == len(numbered)
+
+
+def test_plumbing_blocks_of_the_training_loops_are_one_text():
+    blocks = {n: _plumbing_blocks((REPO / n).read_text().splitlines())
+              for n in ("famix.py", "rein.py", "clouds.py")}  # fmt: skip
+    comments = {n: [b[0] for b in bs] for n, bs in blocks.items()}
+    assert comments["famix.py"] == comments["rein.py"] == comments["clouds.py"]
+    assert len(comments["rein.py"]) == 3
+    for k in range(3):
+        longest = max((bs[k] for bs in blocks.values()), key=len)
+        for name, bs in blocks.items():  # a METHOD line may cut a block short, never change it
+            assert bs[k] == longest[: len(bs[k])], (name, bs[k])
+
+
+# =============================================================================================
 # GPU (skipped without CUDA)
 # =============================================================================================
 
