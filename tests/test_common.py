@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -619,6 +620,39 @@ def test_evaluate_dataset_constant_prediction(data_root, cityscapes_tree):
     table = common.format_results({"cityscapes": result, "bdd": {"miou": 10.0}})
     assert "cityscapes" in table and f"{result['miou']:.2f}" in table
     assert table.splitlines()[-1].split() == ["mean", f"{(result['miou'] + 10) / 2:.2f}"]
+
+
+def test_evaluate_dataset_batches_images_of_one_size():
+    class Frames(torch.utils.data.Dataset):
+        heights = (32, 32, 30, 32, 32)
+
+        def __len__(self):
+            return len(self.heights)
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            image = torch.randint(0, 256, (3, self.heights[i], 64), dtype=torch.uint8, generator=g)
+            return image, (image[0].long() * 19 // 256), f"f{i}"  # label: the red channel's bin
+
+    seen = []
+
+    def predict(images):  # class scores from the red channel, half the time off by one bin
+        seen.append(images.shape[0])
+        red = images[:, 0].long() * 19 // 256  # (B, h, w)
+        noisy = torch.where(images[:, 1] % 2 == 0, red, (red + 1) % 19)
+        return F.one_hot(noisy, 19).permute(0, 3, 1, 2).float()
+
+    def run(batch_size):
+        resize, dist = common.EvalResize(), common.Dist()
+        return common.evaluate_dataset(
+            predict, Frames(), resize=resize, dist=dist, workers=0, batch_size=batch_size
+        )
+
+    one = run(1)
+    assert seen == [1] * 5
+    seen.clear()
+    assert run(3) == one and seen == [2, 1, 2]  # [0, 1] | [2] (30 rows) | [3, 4]
+    assert 28 < one["miou"] < 38  # TP 1/2, FP 1/2, FN 1/2 of each bin: IoU about 1/3
 
 
 # =============================================================================================

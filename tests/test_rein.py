@@ -703,7 +703,8 @@ def test_recipe_and_toy_presets_are_real_defaults():
     got = (toy.backbone, toy.crop, toy.iters, toy.num_points, toy.lr, toy.inference, toy.stride)
     assert got == ("dinov2_s", 48, 7, 144, 5e-4, "whole", 32)
     assert (toy.rein_tokens, toy.fast, args.rein_tokens, args.fast) == (50, "on", 100, "auto")
-    assert (toy.cpu_threads, toy.log_every, args.cpu_threads, args.log_every) == (1, 10, 0, 50)
+    assert (toy.cpu_threads, toy.log_every, args.cpu_threads, args.log_every) == (0, 10, 0, 50)
+    assert (toy.eval_batch_size, args.eval_batch_size) == (16, 1)
     assert toy.targets == "toy-city,toy-fog,toy-night"
     assert rein.parse_args(["--source", "toy", "--lr", "1e-4"]).lr == 1e-4
     assert rein.parse_args(["--recipe", "citys2acdc", "--source", "toy"]).crop == 48
