@@ -392,7 +392,8 @@ def size_policy(split: str) -> str:
 class _PairDataset(Dataset):
     """A list of (image path, label path) pairs with a label decoder and an optional transform.
     Image and label sizes are compared from the file headers when the reader is built
-    (`sizes`: "skip", "error" or "off"); `skipped` lists the names of the pairs left out."""
+    (`sizes`: "skip", "error" or "off"; None = the split's policy); `skipped` lists the names of
+    the pairs left out."""
 
     def __init__(
         self,
@@ -400,10 +401,12 @@ class _PairDataset(Dataset):
         pairs: list[tuple[Path, Path]],
         decode: Callable[[Path], torch.Tensor],
         transform: Transform | None,
-        sizes: str,
+        sizes: str | None,
+        split: str,
     ):
         self.kind, self.decode, self.transform = kind, decode, transform
         self.pairs, self.skipped = pairs, []
+        sizes = sizes or size_policy(split)
         if sizes != "off":
             self.pairs, self.skipped = _check_sizes(kind, pairs, sizes)
 
@@ -515,7 +518,7 @@ class GTA5(_PairDataset):
                 raise DatasetLayoutError(f"gta: {image} is listed but missing")
             labels = [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"]
             pairs.append((image, _pair(image, labels, "gta")))
-        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes or "skip")
+        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes or "skip", split)
 
 
 class Synthia(_PairDataset):
@@ -548,9 +551,7 @@ class Synthia(_PairDataset):
         labels = root / "GT" / "LABELS"
         pairs = _pairs("synthia", root, images, lambda p: [labels / p.relative_to(root / "RGB")],
                        f"no RGB images for split {split!r}")  # fmt: skip
-        super().__init__(
-            "synthia", pairs, read_synthia_trainids, transform, sizes or size_policy(split)
-        )
+        super().__init__("synthia", pairs, read_synthia_trainids, transform, sizes, split)
 
 
 def read_synthia_trainids(path: str | Path) -> torch.Tensor:
@@ -578,9 +579,7 @@ class Cityscapes(_PairDataset):
         images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         pairs = _pairs("cityscapes", root, images, labels_of,
                        f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")  # fmt: skip
-        super().__init__(
-            "cityscapes", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
-        )
+        super().__init__("cityscapes", pairs, read_cityscapes_label, transform, sizes, split)
 
 
 class BDD100K(_PairDataset):
@@ -609,7 +608,7 @@ class BDD100K(_PairDataset):
 
         images = sorted(image_dir.glob("*.jpg"))
         pairs = _pairs("bdd", root, images, labels_of, f"no {image_dir}/*.jpg")
-        super().__init__("bdd", pairs, read_trainid_label, transform, sizes or size_policy(split))
+        super().__init__("bdd", pairs, read_trainid_label, transform, sizes, split)
 
 
 def read_trainid_label(path: str | Path) -> torch.Tensor:
@@ -640,7 +639,7 @@ class Mapillary(_PairDataset):
         def decode(path: Path) -> torch.Tensor:
             return map_ids(read_id_png(path), lut)
 
-        super().__init__("mapillary", pairs, decode, transform, sizes or size_policy(split))
+        super().__init__("mapillary", pairs, decode, transform, sizes, split)
 
 
 class ACDC(_PairDataset):
@@ -668,9 +667,7 @@ class ACDC(_PairDataset):
         images = sorted(image_dir.rglob("*_rgb_anon.png"))
         pairs = _pairs("acdc", root, images, labels_of,
                        f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")  # fmt: skip
-        super().__init__(
-            "acdc", pairs, read_cityscapes_label, transform, sizes or size_policy(split)
-        )
+        super().__init__("acdc", pairs, read_cityscapes_label, transform, sizes, split)
 
 
 # Folder of each dataset under --data.
