@@ -2134,7 +2134,7 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     median = {name: sorted(v)[len(v) // 2] for name, v in rounds.items()}
     shares = {
         **{f"share_{k}": round(median[k] / median["step"], 3) for k in fns if k != "step"},
-        "share_how": "median seconds of each part run alone on the step's inputs (backbone: VFM "
+        "shares_how": "median seconds of each part run alone on the step's inputs (backbone: VFM "
         "+ Rein forward and backward from unit output gradients; msdeformattn: the 6 encoder "
         "MSDeformAttn forward and backward; loss: criterion with matcher and backward on the "
         "step's detached outputs) / median seconds of the whole step, over rounds that time the "
