@@ -2061,6 +2061,12 @@ def load_official_rein(
 # =============================================================================================
 
 
+# (backbone, batch, crop, points, evaluated image (h, w)): the paper setting on a GPU, a small one
+# on CPU [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py]
+BENCH_SETTINGS = {"gpu": ("dinov2_l", 4, 512, MASK_POINTS, (512, 1024)),
+                  "cpu": ("dinov2_s", 2, 128, 1024, (128, 256))}  # fmt: skip
+
+
 def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     """--bench: JSON records (common.benchmark: FLOPs, throughput, MFU on GPU, peak memory) of a
     training step, with the share of its time spent in the frozen backbone (VFM + Rein forward
@@ -2070,9 +2076,7 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     points, a 256x128 toy-sized image."""
     device = dist.device
     gpu = device.type == "cuda"
-    backbone, batch, crop, points = (
-        ("dinov2_l", 4, 512, MASK_POINTS) if gpu else ("dinov2_s", 2, 128, 1024)
-    )
+    backbone, batch, crop, points, (h, w) = BENCH_SETTINGS["gpu" if gpu else "cpu"]
     steps = 10 if gpu else 3
     timing = dict(device=device, precision=common.bench_precision(args, device),
                   peak=args.peak_tflops)  # fmt: skip
@@ -2149,7 +2153,6 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
                      images_per_step=batch, extra=extra, **timing)  # fmt: skip
 
     model.eval()
-    h, w = (512, 1024) if gpu else (128, 256)
     stride = default_stride(crop)
     image = torch.randn(1, 3, h, w, device=device)
 

@@ -1420,3 +1420,20 @@ def test_point_counts():
         assert picked.max() <= distance[i].sort().values[9407]
         kept = {tuple(c) for c in coords[i, :9408].tolist()}
         assert kept <= {tuple(c) for c in candidates[i].tolist()} and len(kept) == 9408
+
+
+def test_bench_records_carry_flops_throughput_memory_and_shares(monkeypatch, capsys):
+    monkeypatch.setitem(rein.BENCH_SETTINGS, "cpu", ("test", 1, 32, 64, (32, 48)))
+    args = rein.parse_args(["--bench", "--device", "cpu"])
+    rein.bench(args, common.Dist())
+    records = {r["bench"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(records) == {"rein/train_step", "rein/slide_eval", "rein/msdeformattn_fwd_bwd"}
+    for r in records.values():
+        assert r["device"] == "cpu" and r["precision"] == "fp32" and r["step_s"] > 0
+        assert r["gflop_per_step"] > 0 and r["gflops"] > 0 and r["peak_rss_mb"] > 0
+        assert "mfu" not in r  # no peak on a CPU
+    step = records["rein/train_step"]
+    shares = [step[f"share_{k}"] for k in ("backbone", "msdeformattn", "loss")]
+    assert all(0 < x < 1.5 for x in shares) and "shares_how" in step
+    assert step["batch"] == 1 and step["crop"] == 32 and step["points"] == 64
+    assert records["rein/slide_eval"]["windows"] == 2  # 32 x 48 in windows of 32, stride 21
