@@ -322,19 +322,9 @@ def test_load_original_dinov2_weights_resamples_patch_and_positions(tmp_path):
 
 
 def test_load_dinov2_giant_style_swiglu_names(tmp_path, monkeypatch):
-    monkeypatch.setitem(
-        rein.VFM_SIZES,
-        "tiny_g",
-        dict(
-            family="dinov2",
-            embed_dim=48,
-            depth=2,
-            num_heads=2,
-            swiglu=True,
-            out_indices=(0, 1),
-            weights=None,
-        ),
-    )
+    size = dict(family="dinov2", embed_dim=48, depth=2, num_heads=2, swiglu=True,
+                out_indices=(0, 1), weights=None)  # fmt: skip
+    monkeypatch.setitem(rein.VFM_SIZES, "tiny_g", size)
     model = rein.ReinSegmentor("tiny_g", 64)
     hidden = model.backbone.vfm.blocks[0].mlp.fc2.weight.shape[1]
     sd = dinov2_original_state(48, 2, grid=5, swiglu=True, hidden=hidden)
@@ -347,19 +337,9 @@ def test_load_dinov2_giant_style_swiglu_names(tmp_path, monkeypatch):
 def test_load_eva02_weights_in_timm_naming(tmp_path, monkeypatch):
     from timm.models.eva import Eva
 
-    monkeypatch.setitem(
-        rein.VFM_SIZES,
-        "tiny_eva",
-        dict(
-            family="eva02",
-            embed_dim=32,
-            depth=4,
-            num_heads=2,
-            swiglu=True,
-            out_indices=(0, 1, 2, 3),
-            weights=None,
-        ),
-    )
+    size = dict(family="eva02", embed_dim=32, depth=4, num_heads=2, swiglu=True,
+                out_indices=(0, 1, 2, 3), weights=None)  # fmt: skip
+    monkeypatch.setitem(rein.VFM_SIZES, "tiny_eva", size)
     torch.manual_seed(3)
     source = Eva(
         img_size=70,
