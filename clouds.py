@@ -1170,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if ckpt is not None:  # after everything that draws random numbers at start-up
         common.restore_training_state(ckpt, optimizer, scaler)
-    if start == 0 and args.eval_before:  # the official sanity check [C train_net.py], issue #4
+    if start == 0 and args.eval_before:  # official sanity check [C train_net.py], CLOUDS issue #4
         common.report_results(evaluate(model, targets, args, dist), 0, log)
     train(args, dist, log, model, optimizer, scaler, loader, targets, start)
 
