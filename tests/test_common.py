@@ -1978,7 +1978,7 @@ def test_method_file_skeleton(name):
     assert starts[appendices[0]] - 1 <= 1200, "main body over 1,200 lines"
     assert lines[-1] == "    common.run_cli(main)" and lines[-2] == 'if __name__ == "__main__":'
     text = "\n".join(lines)
-    for working_note in ("spec §", "STYLE §", "trap "):
+    for working_note in ("spec \u00a7", "STYLE \u00a7", "trap "):  # documents not in the repo
         assert working_note not in text
     docstring, code = text.split('"""')[1], '"""'.join(text.split('"""')[2:])
     numbered = re.findall(r"DEVIATION (\d+):", code)  # one marker syntax, numbered as listed
