@@ -900,9 +900,8 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
 
 
 def save_checkpoint(args, iteration: int, model: CLOUDS, optimizer, scaler) -> None:
-    """out/last.pt (rank 0): head (+ test encoder), optimizer, scaler, teacher and its counter."""
-    if model.rank != 0:
-        return
+    """out/last.pt (written by rank 0): head (+ test encoder), optimizer, scaler, teacher and its
+    counter."""
     teacher = model.teacher.state_dict() if model.teacher is not None else None
     extra = {"teacher": teacher, "backbone_omitted": model.backbone.size != "test"}
     path, state = os.path.join(args.out, "last.pt"), model_state(model)

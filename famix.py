@@ -785,9 +785,8 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
 
 
 def save_checkpoint(args, iteration, model, optimizer, scaler) -> None:
-    """out/last.pt (rank 0). DEVIATION 11: the whole model, --eval-only needs no CLIP weights."""
-    if torch_dist.is_initialized() and torch_dist.get_rank() > 0:
-        return
+    """out/last.pt (common.save_checkpoint writes it on rank 0). DEVIATION 11: the whole model,
+    --eval-only needs no CLIP weights."""
     common.save_checkpoint(
         Path(args.out) / "last.pt", method="famix", iteration=iteration,
         model_state=model.state_dict(), optimizer=optimizer, scaler=scaler, args=args,

@@ -654,8 +654,6 @@ def save_checkpoint(
 ) -> None:
     """out/last.pt (process 0): the trained tensors, DEVIATION 8: not the frozen VFM, whose
     fingerprint is kept instead; DEVIATION 10: written before each evaluation and at the end."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return
     common.save_checkpoint(
         Path(args.out) / "last.pt",
         method="rein",
