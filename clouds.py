@@ -2160,20 +2160,8 @@ def pretrained_kind(args: argparse.Namespace) -> str:
     if args.backbone == "test":
         common.warn(f"--pretrained {name} is not used: the test encoder has no released weights")
         return "none"
-    import open_clip
-
-    model = BACKBONES[args.backbone][0]
-    tags = open_clip.list_pretrained_tags_by_model(model)
-    if name not in tags:
-        raise common.UsageError(
-            f"--pretrained {name}: not a file, not none, not an open_clip tag of {model} "
-            f"({', '.join(tags)})"
-        )
-    if not common.open_clip_cached(model, name):
-        common.require_download(
-            f"the open_clip weights {model} / {name}",
-            "pass a local CLIP weights file with --pretrained FILE, or --pretrained none",
-        )
+    hint = "pass a local CLIP weights file with --pretrained FILE, or --pretrained none"
+    common.require_open_clip_tag(BACKBONES[args.backbone][0], name, hint)
     return "tag"
 
 

@@ -2152,6 +2152,21 @@ def require_download(what: str, hint: str, host: str = "huggingface.co") -> None
         raise UsageError(f"cannot download {what}: {host} is not reachable; {hint}") from None
 
 
+def require_open_clip_tag(model: str, tag: str, hint: str) -> None:
+    """Before open_clip is asked for weights by tag: the tag must be one of the model's, and the
+    weights in the local cache or downloadable now (offline: one line at once, no retries)."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if tag not in tags:
+        raise UsageError(
+            f"--pretrained {tag}: not a file, not none, not an open_clip tag of {model} "
+            f"({', '.join(tags)})"
+        )
+    if not open_clip_cached(model, tag):
+        require_download(f"the open_clip weights {model} / {tag}", hint)
+
+
 def open_clip_cached(model: str, tag: str) -> bool:
     """Whether open_clip's weights for (model, tag) are already in the local hub cache."""
     import open_clip

@@ -1316,13 +1316,7 @@ def load_clip(backbone: str, pretrained: str, seed: int):
         tags = open_clip.list_pretrained_tags_by_model(backbone)
         if pretrained not in tags and (os.sep in pretrained or Path(pretrained).suffix):
             raise common.CheckpointError(f"--pretrained {pretrained} not found ({offline})")
-        if pretrained not in tags:
-            raise common.UsageError(
-                f"--pretrained {pretrained}: not a file, not an open_clip tag of {backbone} "
-                f"({', '.join(tags)}), not none"
-            )
-        if not common.open_clip_cached(backbone, pretrained):
-            common.require_download(f"the CLIP {backbone} weights {pretrained!r}", offline)
+        common.require_open_clip_tag(backbone, pretrained, offline)
     try:
         if backbone == "test" or pretrained == "none":
             cfg = BACKBONES[backbone]

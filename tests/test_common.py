@@ -1801,6 +1801,16 @@ def test_offline_download_fails_at_once(monkeypatch):
     with pytest.raises(common.UsageError, match="127.0.0.1 is not reachable; pass"):
         common.require_download("RN50 weights", "pass a file", host="127.0.0.1")
     assert common.open_clip_cached("RN50-quickgelu", "no-such-tag") is False
+    with pytest.raises(common.UsageError) as e:
+        common.require_open_clip_tag("RN50-quickgelu", "laion", "pass a file")
+    assert str(e.value).startswith("--pretrained laion: not a file, not none, not an open_clip tag")
+    assert "openai" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hub-cache")
+    with pytest.raises(
+        common.UsageError, match=r"open_clip weights RN50-quickgelu / openai: HF_HUB"
+    ):
+        common.require_open_clip_tag("RN50-quickgelu", "openai", "pass a file")
 
 
 def test_setup_warns_that_amp_does_nothing_on_cpu(capsys):

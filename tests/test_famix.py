@@ -1047,7 +1047,7 @@ def test_bad_inputs_end_in_one_line(mini_gta, tmp_path, run_script):
         ([*TINY, *data, "--style-bank", exploit], "posix.system is not allowed|os.system is not"),
         ([*TINY, *data, "--out", a_file], "is a file, not a folder"),
         (["--source", "gta", *data, "--targets", "", "--crop", "24"],  # the default: openai
-         "cannot download the CLIP RN50-quickgelu weights 'openai': HF_HUB_OFFLINE=1"),
+         "cannot download the open_clip weights RN50-quickgelu / openai: HF_HUB_OFFLINE=1"),
     ]  # fmt: skip
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # no network, empty cache
     for k, (argv, message) in enumerate(cases):
