@@ -30,7 +30,7 @@ test: lint
 	exit $$rc
 
 data-toy: install
-	$(PY) common.py make-toy --data $(DATA)
+	$(PY) tools.py make-toy --data $(DATA)
 
 # Train and evaluate the three methods on the toy data on CPU, then put them side by side.
 demo: data-toy
@@ -39,25 +39,25 @@ demo: data-toy
 	@$(call TIMED,$(PY) clouds.py $(TOY) --phase warmup --out out/clouds-demo-warmup,clouds warm-up)
 	@$(call TIMED,$(PY) clouds.py $(TOY) --phase joint --sam fake --init out/clouds-demo-warmup/last.pt \
 	  --make-toy-generated 60 --out out/clouds-demo-joint,clouds joint)
-	$(PY) common.py compare out/famix-demo out/rein-demo out/clouds-demo-warmup out/clouds-demo-joint --out out
+	$(PY) tools.py compare out/famix-demo out/rein-demo out/clouds-demo-warmup out/clouds-demo-joint --out out
 
 # What each method's mechanism adds on the toy targets: FAMix without its style mixing next to
 # the default, CLOUDS' warm-up next to its joint phase (runs `make demo` first if needed).
 ablate: data-toy
 	@test -f out/famix-demo/results.json -a -f out/clouds-demo-joint/results.json || $(MAKE) demo
 	@$(call TIMED,$(PY) famix.py $(TOY) --style none --out out/famix-demo-style-none,famix --style none)
-	$(PY) common.py compare out/famix-demo out/famix-demo-style-none out/clouds-demo-warmup \
+	$(PY) tools.py compare out/famix-demo out/famix-demo-style-none out/clouds-demo-warmup \
 	  out/clouds-demo-joint --out out/ablate
 
 # JSON lines (reader throughput, each method's --bench), then one table.
 bench: data-toy
 	@mkdir -p out
-	set -o pipefail; { $(PY) common.py bench --data $(DATA) && \
+	set -o pipefail; { $(PY) tools.py bench --data $(DATA) && \
 	  for m in famix rein clouds; do $(PY) $$m.py --bench --data $(DATA) || exit 1; done; } | tee out/bench.jsonl
-	$(PY) common.py bench-table out/bench.jsonl
+	$(PY) tools.py bench-table out/bench.jsonl
 
 check-data: install
-	$(PY) common.py check-data --data $(DATA)
+	$(PY) tools.py check-data --data $(DATA)
 
 clean:
 	rm -rf out .pytest_cache __pycache__ tests/__pycache__

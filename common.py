@@ -1,23 +1,15 @@
-"""Plumbing shared by famix.py, rein.py and clouds.py.
+"""Building blocks shared by famix.py, rein.py and clouds.py (the commands are in tools.py).
 
-Nothing here is specific to one method: the six dataset readers and their label maps, a toy
-domain-shift dataset, joint image/label augmentation primitives, a deterministic (exactly
-resumable) training loader, confusion-matrix mIoU, whole-image and sliding-window inference,
-device / AMP / DDP / speed switches, the training-loop plumbing (step, divergence checks,
-evaluation schedule), the shared command-line block, weight files, checkpoints, the run log,
-colourised predictions, benchmarks with FLOPs and MFU, a data checker and a run comparison.
+Class tables and label maps, image/label reading and the six dataset readers, a toy domain-shift
+dataset, joint image/label augmentation primitives, a deterministic (exactly resumable) training
+loader, confusion-matrix mIoU and inference, device / AMP / DDP / seed helpers, the shared
+command-line flags, atomic checkpoints, weight files, the run log, benchmark timing with FLOPs
+and MFU, and one-line errors. Functions and plain Datasets; no module-level mutable state.
 
 Where the three official repositories disagree (GTA5 training list, Mapillary 66 -> 19 table,
 mIoU averaging rule, SYNTHIA 19/16/13 classes) each variant is a named option here and every
 method file picks its official one. Source tags: [FAMix file], [Rein file], [CLOUDS file],
 [csScripts labels.py], [mmseg file], [mmcv file], [detectron2 file].
-
-Run directly:
-    python common.py make-toy --data ./data            # write the toy domain-shift dataset
-    python common.py demo --data ./data                # tiny end-to-end check of the pipeline
-    python common.py check-data --data ./data [--decode]   # what is there, what is missing
-    python common.py compare out/famix out/rein ...    # side-by-side table + compare.png
-    python common.py bench --data ./data               # reader throughput (JSON lines)
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -49,8 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
 
 try:  # torchvision's libpng/libjpeg decoders (deprecated since 0.29 in favour of torchcodec)
     from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
@@ -87,26 +82,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # [Rein configs: 123.675, 116.28, 103.53 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _lut(pairs: dict[int, int], size: int = 256) -> np.ndarray:
+def _lut(pairs: dict[int, int]) -> np.ndarray:
     """A 256-entry lookup table: every id not listed maps to 255 (ignore)."""
-    lut = np.full(size, IGNORE_INDEX, dtype=np.uint8)
-    for src, dst in pairs.items():
-        lut[src] = dst
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[list(pairs)] = list(pairs.values())
     return lut
 
 
 # [csScripts labels.py; FAMix gta5.py; Rein/CLOUDS tools/convert_datasets/gta.py]
 # Cityscapes labelId -> trainId. Also used for GTA5 (palette index = labelId) and ACDC labelIds.
-CITYSCAPES_ID_TO_TRAINID = _lut(
-    {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-)  # fmt: skip
-
-# [FAMix synthia.py = CLOUDS tools/convert_datasets/synthia.py] SYNTHIA class id (R channel of the
-# 16-bit label) -> trainId. Ids 0 void, 13 parking-slot, 14 road-work, 22 lanemarking -> ignore.
+_CITYSCAPES_IDS = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+CITYSCAPES_ID_TO_TRAINID = _lut(_CITYSCAPES_IDS)
+# The way back, trainId -> labelId (anything else -> 0, unlabeled), to write label files.
+TRAINID_TO_ID = np.zeros(256, np.uint8)
+TRAINID_TO_ID[list(_CITYSCAPES_IDS.values())] = list(_CITYSCAPES_IDS)
 # BDD100K masks, ACDC / Cityscapes *_labelTrainIds.png: already trainIds (anything else -> 255).
 TRAINID_IDENTITY = _lut({i: i for i in range(NUM_CLASSES)})
 
+# [FAMix synthia.py = CLOUDS tools/convert_datasets/synthia.py] SYNTHIA class id (R channel of the
+# 16-bit label) -> trainId. Ids 0 void, 13 parking-slot, 14 road-work, 22 lanemarking -> ignore.
 SYNTHIA_ID_TO_TRAINID = _lut(
     {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17, 15: 6,
      16: 9, 17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
@@ -137,7 +134,7 @@ SYNTHIA13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 
 
 # =============================================================================================
-# 2. Errors, warnings, Ctrl-C
+# 2. Errors, messages, the command line
 # =============================================================================================
 
 
@@ -158,13 +155,35 @@ class DataFileError(UsageError):
 
 
 class DivergenceError(UsageError):
-    """A non-finite loss or prediction: the run stops before the bad values reach the weights."""
+    """A non-finite loss (`terms`: name -> value) or prediction (`predictions`: names): the run
+    stops before the bad values reach the weights. `saved`: (path, iteration) of the last
+    checkpoint this run wrote, or None."""
+
+    def __init__(self, iteration: int, saved, terms: dict | None = None, predictions=()):
+        if predictions:
+            what = f"the predictions {', '.join(predictions)} are not finite; training stopped "
+            what += "before the loss"
+        else:
+            values = ", ".join(f"{k} {v:.4g}" for k, v in (terms or {}).items())
+            what = f"the loss is not finite ({values}); training stopped"
+        note = checkpoint_note(saved)
+        super().__init__(f"iteration {iteration}: {what}, {note}; try a lower --lr or --no-amp")
 
 
-# What the running script is doing, for the messages of Ctrl-C and divergence: the iteration
-# (set by the progress bar) and the last checkpoint this run wrote (set by save_checkpoint).
-RUN: dict[str, Any] = {"iter": None, "iters": None, "ckpt": None, "ckpt_iter": None}
-OPEN_BARS: set = set()  # progress bars on the terminal now: messages start on a line of their own
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a training loop: `done` of `iters` iterations, and `saved` = (path,
+    iteration) of the last checkpoint the run wrote, or None."""
+
+    def __init__(self, done: int, iters: int, saved):
+        super().__init__()
+        self.done, self.iters, self.saved = done, iters, saved
+
+
+def checkpoint_note(saved) -> str:
+    """Where the last good state of this run is, for a message that stops it."""
+    if saved is None:
+        return "no checkpoint was written by this run"
+    return f"{saved[0]} holds iteration {saved[1]}"
 
 
 def one_line(error: BaseException) -> str:
@@ -185,1661 +204,97 @@ def resume_command(argv: Sequence[str], checkpoint: str | Path) -> str:
         name = token.split("=", 1)[0]
         if skip or name == "--overwrite":
             skip = False
-            continue
-        if name in ("--resume", "--init"):
+        elif name in ("--resume", "--init"):
             skip = "=" not in token
-            continue
-        kept.append(token)
+        else:
+            kept.append(token)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
     words = [launcher, Path(sys.argv[0]).name, *map(shlex.quote, kept), "--resume"]
     return " ".join([*words, shlex.quote(str(checkpoint))])
 
 
-def last_checkpoint_note() -> str:
-    """Where the last good state of this run is, for a message that stops it."""
-    if RUN["ckpt"] is None:
-        return "no checkpoint was written by this run"
-    return f"{RUN['ckpt']} holds iteration {RUN['ckpt_iter']}"
-
-
-def interrupted_message(argv: Sequence[str]) -> str:
-    where = "" if RUN["iter"] is None else f" at iteration {RUN['iter']} of {RUN['iters']}"
-    if RUN["ckpt"] is None:
-        return f"interrupted{where}; no checkpoint was written by this run: run the command again"
-    return (
-        f"interrupted{where}; {last_checkpoint_note()}; continue with: "
-        f"{resume_command(argv, RUN['ckpt'])}"
-    )
-
-
 def run_cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run `main(argv)` as a command: a UsageError becomes one line on stderr and exit code 2;
-    Ctrl-C says where the run stopped and how to continue it, exit code 130 (the checkpoint on
-    disk is whole: it is only ever replaced atomically)."""
+    """Run `main(argv)` as a command: a UsageError becomes one line on stderr, exit code 2.
+    Ctrl-C (an Interrupted knows where the loop stopped) says how to continue, exit code 130:
+    the checkpoint on disk is whole (only ever replaced atomically), the progress bars closed."""
     try:
         main(None)
     except UsageError as e:
-        print(f"{_new_line()}error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{_new_line()}{interrupted_message(sys.argv[1:])}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        where = f" at iteration {e.done} of {e.iters}" if isinstance(e, Interrupted) else ""
+        saved = getattr(e, "saved", None)
+        how = "no checkpoint was written by this run: run the command again"
+        if saved is not None:
+            how = f"{checkpoint_note(saved)}; continue with: "
+            how += resume_command(sys.argv[1:], saved[0])
+        print(f"interrupted{where}; {how}", file=sys.stderr)
         sys.exit(130)
 
 
-def _new_line() -> str:
-    """A line break when a progress bar holds the current terminal line (messages must not
-    land at the end of the bar's text)."""
-    return "\n" if OPEN_BARS else ""
-
-
-def warn(message: str) -> None:
-    """One warning line on stderr, from rank 0 only."""
-    if _state["rank"] == 0:
-        print(f"{_new_line()}warning: {message}", file=sys.stderr, flush=True)
-
-
-# =============================================================================================
-# 3. Reading images and labels
-# =============================================================================================
-
-
-# The archive each dataset folder under --data is extracted from: a file that cannot be read is
-# replaced by extracting it again [the datasets' download pages].
-ARCHIVES = {
-    "gta5": ("01_images.zip ... 10_images.zip", "01_labels.zip ... 10_labels.zip"),
-    "synthia": ("SYNTHIA-RAND-CITYSCAPES (RGB/)", "SYNTHIA-RAND-CITYSCAPES (GT/LABELS/)"),
-    "cityscapes": ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
-    "bdd100k": ("bdd100k_images_10k.zip", "bdd100k_sem_seg_labels_trainval.zip"),
-    "mapillary": ("the Mapillary Vistas v1.2 (or v2.0) zip", "the same zip"),
-    "acdc": ("rgb_anon_trainvaltest.zip", "gt_trainval.zip"),
-}
-# Exceptions a decoder raises on a truncated or corrupt file (PIL: OSError, incl.
-# UnidentifiedImageError, SyntaxError, ValueError; torchvision: RuntimeError).
-DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
-
-
-def decode_error(path: str | Path, what: str, error: BaseException) -> DataFileError:
-    """One line naming the file, what is wrong and where a good copy comes from."""
-    path = Path(path)
-    folder = next((p for p in path.parts if p in ARCHIVES or p == "toy"), None)
-    if folder == "toy":
-        fix = f"delete {Path(*path.parts[: path.parts.index('toy') + 1])} to have it written again"
-    elif folder is not None:
-        fix = f"re-extract it from {ARCHIVES[folder][what == 'label']}"
-    else:
-        fix = "replace it with a good copy"
-    reason = one_line(error)[:120] or type(error).__name__
-    return DataFileError(
-        f"cannot read {what} {path} ({reason}): the file is corrupt or truncated; {fix}"
-    )
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """RGB uint8 (3, H, W). torchvision's libpng/libjpeg decoder: the same pixels as Pillow's
-    `convert("RGB")` (used by FAMix and detectron2) for PNG, about a third faster on full-size
-    frames; Pillow is the fallback for other formats (and gives the error of a broken file)."""
-    if decode_image is not None:
-        with contextlib.suppress(RuntimeError):
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
-    except DECODE_ERRORS as e:
-        raise decode_error(path, "image", e) from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
-
-
-def read_id_png(path: str | Path) -> np.ndarray:
-    """Class ids of an 8-bit label PNG (mode L or P). Palette PNGs give their indices: never
-    convert("L"/"RGB") them, that would turn palette colours into luminance."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            ids = np.asarray(im) if mode in ("L", "P") else None
-    except DECODE_ERRORS as e:
-        raise decode_error(path, "label", e) from None
-    if ids is None:
-        raise DatasetLayoutError(
-            f"{path}: label PNG has mode {mode}, expected an 8-bit id image (L or P); "
-            "colour visualisations (*_color.png, colormaps/) are not labels"
-        )
-    return ids
-
-
-def read_synthia_label(path: str | Path) -> np.ndarray:
-    """SYNTHIA GT/LABELS/*.png: 16-bit, 3-channel PNG, class id in the first (R) channel.
-    Pillow silently keeps only the high byte (all ids become 0), so decode with torchvision."""
-    if decode_png is None:
-        raise UsageError(
-            "reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which this "
-            "torchvision lacks; install a torchvision that has it (0.19 to 0.29)"
-        )
-    try:
-        raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
-    except DECODE_ERRORS as e:
-        raise decode_error(path, "label", e) from None
-    if raw.dtype == torch.uint8:
-        raise DatasetLayoutError(
-            f"{path}: SYNTHIA label decoded as 8-bit; expected the 16-bit RAND-CITYSCAPES "
-            "GT/LABELS PNG (do not re-save the labels with another tool)"
-        )
-    return raw[0].to(torch.int64).numpy()  # (H, W) class ids
-
-
-def map_ids(ids: np.ndarray, lut: np.ndarray) -> torch.Tensor:
-    """Look up trainIds; ids outside the table (e.g. > 255) become 255."""
-    ids = ids.astype(np.int64)
-    out = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
-    inside = (ids >= 0) & (ids < len(lut))
-    out[inside] = lut[ids[inside]]
-    return torch.from_numpy(out)
-
-
-def read_cityscapes_label(path: str | Path) -> torch.Tensor:
-    """trainIds of a Cityscapes-style label (Cityscapes, ACDC, GTA5): a *_labelTrainIds.png is
-    read as it is, anything else holds labelIds (GTA5: palette index = labelId) and is mapped."""
-    trainids = str(path).endswith("_labelTrainIds.png")
-    return map_ids(read_id_png(path), TRAINID_IDENTITY if trainids else CITYSCAPES_ID_TO_TRAINID)
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(W, H) from the file header only."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except DECODE_ERRORS as e:
-        kind = "label" if "label" in str(path).lower() or "gt" in Path(path).parts else "image"
-        raise decode_error(path, kind, e) from None
-
-
-# =============================================================================================
-# 4. Dataset readers. Each returns (image uint8 (3,H,W), label int64 (H,W) trainIds, name).
-# =============================================================================================
-
-Transform = Callable[
-    [torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
-]
-
-_TREES = {
-    "gta": "gta5/ | images/00001.png ... (RGB) | labels/00001.png ... (palette PNG, index = "
-    "Cityscapes labelId) | gtav_split_{train,val}.txt (FAMix image list only)",
-    "synthia": "synthia/ | RGB/0000000.png ... | GT/LABELS/0000000.png ... (16-bit RGB PNG, "
-    "class id in R) | synthia_split_val.txt (optional list of val names) | or the split layout "
-    "RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
-    "cityscapes": "cityscapes/ | leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit"
-    ".png | gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
-    "bdd": "bdd100k/ | images/10k/{train,val}/<stem>.jpg | labels/sem_seg/masks/{train,val}/"
-    "<stem>.png | or seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
-    "mapillary": "mapillary/ | validation/images/<id>.jpg | validation/labels/<id>.png (v1.2 "
-    "zip) or validation/v1.2/labels/<id>.png (v2.0 zip)",
-    "acdc": "acdc/ | rgb_anon/<fog|night|rain|snow>/val/<seq>/<seq>_frame_<n>_rgb_anon.png | "
-    "gt/<cond>/val/<seq>/<seq>_frame_<n>_gt_labelTrainIds.png (or _gt_labelIds.png)",
-}
-
-
-def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
-    return DatasetLayoutError(f"{kind}: {missing} under {root}. Expected layout: {_TREES[kind]}")
-
-
-def size_policy(split: str) -> str:
-    """What a reader does with an image/label pair of different sizes: a training split skips
-    it (it cannot be cropped jointly) and counts it; an evaluation split is scored whole or not
-    at all, so the pair is an error naming the file."""
-    return "skip" if split in ("train", "all") else "error"
-
-
-class _PairDataset(Dataset):
-    """A list of (image path, label path) pairs with a label decoder and an optional transform.
-    Image and label sizes are compared from the file headers when the reader is built
-    (`sizes`: "skip", "error" or "off"; None = the split's policy); `skipped` lists the names of
-    the pairs left out."""
-
-    def __init__(
-        self,
-        kind: str,
-        pairs: list[tuple[Path, Path]],
-        decode: Callable[[Path], torch.Tensor],
-        transform: Transform | None,
-        sizes: str | None,
-        split: str,
-    ):
-        self.kind, self.decode, self.transform = kind, decode, transform
-        self.pairs, self.skipped = pairs, []
-        sizes = sizes or size_policy(split)
-        if sizes != "off":
-            self.pairs, self.skipped = _check_sizes(kind, pairs, sizes)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image_path, label_path = self.pairs[index]
-        return read_image(image_path), self.decode(label_path), image_path.stem
-
-    def __getitem__(self, index):
-        # The training loader passes (index, seed): augmentation draws come from that seed only.
-        seed = None
-        if isinstance(index, tuple):
-            index, seed = index
-        image, label, name = self.load(index)
-        if self.transform is not None:
-            g = torch.Generator().manual_seed(seed if seed is not None else index)
-            image, label = self.transform(image, label, g)
-        return image, label, name
-
-
-def _check_sizes(
-    kind: str, pairs: list[tuple[Path, Path]], policy: str
-) -> tuple[list[tuple[Path, Path]], list[str]]:
-    kept, bad = [], []
-    for image, label in pairs:
-        size_i, size_l = image_size(image), image_size(label)
-        if size_i == size_l:
-            kept.append((image, label))
-        else:
-            bad.append((image, label, size_i, size_l))
-    if bad and policy == "error":
-        image, label, (wi, hi), (wl, hl) = bad[0]
-        more = f" (and {len(bad) - 1} more pairs)" if len(bad) > 1 else ""
-        folder = next((p for p in label.parts if p in ARCHIVES), None)
-        fix = f"re-extract it from {ARCHIVES[folder][1]}" if folder else "replace it"
-        raise DataFileError(
-            f"{kind}: label {label} is {wl}x{hl} but its image {image} is {wi}x{hi}{more}; an "
-            f"evaluation split is scored whole: {fix}"
-        )
-    if bad:
-        print0(
-            f"{kind}: skipped {len(bad)} image/label pairs of different sizes "
-            f"(first: {[image.stem for image, *_ in bad[:5]]})"
-        )
-    return kept, [image.stem for image, *_ in bad]
-
-
-def _pairs(
-    kind: str, root: Path, images: list[Path], labels_of: Callable[[Path], list[Path]], empty: str
-) -> list[tuple[Path, Path]]:
-    """Each image with the first of its candidate labels that exists; a layout error when there
-    is no image (`empty` says what was looked for) or an image has no label."""
-    if not images:
-        raise _layout_error(kind, root, empty)
-    return [(image, _pair(image, labels_of(image), kind)) for image in images]
-
-
-def _pair(image: Path, candidates: Sequence[Path], kind: str) -> Path:
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise DatasetLayoutError(
-        f"{kind}: image {image} has no label; looked for {', '.join(str(c) for c in candidates)}"
-    )
-
-
-class GTA5(_PairDataset):
-    """GTA5 (Playing for Data): images/NNNNN.png <-> labels/NNNNN.png (palette index = labelId).
-
-    `image_list` picks the official training list of each method:
-      "all"    every images/*.png (Rein: 24,966, folder scan)                  [Rein gta_512x512.py]
-      "clouds" all minus GTA5_CLOUDS_EXCLUDED (24,904)                          [CLOUDS gta_list]
-      "famix"  root/gtav_split_{split}.txt (12,382 train / 1,000 val; copy the two
-               files from the FAMix repository's datasets/gta5_list/ into the root) [FAMix]
-    4,826 frames are 1914x1046 instead of 1914x1052. Pairs whose image and label sizes differ are
-    skipped (header check) and reported, in every split: they cannot be cropped jointly, and the
-    official FAMix validation crops both to 1046x1914 before scoring.
-    """
-
-    def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
-                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        if not (root / "images").is_dir() or not (root / "labels").is_dir():
-            raise _layout_error("gta", root, "missing images/ or labels/")
-        if image_list == "famix":
-            list_file = root / f"gtav_split_{split}.txt"
-            if not list_file.is_file():
-                raise _layout_error(
-                    "gta",
-                    root,
-                    f"missing {list_file.name} (FAMix's image list; "
-                    "copy it from the FAMix repository's datasets/gta5_list/)",
-                )
-            names = [Path(word).stem for word in list_file.read_text().split()]
-        elif image_list in ("all", "clouds"):
-            names = sorted(p.stem for p in (root / "images").glob("*.png"))
-            if image_list == "clouds":
-                names = [n for n in names if not (n.isdigit() and int(n) in GTA5_CLOUDS_EXCLUDED)]
-        else:
-            raise UsageError(f"unknown GTA5 image list {image_list!r}; use all, clouds or famix")
-        if not names:
-            raise _layout_error("gta", root, "no images/*.png")
-        pairs = []
-        for n in names:
-            image = root / "images" / f"{n}.png"
-            if not image.is_file():
-                raise DatasetLayoutError(f"gta: {image} is listed but missing")
-            labels = [root / "labels" / f"{n}.png", root / "labels" / f"{n}_labelTrainIds.png"]
-            pairs.append((image, _pair(image, labels, "gta")))
-        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes or "skip", split)
-
-
-class Synthia(_PairDataset):
-    """SYNTHIA-RAND-CITYSCAPES, 9,400 frames of 1280x760, 16-bit labels (class id in R).
-
-    Layouts: flat RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400) with an optional
-    root/synthia_split_val.txt holding the 2,820 val names of the RobustNet split (FAMix), or the
-    split layout RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820)
-    [FAMix synthia.py]. split "all" is every frame in either layout.
-    """
-
-    def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None,
-                 sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
-            raise _layout_error("synthia", root, "missing RGB/ or GT/LABELS/")
-        if (root / "RGB" / "train").is_dir():
-            pattern = "*/*.png" if split == "all" else f"{split}/*.png"
-            images = sorted((root / "RGB").glob(pattern))
-        else:
-            images = sorted((root / "RGB").glob("*.png"))
-            val_file = root / "synthia_split_val.txt"
-            if split in ("train", "val") and val_file.is_file():
-                val = {Path(s).stem for s in val_file.read_text().split()}
-                images = [p for p in images if (p.stem in val) == (split == "val")]
-            elif split == "val":
-                raise _layout_error(
-                    "synthia", root, "no val split (RGB/val/ or synthia_split_val.txt)"
-                )
-        labels = root / "GT" / "LABELS"
-        pairs = _pairs("synthia", root, images, lambda p: [labels / p.relative_to(root / "RGB")],
-                       f"no RGB images for split {split!r}")  # fmt: skip
-        super().__init__("synthia", pairs, read_synthia_trainids, transform, sizes, split)
-
-
-def read_synthia_trainids(path: str | Path) -> torch.Tensor:
-    return map_ids(read_synthia_label(path), SYNTHIA_ID_TO_TRAINID)
-
-
-class Cityscapes(_PairDataset):
-    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png <-> gtFine/... _gtFine_labelIds.png,
-    mapped to trainIds on the fly (no createTrainIdLabelImgs step needed); falls back to a
-    _gtFine_labelTrainIds.png when the labelIds file is absent. 2,975 train / 500 val."""
-
-    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
-                 sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-        if not image_dir.is_dir() or not label_dir.is_dir():
-            raise _layout_error(
-                "cityscapes", root, f"missing leftImg8bit/{split}/ or gtFine/{split}/"
-            )
-
-        def labels_of(p: Path) -> list[Path]:
-            stem, d = p.name[: -len("_leftImg8bit.png")], label_dir / p.parent.name
-            return [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"]
-
-        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
-        pairs = _pairs("cityscapes", root, images, labels_of,
-                       f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")  # fmt: skip
-        super().__init__("cityscapes", pairs, read_cityscapes_label, transform, sizes, split)
-
-
-class BDD100K(_PairDataset):
-    """BDD100K 10K semantic segmentation (labels are already trainIds, 255 = ignore).
-    Layouts: images/10k/<split>/<stem>.jpg + labels/sem_seg/masks/<split>/<stem>.png (current
-    release), seg/images/<split>/ + seg/labels/<split>/<stem>_train_id.png (old bdd100k_seg), or
-    the flattened images/<split>/ + labels/<split>/<stem>.png FAMix reads. 7,000 train / 1,000
-    val."""
-
-    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
-                 sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        layouts = [
-            (root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split),
-            (root / "seg" / "images" / split, root / "seg" / "labels" / split),
-            (root / "images" / split, root / "labels" / split),
-        ]
-        for image_dir, label_dir in layouts:
-            if image_dir.is_dir() and label_dir.is_dir():
-                break
-        else:
-            raise _layout_error("bdd", root, f"no image/label folders for split {split!r}")
-
-        def labels_of(p: Path) -> list[Path]:
-            return [label_dir / f"{p.stem}.png", label_dir / f"{p.stem}_train_id.png"]
-
-        images = sorted(image_dir.glob("*.jpg"))
-        pairs = _pairs("bdd", root, images, labels_of, f"no {image_dir}/*.jpg")
-        super().__init__("bdd", pairs, read_trainid_label, transform, sizes, split)
-
-
-def read_trainid_label(path: str | Path) -> torch.Tensor:
-    return map_ids(read_id_png(path), TRAINID_IDENTITY)
-
-
-class Mapillary(_PairDataset):
-    """Mapillary Vistas, v1.2 labels (66 classes, palette PNG index = id), mapped to 19 classes
-    with `label_map` "hrda" (FAMix, CLOUDS) or "rein" (Rein; 11 ids differ, see the table above).
-    Accepts the v1.2 zip layout (validation/labels/) and the v2.0 zip (validation/v1.2/labels/)."""
-
-    def __init__(self, root: str | Path, split: str = "val", label_map: str = "hrda",
-                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        if label_map not in MAPILLARY_V12_TO_19:
-            raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
-        folder = {"val": "validation", "train": "training"}.get(split, split)
-        image_dir = root / folder / "images"
-        candidates = (root / folder / "labels", root / folder / "v1.2" / "labels")
-        label_dir = next((d for d in candidates if d.is_dir()), None)
-        if not image_dir.is_dir() or label_dir is None:
-            raise _layout_error("mapillary", root, f"missing {folder}/images/ or {folder}/labels/")
-        images = sorted(image_dir.glob("*.jpg"))
-        pairs = _pairs("mapillary", root, images, lambda p: [label_dir / f"{p.stem}.png"],
-                       f"no {folder}/images/*.jpg")  # fmt: skip
-        lut = MAPILLARY_V12_TO_19[label_map]
-
-        def decode(path: Path) -> torch.Tensor:
-            return map_ids(read_id_png(path), lut)
-
-        super().__init__("mapillary", pairs, decode, transform, sizes, split)
-
-
-class ACDC(_PairDataset):
-    """ACDC, one condition (fog / night / rain / snow): rgb_anon/<cond>/<split>/**/*_rgb_anon.png
-    (recursive, so the official <seq>/ sub-folders and CLOUDS' flattened copy both work;
-    <split>_ref folders are not read) <-> gt/<same path>_gt_labelTrainIds.png, falling back to
-    _gt_labelIds.png + the Cityscapes map. Val: fog 100, night 106, rain 100, snow 100."""
-
-    CONDITIONS = ("fog", "night", "rain", "snow")
-
-    def __init__(self, root: str | Path, condition: str, split: str = "val",
-                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
-        root = Path(root)
-        if condition not in self.CONDITIONS:
-            raise UsageError(f"unknown ACDC condition {condition!r}; use one of {self.CONDITIONS}")
-        image_dir = root / "rgb_anon" / condition / split
-        if not image_dir.is_dir() or not (root / "gt").is_dir():
-            raise _layout_error("acdc", root, f"missing rgb_anon/{condition}/{split}/ or gt/")
-
-        def labels_of(p: Path) -> list[Path]:
-            d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
-            stem = p.name[: -len("_rgb_anon.png")]
-            return [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"]
-
-        images = sorted(image_dir.rglob("*_rgb_anon.png"))
-        pairs = _pairs("acdc", root, images, labels_of,
-                       f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")  # fmt: skip
-        super().__init__("acdc", pairs, read_cityscapes_label, transform, sizes, split)
-
-
-# Folder of each dataset under --data.
-DATA_DIRS = {"gta": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "bdd": "bdd100k",
-             "mapillary": "mapillary", "acdc": "acdc", "toy": "toy"}  # fmt: skip
-TARGET_NAMES = ("cityscapes", "bdd", "mapillary", "acdc-fog", "acdc-night", "acdc-rain",
-                "acdc-snow", "synthia", "gta")  # fmt: skip
-
-
-def build_dataset(
-    name: str,
-    data_root: str | Path,
-    split: str,
-    *,
-    gta_list: str = "all",
-    mapillary_map: str = "hrda",
-    transform: Transform | None = None,
-    sizes: str | None = None,
-) -> Dataset:
-    """The dataset called `name` (a --source or --targets value) under `data_root`.
-    Toy: "toy" is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout).
-    `sizes` overrides the reader's image/label size policy ("skip", "error", "off")."""
-    root = Path(data_root)
-    if name == "toy":
-        return GTA5(root / "toy" / "source", split, "famix", transform, sizes)
-    if name.startswith("toy-"):
-        domain = name[4:]
-        if domain not in TOY_DOMAINS[1:]:
-            raise UsageError(f"unknown toy target {name!r}; use one of {', '.join(TOY_TARGETS)}")
-        return Cityscapes(root / "toy" / domain, "val", transform, sizes)
-    if name == "gta":
-        return GTA5(root / DATA_DIRS["gta"], split, gta_list, transform, sizes)
-    if name == "synthia":
-        return Synthia(root / DATA_DIRS["synthia"], split, transform, sizes)
-    if name == "cityscapes":
-        return Cityscapes(root / DATA_DIRS["cityscapes"], split, transform, sizes)
-    if name == "bdd":
-        return BDD100K(root / DATA_DIRS["bdd"], split, transform, sizes)
-    if name == "mapillary":
-        return Mapillary(root / DATA_DIRS["mapillary"], split, mapillary_map, transform, sizes)
-    if name.startswith("acdc-"):
-        return ACDC(root / DATA_DIRS["acdc"], name[5:], split, transform, sizes)
-    raise UsageError(
-        f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
-        f"{', '.join(TOY_TARGETS)}"
-    )
-
-
-# =============================================================================================
-# 5. Toy domain-shift dataset (runs without any download)
-# =============================================================================================
-#
-# What it is: procedurally drawn street scenes sharing one geometry distribution (sky, buildings
-# with windows, vegetation, sidewalks, a road in perspective with lane marks, poles, cars,
-# pedestrians; 8 of the 19 classes), in four appearance domains. "source" is a saturated,
-# flat-shaded "game" look written in the GTA5 layout (palette labelId PNGs + list files); "city"
-# (muted colours, textures, sensor noise), "fog" (haze growing with distance) and "night" (dark,
-# blue cast, lamp glow) are targets in the Cityscapes layout. Each class keeps its meaning
-# across domains while its colour and texture change, so a model fitted to the source loses
-# accuracy on the targets: a small, real domain gap.
-# What it is not: a benchmark. Numbers on it only show that a pipeline learns and generalises
-# somewhat; they say nothing about the papers' results.
-
-TOY_DOMAINS = ("source", "city", "fog", "night")
-TOY_TARGETS = tuple(f"toy-{d}" for d in TOY_DOMAINS[1:])
-TOY_SIZE_WH = (256, 128)
-TOY_COUNTS = {"source": (240, 48), "city": (0, 48), "fog": (0, 48), "night": (0, 48)}
-TOY_VERSION = 1
-_TOY_CLASSES = (0, 1, 2, 5, 8, 10, 11, 13)  # road sidewalk building pole vegetation sky person car
-
-# Base RGB per trainId and domain.
-_TOY_COLOURS = {
-    "source": {0: (120, 60, 140), 1: (250, 60, 230), 2: (90, 90, 90), 5: (200, 200, 60),
-               8: (40, 200, 40), 10: (60, 150, 250), 11: (250, 30, 30), 13: (30, 30, 250)},
-    "city": {0: (95, 92, 98), 1: (150, 140, 130), 2: (140, 110, 90), 5: (110, 110, 105),
-             8: (70, 100, 45), 10: (175, 195, 215), 11: (80, 60, 70), 13: (160, 40, 40)},
-}  # fmt: skip
-_TOY_COLOURS["fog"] = _TOY_COLOURS["city"]
-_TOY_COLOURS["night"] = _TOY_COLOURS["city"]
-
-
-def toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """One street layout as trainIds (H, W)."""
-    y, x = np.mgrid[0:h, 0:w]
-    label = np.full((h, w), 10, np.int64)  # sky
-    horizon = int(h * rng.uniform(0.42, 0.55))
-    # Buildings: a skyline of blocks of random heights.
-    xs = np.sort(rng.choice(np.arange(8, w - 8), size=rng.integers(3, 7), replace=False))
-    edges = np.concatenate([[0], xs, [w]])
-    for a, b in zip(edges[:-1], edges[1:]):
-        top = int(horizon - rng.uniform(0.15, 0.4) * h)
-        label[max(top, 0) : horizon, a:b] = 2
-    # Vegetation: a few blobs in front of the buildings.
-    for _ in range(rng.integers(1, 4)):
-        cx, cy = rng.uniform(0, w), horizon - rng.uniform(0, 0.12) * h
-        rx, ry = rng.uniform(0.05, 0.12) * w, rng.uniform(0.08, 0.16) * h
-        label[((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1] = 8
-    # Ground: road as a trapezoid to the vanishing point, sidewalks on both sides.
-    vx = w * rng.uniform(0.4, 0.6)
-    t = np.clip((y - horizon) / max(h - horizon, 1), 0, 1)
-    half_road = t * w * rng.uniform(0.45, 0.6)
-    half_walk = half_road + t * w * rng.uniform(0.15, 0.3)
-    ground = y >= horizon
-    label[ground] = 8
-    label[ground & (np.abs(x - vx) < half_walk)] = 1
-    label[ground & (np.abs(x - vx) < half_road)] = 0
-    # Poles on the sidewalks.
-    for side in (-1, 1):
-        for _ in range(rng.integers(0, 3)):
-            ty = rng.uniform(0.3, 1.0)
-            py = int(horizon + ty * (h - horizon)) - 1
-            px = int(vx + side * (ty * w * 0.5 + 2))
-            width = max(1, int(1 + 3 * ty))
-            top = int(py - (0.2 + 0.5 * ty) * h)
-            label[max(top, 0) : py, max(px - width, 0) : max(px, 1)] = 5
-    # Cars on the road and pedestrians on the sidewalks, scaled with distance.
-    for _ in range(rng.integers(1, 4)):
-        ty = rng.uniform(0.2, 0.9)
-        cy = int(horizon + ty * (h - horizon))
-        cw, ch = int(10 + 60 * ty), int(6 + 30 * ty)
-        cx = int(vx + rng.uniform(-0.6, 0.6) * ty * w * 0.45)
-        label[max(cy - ch, 0) : cy, max(cx - cw // 2, 0) : max(cx + cw // 2, 0)] = 13
-    for _ in range(rng.integers(0, 4)):
-        ty = rng.uniform(0.2, 0.9)
-        py = int(horizon + ty * (h - horizon))
-        side = rng.choice([-1, 1])
-        px = int(vx + side * ty * w * rng.uniform(0.5, 0.7))
-        pw, ph = int(2 + 5 * ty), int(8 + 30 * ty)
-        label[max(py - ph, 0) : py, max(px - pw // 2, 0) : max(px + pw // 2, 0)] = 11
-    return label
-
-
-def toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
-    """Appearance of one scene in one domain, uint8 (H, W, 3)."""
-    h, w = label.shape
-    y, x = np.mgrid[0:h, 0:w]
-    colours = _TOY_COLOURS[domain]
-    lut = np.zeros((256, 3), np.float32)
-    for c, rgb in colours.items():
-        jitter = rng.normal(0, 8, 3) if domain == "source" else rng.normal(0, 14, 3)
-        lut[c] = np.asarray(rgb) + jitter
-    image = lut[label]
-    if domain == "source":
-        image += rng.normal(0, 3, image.shape)  # nearly flat shading
-    else:
-        # Textures: stripes on the road, window grid on buildings, leafy noise, sensor noise.
-        image[label == 2] *= (0.75 + 0.25 * ((x // 6 + y // 5) % 2))[label == 2, None]
-        image[label == 0] *= (0.9 + 0.1 * np.sin(x * 0.9 + y * 0.3))[label == 0, None]
-        leafy = rng.uniform(0.6, 1.3, (h, w))
-        image[label == 8] *= leafy[label == 8, None]
-        image += rng.normal(0, 10, image.shape)
-    # Lane marks belong to the road class.
-    image[(label == 0) & ((x + y // 2) % 24 < 2)] = 230 if domain != "night" else 140
-    depth = 1.0 - y / h  # far = 1 at the top
-    if domain == "fog":
-        haze = np.clip(0.25 + 0.75 * depth, 0, 1)[..., None] * rng.uniform(0.6, 0.85)
-        image = image * (1 - haze) + 200 * haze
-    elif domain == "night":
-        image = image * 0.28 + np.array([0, 5, 25])
-        for _ in range(rng.integers(2, 5)):  # street lamps
-            cx, cy = rng.uniform(0, w), rng.uniform(0.2, 0.6) * h
-            glow = np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * (0.06 * w) ** 2)))
-            image += glow[..., None] * np.array([120, 100, 50])
-        image += rng.normal(0, 6, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def _save_palette_png(path: Path, ids: np.ndarray) -> None:
-    im = Image.fromarray(ids.astype(np.uint8), mode="P")
-    palette = np.zeros((256, 3), np.uint8)
-    trainid = CITYSCAPES_ID_TO_TRAINID
-    for label_id in range(256):
-        if trainid[label_id] != IGNORE_INDEX:
-            palette[label_id] = PALETTE[trainid[label_id]]
-    im.putpalette(palette.flatten().tolist())
-    im.save(path)
-
-
-def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None = None) -> Path:
-    """Write <data_root>/toy (if missing or from another version/seed). Returns its path.
-
-    toy/toy.json marks a folder this function wrote; it is written first (as "incomplete") and
-    completed last, so an interrupted write is recognised and redone. A toy/ folder without the
-    marker is someone else's and is never deleted."""
-    root = Path(data_root) / "toy"
-    counts = counts or TOY_COUNTS
-    stamp = {"version": TOY_VERSION, "seed": seed, "counts": counts, "size_wh": TOY_SIZE_WH}
-    stamp = json.loads(json.dumps(stamp))  # tuples -> lists, as read back from the file
-    stamp_file = root / "toy.json"
-    if stamp_file.is_file():
-        try:
-            found = json.loads(stamp_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UsageError(
-                f"{stamp_file} is not a valid toy marker (truncated or edited); delete {root} to "
-                "have the toy dataset written again"
-            ) from None
-        if found == stamp:
-            return root
-        shutil.rmtree(root)  # ours: another version, seed or size, or an interrupted write
-    elif root.exists():
-        raise UsageError(
-            f"{root} exists but was not written by this project (no toy.json): move it away or "
-            "pass another --data"
-        )
-    root.mkdir(parents=True)
-    stamp_file.write_text(json.dumps({**stamp, "incomplete": True}))
-    _write_toy_domains(root, seed, counts)
-    stamp_file.write_text(json.dumps(stamp))
-    return root
-
-
-def _write_toy_domains(root: Path, seed: int, counts: dict) -> None:
-    w, h = TOY_SIZE_WH
-    id_lut = np.zeros(256, np.uint8)  # trainId -> labelId (ignore -> 0 = unlabeled)
-    for label_id, t in enumerate(CITYSCAPES_ID_TO_TRAINID):
-        if t != IGNORE_INDEX:
-            id_lut[t] = label_id
-    for d, domain in enumerate(TOY_DOMAINS):
-        n_train, n_val = counts[domain]
-        if domain == "source":
-            img_dir, gt_dir = root / "source" / "images", root / "source" / "labels"
-        else:
-            img_dir = root / domain / "leftImg8bit" / "val" / "toy"
-            gt_dir = root / domain / "gtFine" / "val" / "toy"
-        img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(n_train + n_val):
-            rng = np.random.default_rng([seed, d, i])
-            label = toy_scene(rng, w, h)
-            image = Image.fromarray(toy_render(label, domain, rng))
-            if domain == "source":
-                image.save(img_dir / f"{i + 1:05d}.png", compress_level=1)
-                _save_palette_png(gt_dir / f"{i + 1:05d}.png", id_lut[label])
-            else:
-                stem = f"toy_{i:06d}_000019"
-                image.save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
-                Image.fromarray(id_lut[label]).save(gt_dir / f"{stem}_gtFine_labelIds.png")
-        if domain == "source":
-            names = [f"{i + 1:05d}.png" for i in range(n_train + n_val)]
-            (root / "source" / "gtav_split_train.txt").write_text("\n".join(names[:n_train]) + "\n")
-            (root / "source" / "gtav_split_val.txt").write_text("\n".join(names[n_train:]) + "\n")
-
-
-# =============================================================================================
-# 6. Joint augmentation of (image uint8 (3,H,W), label int64 (H,W)); randomness only from `g`
-# =============================================================================================
-
-_INTERP = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
-
-
-def _uniform(g: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=g).item()
-
-
-def resize_pair(
-    image: torch.Tensor,
-    label: torch.Tensor | None,
-    size_hw: tuple[int, int],
-    image_interp: str = "bilinear",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize image (antialiased, like Pillow) and label (nearest, pixel-centre rule)."""
-    size_hw = (int(size_hw[0]), int(size_hw[1]))
-    if tuple(image.shape[-2:]) != size_hw:
-        image = TF.resize(image, list(size_hw), interpolation=_INTERP[image_interp], antialias=True)
-    if label is not None and tuple(label.shape[-2:]) != size_hw:
-        label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest-exact")
-        label = label[0, 0].long()
-    return image, label
-
-
-def fit_size(h: int, w: int, long_side: int, short_side: int) -> tuple[int, int]:
-    """mmcv `rescale_size(keep_ratio=True)`: the largest size fitting (long, short), rounded
-    half up. E.g. 1224x1632 in (1024, 512) -> 512x683 [mmcv rescale_size]."""
-    factor = min(long_side / max(h, w), short_side / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
-    """detectron2 ResizeShortestEdge without max size: 720x1280 -> 1024x1820."""
-    factor = short / min(h, w)
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def random_scale(
-    image: torch.Tensor,
-    label: torch.Tensor,
-    scale_range: tuple[float, float],
-    g: torch.Generator,
-    image_interp: str = "bilinear",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rescale both by s ~ U(scale_range)."""
-    s = _uniform(g, *scale_range)
-    h, w = image.shape[-2:]
-    return resize_pair(image, label, (round(h * s), round(w * s)), image_interp)
-
-
-def random_short_side(
-    image: torch.Tensor,
-    label: torch.Tensor,
-    short_sides: Sequence[int],
-    max_long: int,
-    g: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mmseg RandomChoiceResize + ResizeShortestEdge: pick a short side, keep the ratio, long side
-    at most `max_long`."""
-    short = short_sides[int(torch.randint(len(short_sides), (), generator=g))]
-    h, w = image.shape[-2:]
-    return resize_pair(image, label, fit_size(h, w, max_long, short))
-
-
-def random_crop(
-    image: torch.Tensor,
-    label: torch.Tensor,
-    crop_hw: tuple[int, int] | int,
-    g: torch.Generator,
-    cat_max_ratio: float = 1.0,
-    pad: bool = True,
-    max_tries: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crop; with cat_max_ratio < 1, retry (up to 10 times, as mmseg RandomCrop) until no
-    class but ignore covers more than that share of the crop. Pads image with 0 and label with
-    255 on the bottom/right when smaller than the crop."""
-    ch, cw = (crop_hw, crop_hw) if isinstance(crop_hw, int) else crop_hw
-    h, w = image.shape[-2:]
-
-    def draw() -> tuple[int, int]:
-        top = int(torch.randint(max(h - ch, 0) + 1, (), generator=g))
-        left = int(torch.randint(max(w - cw, 0) + 1, (), generator=g))
-        return top, left
-
-    top, left = draw()
-    if cat_max_ratio < 1.0:
-        for _ in range(max_tries):
-            window = label[top : top + ch, left : left + cw]
-            counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
-            counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
-                break
-            top, left = draw()
-    image = image[:, top : top + ch, left : left + cw]
-    label = label[top : top + ch, left : left + cw]
-    if pad:
-        image, label = pad_pair(image, label, (ch, cw))
-    return image, label
-
-
-def pad_pair(
-    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pad bottom/right to at least size_hw: image with 0, label with 255."""
-    ph, pw = max(size_hw[0] - image.shape[-2], 0), max(size_hw[1] - image.shape[-1], 0)
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph), value=0)
-        if label is not None:
-            label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
-    return image, label
-
-
-def random_hflip(
-    image: torch.Tensor, label: torch.Tensor, g: torch.Generator, p: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.rand((), generator=g).item() < p:
-        return image.flip(-1), label.flip(-1)
-    return image, label
-
-
-def color_jitter(
-    image: torch.Tensor,
-    g: torch.Generator,
-    brightness: float = 0.0,
-    contrast: float = 0.0,
-    saturation: float = 0.0,
-    hue: float = 0.0,
-) -> torch.Tensor:
-    """torchvision ColorJitter semantics (factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h), the
-    four operations in random order), drawing from `g`."""
-    ops = []
-    if brightness:
-        f = _uniform(g, max(0.0, 1 - brightness), 1 + brightness)
-        ops.append(lambda im, f=f: TF.adjust_brightness(im, f))
-    if contrast:
-        f = _uniform(g, max(0.0, 1 - contrast), 1 + contrast)
-        ops.append(lambda im, f=f: TF.adjust_contrast(im, f))
-    if saturation:
-        f = _uniform(g, max(0.0, 1 - saturation), 1 + saturation)
-        ops.append(lambda im, f=f: TF.adjust_saturation(im, f))
-    if hue:
-        f = _uniform(g, -hue, hue)
-        ops.append(lambda im, f=f: TF.adjust_hue(im, f))
-    for i in torch.randperm(len(ops), generator=g).tolist():
-        image = ops[i](image)
-    return image
-
-
-# OpenCV's uint8 HSV arithmetic (imgproc color_hsv: 12-bit fixed point with division tables).
-HSV_SHIFT = 12
-HSV_HUE_RANGE = 180  # 8-bit hue: degrees / 2
-_DIVISORS = torch.arange(256, dtype=torch.float64)
-# S = diff * 255 / V and H = hue numerator * 180 / (6 * diff), each as a rounded 12-bit multiplier
-# (cvRound rounds half to even, as torch.round does); entry 0 is 0
-HSV_SDIV = torch.where(_DIVISORS > 0, (255 << HSV_SHIFT) / _DIVISORS, 0).round().long()
-HSV_HDIV = torch.where(_DIVISORS > 0, (180 << HSV_SHIFT) / (6 * _DIVISORS), 0).round().long()
-
-
-def rgb_to_hsv_cv2(img: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB (3, H, W) -> HSV (3, H, W) int64 exactly as cv2.cvtColor(COLOR_BGR2HSV) computes
-    it for uint8: H in [0, 180), S and V in [0, 255] [OpenCV color_hsv RGB2HSV_b]."""
-    r, g, b = img.long()
-    v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
-    half = 1 << (HSV_SHIFT - 1)
-    s = (diff * HSV_SDIV[v] + half) >> HSV_SHIFT
-    # hue numerator in units of diff/60 degrees: R max -> g - b, G max -> b - r + 2 diff, else
-    # r - g + 4 diff (R is tested first, then G)
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * HSV_HDIV[diff] + half) >> HSV_SHIFT  # arithmetic shift: floor for negatives
-    h = torch.where(h < 0, h + HSV_HUE_RANGE, h)
-    return torch.stack([h, s, v])
-
-
-def hsv_to_rgb_cv2(hsv: torch.Tensor) -> torch.Tensor:
-    """Inverse of rgb_to_hsv_cv2: cv2 COLOR_HSV2BGR for uint8 as opencv-python 4.8 (the official
-    environment) computes it: float32 H*6/180, S/255, V/255 (as products with 1/255), sector
-    formulas, then * 255 truncated [OpenCV color_hsv HSV2RGB_b, its vectorised path]; returns
-    uint8 RGB (3, H, W). Float ties may differ by one grey level (7 of 196,608
-    random pixels)."""
-    h = hsv[0].float() * (6.0 / 180.0)
-    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
-    sector = torch.floor(h)
-    f = h - sector
-    sector = sector.long() % 6
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    # rows: sector 0..5 -> (r, g, b)
-    r = torch.stack([v, q, p, p, t, v]).gather(0, sector[None])[0]
-    gg = torch.stack([t, v, v, q, p, p]).gather(0, sector[None])[0]
-    b = torch.stack([p, p, t, v, v, q]).gather(0, sector[None])[0]
-    return (torch.stack([r, gg, b]) * 255.0).clamp(0, 255).to(torch.uint8)  # truncation
-
-
-def to_uint8_truncated(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-    """float32 x * alpha + beta, clipped to [0, 255], truncated to uint8: the `convert` step of
-    mmseg PhotoMetricDistortion and PointRend ColorAugSSDTransform."""
-    return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 or 0..255 float (B,3,H,W) -> float ((x / 255) - mean) / std; mean/std on [0, 1]."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
-
-
-# =============================================================================================
-# 7. Deterministic training loader (exact resume)
-# =============================================================================================
-
-
-def _sample_seed(seed: int, position: int) -> int:
-    """A per-sample seed that depends only on (run seed, position in the sample stream)."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def epoch_indices(
-    n: int, seed: int, epoch: int, repeat_factors: Sequence[float] | None
-) -> list[int]:
-    """Shuffled indices of one epoch. With repeat factors r_i (detectron2 RepeatFactorTraining-
-    Sampler), index i appears floor(r_i) times plus once more with probability frac(r_i)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    if repeat_factors is None:
-        return torch.randperm(n, generator=g).tolist()
-    r = torch.as_tensor(repeat_factors, dtype=torch.float64)
-    reps = r.floor() + (torch.rand(n, generator=g, dtype=torch.float64) < (r - r.floor())).double()
-    idx = torch.repeat_interleave(torch.arange(n), reps.long())
-    return idx[torch.randperm(len(idx), generator=g)].tolist()
-
-
-class _BatchPlan:
-    """Infinite iterable of per-rank batches of (index, sample_seed), starting at `start_iter`.
-    Global batch b of iteration t takes stream positions [t*B, (t+1)*B); rank r takes its slice."""
-
-    def __init__(
-        self,
-        n: int,
-        global_batch: int,
-        rank: int,
-        world: int,
-        seed: int,
-        start_iter: int,
-        repeat_factors: Sequence[float] | None,
-    ):
-        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.start_iter, self.repeat_factors = seed, start_iter, repeat_factors
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_rank = self.global_batch // self.world
-        position = self.start_iter * self.global_batch
-        epoch, offset, order = 0, 0, epoch_indices(self.n, self.seed, 0, self.repeat_factors)
-        while offset + len(order) <= position:  # skip whole epochs before the start
-            offset += len(order)
-            epoch += 1
-            order = epoch_indices(self.n, self.seed, epoch, self.repeat_factors)
-        while True:
-            batch = []
-            for k in range(self.global_batch):
-                p = position + k
-                while p - offset >= len(order):
-                    offset += len(order)
-                    epoch += 1
-                    order = epoch_indices(self.n, self.seed, epoch, self.repeat_factors)
-                batch.append((order[p - offset], _sample_seed(self.seed, p)))
-            position += self.global_batch
-            yield batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-
-def _seed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    np.random.seed(info.seed % 2**32)
-    random.seed(info.seed)
-
-
-class TrainLoader:
-    """`next(loader)` gives the next per-rank batch. Which samples, and every augmentation draw
-    (the dataset's transform gets a generator seeded per sample), depend only on
-    (seed, iteration, position), so a run resumed at iteration t sees the same batches."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        global_batch: int,
-        dist: Dist,
-        seed: int,
-        workers: int,
-        start_iter: int = 0,
-        repeat_factors: Sequence[float] | None = None,
-        collate: Callable | None = None,
-    ):
-        if global_batch % dist.world_size:
-            raise UsageError(
-                f"--batch-size {global_batch} is not divisible by the "
-                f"{dist.world_size} processes; use a multiple of {dist.world_size}"
-            )
-        if len(dataset) == 0:
-            raise UsageError("the training dataset is empty; check --data and --source")
-        plan = _BatchPlan(
-            len(dataset), global_batch, dist.rank, dist.world_size, seed, start_iter, repeat_factors
-        )
-        self.loader = DataLoader(
-            dataset,
-            batch_sampler=plan,
-            num_workers=workers,
-            collate_fn=collate,
-            worker_init_fn=_seed_worker,
-            pin_memory=dist.device.type == "cuda",
-            persistent_workers=workers > 0,
-            # own generator: building the loader leaves the global RNG alone
-            generator=torch.Generator().manual_seed(seed),
-        )
-        self._it = iter(self.loader)
-
-    def __next__(self):
-        return next(self._it)
-
-    def __iter__(self):
-        return self
-
-
-# =============================================================================================
-# 8. Evaluation: confusion matrix, mIoU, inference, per-target resize
-# =============================================================================================
-
-
-class ConfusionMatrix:
-    """Dataset-level confusion matrix (rows = ground truth, columns = prediction); pixels whose
-    ground truth is 255 (or outside 0..C-1) are ignored, so predictions there never count.
-    IoU_c = TP / (TP + FP + FN)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu"):
-        self.num_classes = num_classes
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        label = label.to(self.mat.device).flatten().long()
-        pred = pred.to(self.mat.device).flatten().long()
-        valid = (label >= 0) & (label < self.num_classes)
-        idx = label[valid] * self.num_classes + pred[valid]
-        self.mat += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.mat)
-
-    def all_reduce(self) -> None:
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            torch_dist.all_reduce(self.mat)
-
-    def ious(self) -> np.ndarray:
-        m = self.mat.double().cpu().numpy()
-        tp = np.diag(m)
-        union = m.sum(0) + m.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
-
-    def miou(self, mode: str = "nanmean", subset: Sequence[int] | None = None) -> float:
-        """Mean IoU in percent.
-        "nanmean"    [FAMix stream_metrics.py, mmseg iou_metric.py, cityscapesScripts]: classes with
-                     neither GT nor prediction are skipped; predicted-but-absent classes count as 0.
-        "present_gt" [CLOUDS semantic_evaluation.py]: mean over classes with >= 1 GT pixel.
-        `subset`: restrict to these classes (e.g. SYNTHIA16, SYNTHIA13)."""
-        keep = self._kept(mode, subset)
-        if not keep.any():
-            return float("nan")
-        return float(np.nanmean(self.ious()[keep]) * 100)
-
-    def _kept(self, mode: str, subset: Sequence[int] | None) -> np.ndarray:
-        ious = self.ious()
-        if mode == "nanmean":
-            keep = ~np.isnan(ious)
-        elif mode == "present_gt":
-            keep = self.mat.sum(1).cpu().numpy() > 0
-        else:
-            raise ValueError(f"unknown mIoU mode {mode!r}")
-        if subset is not None:
-            mask = np.zeros_like(keep)
-            mask[list(subset)] = True
-            keep &= mask
-        return keep
-
-    def per_class(self, mode: str = "nanmean") -> dict[str, float | None]:
-        """IoU (percent) per class name; None for the classes the mode leaves out."""
-        ious, keep = self.ious(), self._kept(mode, None)
-        return {
-            n: (round(float(ious[i]) * 100, 4) if keep[i] else None)
-            for i, n in enumerate(CLASS_NAMES[: self.num_classes])
-        }
-
-
-def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """mmseg slide_inference grid: n = max(L - crop + stride - 1, 0) // stride + 1 windows per
-    axis, start i*stride, shifted back so the last one ends at the border; an image smaller than
-    the crop gives one window covering it (no padding). Returns (y1, y2, x1, x2)."""
-    out = []
-    for i in range(max(h - crop + stride - 1, 0) // stride + 1):
-        for j in range(max(w - crop + stride - 1, 0) // stride + 1):
-            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
-            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return out
-
-
-def slide_inference(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    num_classes: int,
-    crop: int,
-    stride: int,
-) -> torch.Tensor:
-    """Logits (B, C, H, W): window logits (same size as the window) summed, divided by the number
-    of windows covering each pixel [mmseg encoder_decoder.py::slide_inference]."""
-    b, _, h, w = image.shape
-    logits = image.new_zeros((b, num_classes, h, w), dtype=torch.float32)
-    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
-    for y1, y2, x1, x2 in slide_windows(h, w, crop, stride):
-        logits[:, :, y1:y2, x1:x2] += predict(image[:, :, y1:y2, x1:x2]).float()
-        count[:, :, y1:y2, x1:x2] += 1
-    return logits / count
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalResize:
-    """How a target image (and maybe its label) is resized before inference.
-    rule: ("none",) | ("fit", (long, short)) [mmseg Resize keep_ratio] | ("short", S)
-          [detectron2 ResizeShortestEdge] | ("height_crop", S) [FAMix Mapillary: height S, then a
-          centre S x S crop; narrower images are padded, label with 255].
-    pre_halve: first halve image (bicubic) and label (nearest), as Rein's Mapillary copies.
-    resize_gt: resize the label with the image (nearest); else score at the label's own size."""
-
-    rule: tuple = ("none",)
-    resize_gt: bool = False
-    pre_halve: bool = False
-    image_interp: str = "bilinear"
-
-
-def eval_resize(
-    image: torch.Tensor, label: torch.Tensor, spec: EvalResize
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if spec.pre_halve:
-        h, w = image.shape[-2:]
-        image, label = resize_pair(image, label, (h // 2, w // 2), "bicubic")
-    h, w = image.shape[-2:]
-    kind = spec.rule[0]
-    if kind == "none":
-        return image, label
-    if kind == "fit":
-        size = fit_size(h, w, *spec.rule[1])
-    elif kind in ("short", "height_crop"):
-        s = spec.rule[1]
-        size = short_side_size(h, w, s) if kind == "short" else (s, int(w / h * s))
-    else:
-        raise ValueError(f"unknown eval resize rule {spec.rule!r}")
-    image, new_label = resize_pair(image, label, size, spec.image_interp)
-    label = new_label if (spec.resize_gt or kind == "height_crop") else label
-    if kind == "height_crop":
-        s = spec.rule[1]
-        image, label = _center_crop_pad(image, label, s)
-    return image, label
-
-
-def _center_crop_pad(
-    image: torch.Tensor, label: torch.Tensor, s: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Central s x s window; a narrower image is centred and padded (image 0, label 255). FAMix's
-    own CenterCropPad pads labels with 0 (= road) and mis-centres portrait images: not copied."""
-    h, w = image.shape[-2:]
-    if w >= s:
-        x1 = (w - s) // 2
-        image, label = image[..., x1 : x1 + s], label[..., x1 : x1 + s]
-    else:
-        left = (s - w) // 2
-        image = F.pad(image, (left, s - w - left), value=0)
-        label = F.pad(label, (left, s - w - left), value=IGNORE_INDEX)
-    if h > s:
-        y1 = (h - s) // 2
-        image, label = image[..., y1 : y1 + s, :], label[..., y1 : y1 + s, :]
-    return image, label
-
-
-class _EvalView(Dataset):
-    """The rank's share of a target dataset, resized for evaluation in the loader workers."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int], spec: EvalResize):
-        self.dataset, self.indices, self.spec = dataset, list(indices), spec
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image, label, name = self.dataset[self.indices[i]]
-        image, label = eval_resize(image, label, self.spec)
-        return image, label, name, self.indices[i]
-
-
-@torch.inference_mode()
-def evaluate_dataset(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    dataset: Dataset,
-    *,
-    resize: EvalResize,
-    dist: Dist,
-    miou_mode: str = "nanmean",
-    align_corners: bool = False,
-    workers: int = 2,
-    batch_size: int = 1,
-    save_preds: int = 0,
-    save_dir: str | Path | None = None,
-    subsets: dict | None = None,
-    desc: str = "eval",
-) -> dict:
-    """Score `predict` (uint8 (B,3,h,w) on the device -> logits (B,C,h',w')) on a dataset.
-    Logits are bilinearly resized to the label's size, then argmax. Up to `batch_size` images of
-    one size go through `predict` together (in eval mode no sample sees another). Returns
-    {"miou", "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g.
-    SYNTHIA16). Runs under inference_mode, with cuDNN's autotuner off (every image size would
-    be tuned)."""
-    indices = range(dist.rank, len(dataset), dist.world_size)
-    view = _EvalView(dataset, indices, resize)
-    # Own generator: evaluating does not consume the global RNG, so training resumes exactly
-    # whether or not an evaluation happened in between.
-    loader = DataLoader(view, batch_size=batch_size, num_workers=workers, collate_fn=list,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    cm = ConfusionMatrix(NUM_CLASSES, dist.device)
-    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-    bar = progress(len(view), 0, dist.is_main, desc)
-    for items in loader:
-        for group in _same_size_runs(items):
-            images = torch.stack([image for image, *_ in group])  # (B, 3, h, w)
-            logits = predict(images.to(dist.device, non_blocking=True))
-            label_hw = group[0][1].shape[-2:]
-            if logits.shape[-2:] != label_hw:
-                logits = F.interpolate(
-                    logits.float(), size=label_hw, mode="bilinear", align_corners=align_corners
-                )
-            for (image, label, name, index), pred in zip(group, logits.argmax(1)):
-                cm.update(pred, label)
-                if save_dir is not None and index < save_preds:
-                    path = Path(save_dir) / f"{index:05d}_{name}.png"
-                    save_prediction_strip(path, image, label, pred)
-        bar.update(len(items))
-    bar.close()
-    torch.backends.cudnn.benchmark = tuned
-    cm.all_reduce()
-    result = {
-        "miou": round(cm.miou(miou_mode), 4),
-        "per_class_iou": cm.per_class(miou_mode),
-        "num_images": len(dataset),
-    }
-    for key, subset in (subsets or {}).items():
-        result[f"miou_{key}"] = round(cm.miou(miou_mode, subset), 4)
-    return result
-
-
-def _same_size_runs(items: list) -> list[list]:
-    """Consecutive (image, label, ...) items split where the image or label size changes."""
-    runs: list[list] = []
-    for item in items:
-        sizes = (item[0].shape, item[1].shape)
-        if runs and (runs[-1][0][0].shape, runs[-1][0][1].shape) == sizes:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
-
-
-def format_results(results: dict[str, dict]) -> str:
-    """A table: one row per target with mIoU, then the mean over targets."""
-    lines = [f"{'target':<14} {'mIoU':>7}"]
-    for name, r in results.items():
-        extra = "  ".join(f"{k}={v:.2f}" for k, v in r.items() if k.startswith("miou_"))
-        lines.append(f"{name:<14} {r['miou']:7.2f}  {extra}".rstrip())
-    if len(results) > 1:
-        lines.append(f"{'mean':<14} {np.mean([r['miou'] for r in results.values()]):7.2f}")
-    return "\n".join(lines)
-
-
-def report_results(results: dict[str, dict], iteration: int | None, log: RunLog) -> None:
-    """Print the per-target table and per-class IoUs (rank 0), log an `eval` record and write
-    results.json."""
-    print0(("" if iteration is None else f"iteration {iteration}\n") + format_results(results))
-    for target, r in results.items():
-        ious = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
-        print0(f"  {target}: {ious}")
-    log.log({"type": "eval", "iter": iteration, "results": results})
-    log.write_results(results)
-
-
-# =============================================================================================
-# 9. Device, AMP, DDP, seeds
-# =============================================================================================
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    enabled: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str | None = None) -> Dist:
-    """One process by default; under torchrun (RANK/WORLD_SIZE in the environment) join the
-    process group (NCCL on GPUs, Gloo on CPU) and use cuda:LOCAL_RANK."""
-    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda was asked for but no CUDA device is visible; use --device cpu"
-        )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if want.startswith("cuda"):
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        else:
-            device = torch.device("cpu")
-        if not torch_dist.is_initialized():
-            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        _state["rank"] = rank
-        return Dist(rank, world, local, device, True)
-    return Dist(device=torch.device(want))
-
-
-_state = {"rank": 0}
+def is_main() -> bool:
+    """Rank 0, or the only process (asks torch.distributed: no state of our own)."""
+    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
 
 
 def print0(*args, **kwargs) -> None:
-    if _state["rank"] == 0:
+    if is_main():
         print(*args, **kwargs, flush=True)
 
 
-def autocast(
-    device: torch.device, enabled: bool
-) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler | None]:
-    """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
-    (returns a null context and no scaler; `setup` says so once)."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext, None
-    if torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
-    return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+def warn(message: str) -> None:
+    """One warning line on stderr, from rank 0 only (above a progress bar, if one is shown)."""
+    if is_main():
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def setup(args: argparse.Namespace) -> Dist:
-    """What every run does before its first tensor: CPU threads, processes and device, the speed
-    switches of the device (TF32 and cuDNN's autotuner on CUDA), seeds. A flag the device cannot
-    honour gets one warning line."""
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    dist = setup_distributed(args.device)
-    if dist.device.type == "cuda":
-        # TF32: fp32 matmuls and convolutions on tensor cores (10-bit mantissa products)
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
-        # the training crops have one fixed size: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = fast_path(args, dist)
-    elif args.amp:
-        warn("--amp has no effect on CPU: this run computes in fp32")
-    seed_everything(args.seed, dist.rank)
-    return dist
+# tqdm settings of every progress bar (rank 0 only: pass disable=not dist.is_main)
+BAR = {"dynamic_ncols": True, "leave": False, "file": sys.stderr, "mininterval": 1.0}
 
 
-def fast_path(args: argparse.Namespace, dist: Dist) -> bool:
-    """--fast auto = on with CUDA: channels_last trunks, fused/foreach optimisers, cuDNN
-    autotuning. On CPU they are off by default (the tests compare both paths there)."""
-    return args.fast == "on" or (args.fast == "auto" and dist.device.type == "cuda")
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr, exit code 2 (argparse would print
+    its whole usage first); its add_subparsers makes parsers of the same class."""
 
-
-def memory_format(args: argparse.Namespace, dist: Dist) -> torch.memory_format:
-    """channels_last (NHWC) for convolutional trunks on the fast path: cuDNN's tensor-core
-    convolutions work in NHWC, so NCHW tensors are transposed around every convolution."""
-    return torch.channels_last if fast_path(args, dist) else torch.contiguous_format
-
-
-def optimizer_options(args: argparse.Namespace, dist: Dist, kind: str) -> dict[str, bool]:
-    """Keyword arguments of the optimiser on the fast path: fused AdamW (one kernel for every
-    parameter tensor) or foreach SGD (one batched op per step instead of one per tensor)."""
-    if not fast_path(args, dist):
-        return {}
-    return {"fused": True} if kind == "adamw" else {"foreach": True}
-
-
-def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """torch.compile of the trained parts with --compile (off by default: the first steps then
-    compile for minutes). State dicts are saved from the module itself (no _orig_mod prefix)."""
-    return torch.compile(module) if args.compile else module
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    s = seed + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-def convert_sync_bn(model: nn.Module, dist: Dist) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm under multi-GPU DDP (frozen BNs in eval mode are unaffected)."""
-    if dist.enabled and dist.device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def wrap_ddp(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
-    if not dist.enabled:
-        return model
-    ids = [dist.local_rank] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=ids, find_unused_parameters=find_unused
-    )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def poly_lr(
-    base_lr: float, iteration: int, max_iters: int, power: float = 0.9, min_lr: float = 0.0
-) -> float:
-    """Polynomial decay base * (1 - t/T)^power, floored at min_lr."""
-    return max(base_lr * (1 - iteration / max_iters) ** power, min_lr)
-
-
-# =============================================================================================
-# 10. Training-loop plumbing: the step, divergence checks, the evaluation schedule, logging
-# =============================================================================================
-
-
-def backward_and_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    max_norm: float | None = None,
-    params: Sequence[torch.Tensor] | None = None,
-) -> float | None:
-    """Backward (scaled for fp16), optional clipping of the gradients' global L2 norm to
-    max_norm (unscaled first), optimizer step. The gradients were cleared (set_to_none) before
-    the forward pass, so the previous ones did not live through it. Returns the norm before
-    clipping, or None without clipping."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-    else:
-        loss.backward()
-    grad_norm = None
-    if max_norm is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return grad_norm
-
-
-def check_finite(iteration: int, terms: dict[str, float]) -> None:
-    """Stop with one line when a loss term is nan or inf, before the step spreads it."""
-    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
-    if bad:
-        values = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
-        raise DivergenceError(
-            f"iteration {iteration}: the loss is not finite ({values}); training stopped, "
-            f"{last_checkpoint_note()}; try a lower --lr or --no-amp"
-        )
-
-
-def check_finite_outputs(iteration: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Stop with one line when a prediction holds nan or inf (one device sync for all of
-    them), before a loss or a matcher sees it."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
-    bad = [name for name, ok in zip(tensors, finite) if not ok]
-    if bad:
-        raise DivergenceError(
-            f"iteration {iteration}: the predictions {', '.join(bad)} are not finite; training "
-            f"stopped before the loss, {last_checkpoint_note()}; try a lower --lr or --no-amp"
-        )
-
-
-def eval_due(done: int, args: argparse.Namespace) -> bool:
-    """After `done` iterations: evaluate (and checkpoint) every --eval-every and at the end."""
-    return done == args.iters or (args.eval_every > 0 and done % args.eval_every == 0)
-
-
-def log_step(
-    log: RunLog, bar: _Progress, done: int, args: argparse.Namespace, lr: float, terms: dict
-) -> None:
-    """The progress bar every step; a `train` record (loss terms, lr, seconds per step since the
-    previous record) every --log-every steps and at the end."""
-    RUN["iter"], RUN["iters"] = done, args.iters
-    bar.update(1, loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
-    now = time.perf_counter()
-    if log.last_step is None:  # the clock starts after the first step (compilation, warm-up)
-        log.last_step = (done, now)
-    if done % args.log_every == 0 or done == args.iters:
-        last_iter, last_time = log.last_step
-        seconds = (now - last_time) / (done - last_iter) if done > last_iter else None
-        log.log({"type": "train", "iter": done, "lr": lr, **terms, "time_s": seconds})
-        log.last_step = (done, now)
-
-
-@contextlib.contextmanager
-def rng_neutral() -> Iterator[None]:
-    """Run a block (an evaluation, a loader's set-up) without moving any global random stream
-    (torch CPU and CUDA, numpy, Python): a run that evaluates, or is interrupted and resumed,
-    draws the same numbers as one that does not."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
-# =============================================================================================
-# 11. The command line: one-line errors, presets, the shared flags
-# =============================================================================================
-
-
-def make_parser(description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose errors are one line (argparse would print its whole usage)."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    one_line_errors(parser)
-    return parser
-
-
-def one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Make `parser` report a bad flag in one line on stderr, exit code 2."""
-
-    def error(message: str) -> NoReturn:
-        print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
-    parser.error = error
+
+def make_parser(description: str) -> Parser:
+    return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def parse_with_presets(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    presets: Callable[[argparse.Namespace], dict[str, Any]],
-) -> argparse.Namespace:
-    """Parse in two passes with public argparse only. The first pass reads what chooses a preset
-    (--source toy, --recipe, --phase); `presets(first)` returns that preset's defaults;
-    parser.set_defaults installs them; the second pass parses for real. A flag written on the
-    command line always wins, and --help shows the defaults of the chosen preset."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    parser.set_defaults(**presets(first))
-    return parser.parse_args(argv)
-
-
-def _number(text: str, kind: type, low: float, strict: bool) -> Any:
+def _number(text: str, kind: type, low: float, strict: bool, high: float = math.inf) -> Any:
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value) or value < low or (strict and value == low):
         raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+    if value > high:
+        raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _number(text, int, 1, strict=False)
+# argparse types: an integer >= 1, >= 0; a finite number > 0, >= 0, in [0, 1]
+positive_int = functools.partial(_number, kind=int, low=1, strict=False)
+nonnegative_int = functools.partial(_number, kind=int, low=0, strict=False)
+positive_float = functools.partial(_number, kind=float, low=0.0, strict=True)
+nonnegative_float = functools.partial(_number, kind=float, low=0.0, strict=False)
+unit_float = functools.partial(_number, kind=float, low=0.0, strict=False, high=1.0)
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _number(text, int, 0, strict=False)
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    return _number(text, float, 0.0, strict=True)
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    return _number(text, float, 0.0, strict=False)
-
-
-def unit_float(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    value = _number(text, float, 0.0, strict=False)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def add_shared_flags(
-    parser: argparse.ArgumentParser,
-    *,
-    source: str,
-    targets: str,
-    iters: int,
-    batch_size: int,
-    crop: int,
-    amp: bool,
-    pretrained: str,
-    eval_every: int,
-    log_every: int,
-    workers: int = 4,
-    sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
-    cite: dict[str, str] | None = None,
-) -> None:
+def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: str, iters: int,
+                     batch_size: int, crop: int, amp: bool, pretrained: str, eval_every: int,
+                     log_every: int, workers: int = 4,
+                     sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
+                     cite: dict[str, str] | None = None) -> None:  # fmt: skip
     """The flags every method file has, with the method's paper defaults passed in (so they are
     visible in the method file). Each help ends with the default in force (%(default)s: a preset
-    installed by parse_with_presets shows too) and `cite[name]`, e.g.
-    cite={"iters": "paper: 40000 [C main.py]"}."""
+    installed by set_defaults shows too) and `cite[name]`, e.g. cite={"iters": "paper: 40000"}."""
     cite = cite or {}
 
     def h(text: str, name: str) -> str:
@@ -1847,8 +302,7 @@ def add_shared_flags(
 
     names = f"{', '.join(TARGET_NAMES)}; toy: {', '.join(TOY_TARGETS)}"
     on_off = argparse.BooleanOptionalAction
-    g = parser.add_argument_group("shared")
-    a = g.add_argument
+    a = parser.add_argument_group("shared").add_argument
     # fmt: off
     a("--source", default=source, choices=list(sources), help=h("training domain", "source"))
     a("--data", default="./data", help=h("root of gta5/ synthia/ cityscapes/ ... toy/", "data"))
@@ -1889,50 +343,1186 @@ def parse_targets(args: argparse.Namespace) -> list[str]:
 
 def args_to_primitives(args: argparse.Namespace | dict) -> dict:
     d = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {
-        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-        for k, v in d.items()
-    }
+    primitive = (int, float, str, bool, type(None))
+    return {k: (v if isinstance(v, primitive) else str(v)) for k, v in d.items()}
 
 
 # =============================================================================================
-# 12. Checkpoints
+# 3. Images, labels and the six dataset readers
 # =============================================================================================
+
+# The archive each dataset folder under --data is extracted from: a file that cannot be read is
+# replaced by extracting it again [the datasets' download pages].
+ARCHIVES = {
+    "gta5": ("01_images.zip ... 10_images.zip", "01_labels.zip ... 10_labels.zip"),
+    "synthia": ("SYNTHIA-RAND-CITYSCAPES (RGB/)", "SYNTHIA-RAND-CITYSCAPES (GT/LABELS/)"),
+    "cityscapes": ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"),
+    "bdd100k": ("bdd100k_images_10k.zip", "bdd100k_sem_seg_labels_trainval.zip"),
+    "mapillary": ("the Mapillary Vistas v1.2 (or v2.0) zip", "the same zip"),
+    "acdc": ("rgb_anon_trainvaltest.zip", "gt_trainval.zip"),
+}
+# Exceptions a decoder raises on a truncated or corrupt file (PIL: OSError, incl.
+# UnidentifiedImageError, SyntaxError, ValueError; torchvision: RuntimeError).
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
+
+
+def decode_error(path: str | Path, what: str, error: BaseException) -> DataFileError:
+    """One line naming the file, what is wrong and where a good copy comes from."""
+    path = Path(path)
+    folder = next((p for p in path.parts if p in ARCHIVES or p == "toy"), None)
+    if folder == "toy":
+        fix = f"delete {Path(*path.parts[: path.parts.index('toy') + 1])} to have it written again"
+    elif folder is not None:
+        fix = f"re-extract it from {ARCHIVES[folder][what == 'label']}"
+    else:
+        fix = "replace it with a good copy"
+    reason = one_line(error)[:120] or type(error).__name__
+    return DataFileError(f"cannot read {what} {path} ({reason}): the file is corrupt or "
+                         f"truncated; {fix}")  # fmt: skip
+
+
+def read_image(path: str | Path) -> Tensor:
+    """RGB uint8 (3, H, W). torchvision's libpng/libjpeg decoder: the same pixels as Pillow's
+    `convert("RGB")` (used by FAMix and detectron2) for PNG, about a third faster on full-size
+    frames; Pillow is the fallback for other formats (and gives the error of a broken file)."""
+    if decode_image is not None:
+        with contextlib.suppress(RuntimeError):
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "image", e) from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def read_id_png(path: str | Path) -> np.ndarray:
+    """Class ids of an 8-bit label PNG (mode L or P). Palette PNGs give their indices: never
+    convert("L"/"RGB") them, that would turn palette colours into luminance."""
+    try:
+        with Image.open(path) as im:
+            mode, ids = im.mode, np.asarray(im) if im.mode in ("L", "P") else None
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "label", e) from None
+    if ids is None:
+        raise DatasetLayoutError(f"{path}: label PNG has mode {mode}, expected an 8-bit id image "
+                                 "(L or P); colour visualisations (*_color.png, colormaps/) are "
+                                 "not labels")  # fmt: skip
+    return ids
+
+
+def read_synthia_label(path: str | Path) -> np.ndarray:
+    """SYNTHIA GT/LABELS/*.png: 16-bit, 3-channel PNG, class id in the first (R) channel.
+    Pillow silently keeps only the high byte (all ids become 0), so decode with torchvision."""
+    if decode_png is None:
+        raise UsageError("reading 16-bit SYNTHIA labels needs torchvision.io.decode_png, which "
+                         "this torchvision lacks; install a torchvision that has it (0.19 to "
+                         "0.29)")  # fmt: skip
+    try:
+        raw = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)  # (C, H, W)
+    except DECODE_ERRORS as e:
+        raise decode_error(path, "label", e) from None
+    if raw.dtype == torch.uint8:
+        raise DatasetLayoutError(f"{path}: SYNTHIA label decoded as 8-bit; expected the 16-bit "
+                                 "RAND-CITYSCAPES GT/LABELS PNG (do not re-save the labels with "
+                                 "another tool)")  # fmt: skip
+    return raw[0].to(torch.int64).numpy()  # (H, W) class ids
+
+
+def map_ids(ids: np.ndarray, lut: np.ndarray) -> Tensor:
+    """Look up trainIds; ids outside the table (e.g. > 255) become 255."""
+    ids = ids.astype(np.int64)
+    out = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    inside = (ids >= 0) & (ids < len(lut))
+    out[inside] = lut[ids[inside]]
+    return torch.from_numpy(out)
+
+
+def read_label(path: str | Path, lut: np.ndarray) -> Tensor:
+    """trainIds of an 8-bit id PNG through a lookup table."""
+    return map_ids(read_id_png(path), lut)
+
+
+def read_cityscapes_label(path: str | Path) -> Tensor:
+    """trainIds of a Cityscapes-style label (Cityscapes, ACDC, GTA5): a *_labelTrainIds.png is
+    read as it is, anything else holds labelIds (GTA5: palette index = labelId) and is mapped."""
+    trainids = str(path).endswith("_labelTrainIds.png")
+    return read_label(path, TRAINID_IDENTITY if trainids else CITYSCAPES_ID_TO_TRAINID)
+
+
+def read_synthia_trainids(path: str | Path) -> Tensor:
+    return map_ids(read_synthia_label(path), SYNTHIA_ID_TO_TRAINID)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) from the file header only."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except DECODE_ERRORS as e:
+        kind = "label" if "label" in str(path).lower() or "gt" in Path(path).parts else "image"
+        raise decode_error(path, kind, e) from None
+
+
+# Each reader returns (image uint8 (3,H,W), label int64 (H,W) trainIds, name); a transform takes
+# and returns (image, label) and draws only from the generator it is given.
+Transform = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+
+_TREES = {
+    "gta": "gta5/ | images/00001.png ... (RGB) | labels/00001.png ... (palette PNG, index = "
+    "Cityscapes labelId) | gtav_split_{train,val}.txt (FAMix image list only)",
+    "synthia": "synthia/ | RGB/0000000.png ... | GT/LABELS/0000000.png ... (16-bit RGB PNG, "
+    "class id in R) | synthia_split_val.txt (optional list of val names) | or the split layout "
+    "RGB/{train,val}/*.png + GT/LABELS/{train,val}/*.png",
+    "cityscapes": "cityscapes/ | leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit"
+    ".png | gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png",
+    "bdd": "bdd100k/ | images/10k/{train,val}/<stem>.jpg | labels/sem_seg/masks/{train,val}/"
+    "<stem>.png | or seg/images/<split>/<stem>.jpg + seg/labels/<split>/<stem>_train_id.png",
+    "mapillary": "mapillary/ | validation/images/<id>.jpg | validation/labels/<id>.png (v1.2 "
+    "zip) or validation/v1.2/labels/<id>.png (v2.0 zip)",
+    "acdc": "acdc/ | rgb_anon/<fog|night|rain|snow>/val/<seq>/<seq>_frame_<n>_rgb_anon.png | "
+    "gt/<cond>/val/<seq>/<seq>_frame_<n>_gt_labelTrainIds.png (or _gt_labelIds.png)",
+}
+
+
+def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
+    return DatasetLayoutError(f"{kind}: {missing} under {root}. Expected layout: {_TREES[kind]}")
+
+
+def size_policy(split: str) -> str:
+    """An image/label pair of different sizes: a training split skips it (it cannot be cropped
+    jointly) and counts it; an evaluation split is scored whole or not at all: an error."""
+    return "skip" if split in ("train", "all") else "error"
+
+
+class _PairDataset(Dataset):
+    """(image path, label path) pairs, a label decoder and an optional transform. Image and
+    label sizes are compared from the file headers when the reader is built (`sizes`: "skip",
+    "error" or "off"; None = size_policy(split)); `skipped` names the pairs left out."""
+
+    def __init__(self, kind: str, pairs: list[tuple[Path, Path]], decode: Callable,
+                 transform: Transform | None, sizes: str | None, split: str):  # fmt: skip
+        self.decode, self.transform, self.pairs, self.skipped = decode, transform, pairs, []
+        if (sizes or size_policy(split)) != "off":
+            self.pairs, self.skipped = _check_sizes(kind, pairs, sizes or size_policy(split))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        # The training loader passes (index, seed): augmentation draws come from that seed only.
+        index, seed = index if isinstance(index, tuple) else (index, index)
+        image_path, label_path = self.pairs[index]
+        image, label = read_image(image_path), self.decode(label_path)
+        if self.transform is not None:
+            image, label = self.transform(image, label, torch.Generator().manual_seed(seed))
+        return image, label, image_path.stem
+
+
+def _check_sizes(kind: str, pairs: list[tuple[Path, Path]], policy: str) -> tuple[list, list]:
+    sizes = [(image_size(image), image_size(label)) for image, label in pairs]
+    bad = [(*pair, *s) for pair, s in zip(pairs, sizes) if s[0] != s[1]]
+    if bad and policy == "error":
+        image, label, (wi, hi), (wl, hl) = bad[0]
+        more = f" (and {len(bad) - 1} more pairs)" if len(bad) > 1 else ""
+        folder = next((p for p in label.parts if p in ARCHIVES), None)
+        fix = f"re-extract it from {ARCHIVES[folder][1]}" if folder else "replace it"
+        raise DataFileError(f"{kind}: label {label} is {wl}x{hl} but its image {image} is "
+                            f"{wi}x{hi}{more}; an evaluation split is scored whole: "
+                            f"{fix}")  # fmt: skip
+    skipped = [image.stem for image, *_ in bad]
+    if bad:
+        print0(f"{kind}: skipped {len(bad)} image/label pairs of different sizes "
+               f"(first: {skipped[:5]})")  # fmt: skip
+    return [pair for pair, s in zip(pairs, sizes) if s[0] == s[1]], skipped
+
+
+def _pairs(kind: str, root: Path, images: list[Path], labels_of: Callable[[Path], list[Path]],
+           empty: str) -> list[tuple[Path, Path]]:  # fmt: skip
+    """Each image with the first of its candidate labels that exists; a layout error when there
+    is no image (`empty` says what was looked for) or an image has no label."""
+    if not images:
+        raise _layout_error(kind, root, empty)
+    pairs = [(image, next((c for c in labels_of(image) if c.is_file()), None)) for image in images]
+    for image, label in pairs:
+        if label is None:
+            looked = ", ".join(str(c) for c in labels_of(image))
+            raise DatasetLayoutError(f"{kind}: image {image} has no label; looked for {looked}")
+    return pairs
+
+
+class GTA5(_PairDataset):
+    """GTA5 (Playing for Data): images/NNNNN.png <-> labels/NNNNN.png (palette index = labelId).
+    `image_list`, the official training list of each method: "all" every images/*.png (Rein:
+    24,966) [Rein gta_512x512.py]; "clouds" all minus GTA5_CLOUDS_EXCLUDED (24,904) [CLOUDS
+    gta_list]; "famix" root/gtav_split_{split}.txt (12,382 train / 1,000 val; copy the two files
+    from the FAMix repository's datasets/gta5_list/ into the root) [FAMix]. 4,826 frames are
+    1914x1046 instead of 1914x1052: pairs whose image and label sizes differ are skipped in every
+    split (FAMix's validation crops both to 1046x1914 before scoring)."""
+
+    def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        if not (root / "images").is_dir() or not (root / "labels").is_dir():
+            raise _layout_error("gta", root, "missing images/ or labels/")
+        if image_list == "famix":
+            list_file = root / f"gtav_split_{split}.txt"
+            if not list_file.is_file():
+                hint = "FAMix's image list; copy it from the FAMix repository's datasets/gta5_list/"
+                raise _layout_error("gta", root, f"missing {list_file.name} ({hint})")
+            names = [Path(word).stem for word in list_file.read_text().split()]
+        elif image_list in ("all", "clouds"):
+            names = sorted(p.stem for p in (root / "images").glob("*.png"))
+            if image_list == "clouds":
+                names = [n for n in names if not (n.isdigit() and int(n) in GTA5_CLOUDS_EXCLUDED)]
+        else:
+            raise UsageError(f"unknown GTA5 image list {image_list!r}; use all, clouds or famix")
+        images = [root / "images" / f"{n}.png" for n in names]
+        for image in images:
+            if not image.is_file():
+                raise DatasetLayoutError(f"gta: {image} is listed but missing")
+        labels, suffixes = root / "labels", (".png", "_labelTrainIds.png")
+        pairs = _pairs("gta", root, images, lambda p: [labels / (p.stem + s) for s in suffixes],
+                       "no images/*.png")  # fmt: skip
+        super().__init__("gta", pairs, read_cityscapes_label, transform, sizes or "skip", split)
+
+
+class Synthia(_PairDataset):
+    """SYNTHIA-RAND-CITYSCAPES, 9,400 frames of 1280x760, 16-bit labels (class id in R). Flat
+    layout RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400) with an optional
+    synthia_split_val.txt of the 2,820 val names (RobustNet split, FAMix), or the split layout
+    RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820) [FAMix synthia.py]."""
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        if not (root / "RGB").is_dir() or not (root / "GT" / "LABELS").is_dir():
+            raise _layout_error("synthia", root, "missing RGB/ or GT/LABELS/")
+        if (root / "RGB" / "train").is_dir():
+            images = sorted((root / "RGB").glob("*/*.png" if split == "all" else f"{split}/*.png"))
+        else:
+            images = sorted((root / "RGB").glob("*.png"))
+            val_file = root / "synthia_split_val.txt"
+            if split in ("train", "val") and val_file.is_file():
+                val = {Path(s).stem for s in val_file.read_text().split()}
+                images = [p for p in images if (p.stem in val) == (split == "val")]
+            elif split == "val":
+                missing = "no val split (RGB/val/ or synthia_split_val.txt)"
+                raise _layout_error("synthia", root, missing)
+        labels = root / "GT" / "LABELS"
+        pairs = _pairs("synthia", root, images, lambda p: [labels / p.relative_to(root / "RGB")],
+                       f"no RGB images for split {split!r}")  # fmt: skip
+        super().__init__("synthia", pairs, read_synthia_trainids, transform, sizes, split)
+
+
+class Cityscapes(_PairDataset):
+    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png <-> gtFine/... _gtFine_labelIds.png
+    mapped on the fly (no createTrainIdLabelImgs step), else _gtFine_labelTrainIds.png. 2,975
+    train / 500 val."""
+
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+        if not image_dir.is_dir() or not label_dir.is_dir():
+            missing = f"missing leftImg8bit/{split}/ or gtFine/{split}/"
+            raise _layout_error("cityscapes", root, missing)
+
+        def labels_of(p: Path) -> list[Path]:
+            stem, d = p.name[: -len("_leftImg8bit.png")], label_dir / p.parent.name
+            return [d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_labelTrainIds.png"]
+
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        pairs = _pairs("cityscapes", root, images, labels_of,
+                       f"no leftImg8bit/{split}/<city>/*_leftImg8bit.png")  # fmt: skip
+        super().__init__("cityscapes", pairs, read_cityscapes_label, transform, sizes, split)
+
+
+class BDD100K(_PairDataset):
+    """BDD100K 10K semantic segmentation (labels are already trainIds, 255 = ignore), in the
+    layout of the current release (images/10k/ + labels/sem_seg/masks/), of the old bdd100k_seg
+    (seg/images/ + seg/labels/<stem>_train_id.png) or FAMix's flattened images/ + labels/.
+    7,000 train / 1,000 val."""
+
+    def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
+                 sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        layouts = [("images/10k", "labels/sem_seg/masks"), ("seg/images", "seg/labels"),
+                   ("images", "labels")]  # fmt: skip
+        found = [(root / i / split, root / lab / split) for i, lab in layouts
+                 if (root / i / split).is_dir() and (root / lab / split).is_dir()]  # fmt: skip
+        if not found:
+            raise _layout_error("bdd", root, f"no image/label folders for split {split!r}")
+        image_dir, label_dir = found[0]
+        pairs = _pairs("bdd", root, sorted(image_dir.glob("*.jpg")),
+                       lambda p: [label_dir / (p.stem + s) for s in (".png", "_train_id.png")],
+                       f"no {image_dir}/*.jpg")  # fmt: skip
+        decode = functools.partial(read_label, lut=TRAINID_IDENTITY)
+        super().__init__("bdd", pairs, decode, transform, sizes, split)
+
+
+class Mapillary(_PairDataset):
+    """Mapillary Vistas, v1.2 labels (66 classes, palette PNG index = id), mapped to 19 classes
+    with `label_map` "hrda" (FAMix, CLOUDS) or "rein" (Rein; 11 ids differ, see the table above).
+    Accepts the v1.2 zip layout (validation/labels/) and the v2.0 zip (validation/v1.2/labels/)."""
+
+    def __init__(self, root: str | Path, split: str = "val", label_map: str = "hrda",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        if label_map not in MAPILLARY_V12_TO_19:
+            raise UsageError(f"unknown Mapillary label map {label_map!r}; use hrda or rein")
+        folder = {"val": "validation", "train": "training"}.get(split, split)
+        image_dir = root / folder / "images"
+        candidates = (root / folder / "labels", root / folder / "v1.2" / "labels")
+        label_dir = next((d for d in candidates if d.is_dir()), None)
+        if not image_dir.is_dir() or label_dir is None:
+            missing = f"missing {folder}/images/ or {folder}/labels/"
+            raise _layout_error("mapillary", root, missing)
+        images = sorted(image_dir.glob("*.jpg"))
+        pairs = _pairs("mapillary", root, images, lambda p: [label_dir / f"{p.stem}.png"],
+                       f"no {folder}/images/*.jpg")  # fmt: skip
+        decode = functools.partial(read_label, lut=MAPILLARY_V12_TO_19[label_map])
+        super().__init__("mapillary", pairs, decode, transform, sizes, split)
+
+
+class ACDC(_PairDataset):
+    """ACDC, one condition (fog / night / rain / snow): rgb_anon/<cond>/<split>/**/*_rgb_anon.png
+    (recursive, so the official <seq>/ sub-folders and CLOUDS' flattened copy both work;
+    <split>_ref folders are not read) <-> gt/<same path>_gt_labelTrainIds.png, falling back to
+    _gt_labelIds.png + the Cityscapes map. Val: fog 100, night 106, rain 100, snow 100."""
+
+    CONDITIONS = ("fog", "night", "rain", "snow")
+
+    def __init__(self, root: str | Path, condition: str, split: str = "val",
+                 transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
+        root = Path(root)
+        if condition not in self.CONDITIONS:
+            raise UsageError(f"unknown ACDC condition {condition!r}; use one of {self.CONDITIONS}")
+        image_dir = root / "rgb_anon" / condition / split
+        if not image_dir.is_dir() or not (root / "gt").is_dir():
+            raise _layout_error("acdc", root, f"missing rgb_anon/{condition}/{split}/ or gt/")
+
+        def labels_of(p: Path) -> list[Path]:
+            d = root / "gt" / p.parent.relative_to(root / "rgb_anon")
+            stem = p.name[: -len("_rgb_anon.png")]
+            return [d / f"{stem}_gt_labelTrainIds.png", d / f"{stem}_gt_labelIds.png"]
+
+        images = sorted(image_dir.rglob("*_rgb_anon.png"))
+        pairs = _pairs("acdc", root, images, labels_of,
+                       f"no rgb_anon/{condition}/{split}/**/*_rgb_anon.png")  # fmt: skip
+        super().__init__("acdc", pairs, read_cityscapes_label, transform, sizes, split)
+
+
+# Folder of each dataset under --data.
+DATA_DIRS = {"gta": "gta5", "synthia": "synthia", "cityscapes": "cityscapes", "bdd": "bdd100k",
+             "mapillary": "mapillary", "acdc": "acdc", "toy": "toy"}  # fmt: skip
+TARGET_NAMES = ("cityscapes", "bdd", "mapillary", "acdc-fog", "acdc-night", "acdc-rain",
+                "acdc-snow", "synthia", "gta")  # fmt: skip
+
+
+def build_dataset(name: str, data_root: str | Path, split: str, *, gta_list: str = "all",
+                  mapillary_map: str = "hrda", transform: Transform | None = None,
+                  sizes: str | None = None) -> Dataset:  # fmt: skip
+    """The dataset called `name` (a --source or --targets value) under `data_root`. Toy: "toy"
+    is the source (GTA5 layout), "toy-<domain>" a target (Cityscapes layout). `sizes` overrides
+    the reader's image/label size policy ("skip", "error", "off")."""
+    root = Path(data_root)
+    if name == "toy":
+        return GTA5(root / "toy" / "source", split, "famix", transform, sizes)
+    if name.startswith("toy-"):
+        if name[4:] not in TOY_DOMAINS[1:]:
+            raise UsageError(f"unknown toy target {name!r}; use one of {', '.join(TOY_TARGETS)}")
+        return Cityscapes(root / "toy" / name[4:], "val", transform, sizes)
+    folder = root / DATA_DIRS.get(name.split("-")[0], name)
+    if name == "gta":
+        return GTA5(folder, split, gta_list, transform, sizes)
+    if name == "mapillary":
+        return Mapillary(folder, split, mapillary_map, transform, sizes)
+    if name.startswith("acdc-"):
+        return ACDC(folder, name[5:], split, transform, sizes)
+    if name in ("synthia", "cityscapes", "bdd"):
+        reader = {"synthia": Synthia, "cityscapes": Cityscapes, "bdd": BDD100K}[name]
+        return reader(folder, split, transform, sizes)
+    raise UsageError(f"unknown dataset {name!r}; use one of {', '.join(TARGET_NAMES)}, toy, "
+                     f"{', '.join(TOY_TARGETS)}")  # fmt: skip
+
+
+# =============================================================================================
+# 4. Toy domain-shift dataset (runs without any download)
+# =============================================================================================
+# Procedurally drawn street scenes (8 of the 19 classes) in four appearance domains: "source", a
+# flat-shaded "game" look in the GTA5 layout; "city" (muted, textured, noisy), "fog" and "night",
+# targets in the Cityscapes layout. Each class keeps its meaning while its colour and texture
+# change: a small, real domain gap. Not a benchmark: it says nothing about the papers' numbers.
+
+TOY_DOMAINS = ("source", "city", "fog", "night")
+TOY_TARGETS = tuple(f"toy-{d}" for d in TOY_DOMAINS[1:])
+TOY_SIZE_WH = (256, 128)
+TOY_COUNTS = {"source": (240, 48), "city": (0, 48), "fog": (0, 48), "night": (0, 48)}
+TOY_VERSION = 1
+_TOY_CLASSES = (0, 1, 2, 5, 8, 10, 11, 13)  # road sidewalk building pole vegetation sky person car
+
+# Base RGB per trainId and domain (the three targets share the "city" colours).
+_TOY_COLOURS = {
+    "source": {0: (120, 60, 140), 1: (250, 60, 230), 2: (90, 90, 90), 5: (200, 200, 60),
+               8: (40, 200, 40), 10: (60, 150, 250), 11: (250, 30, 30), 13: (30, 30, 250)},
+    **dict.fromkeys(TOY_DOMAINS[1:], {
+        0: (95, 92, 98), 1: (150, 140, 130), 2: (140, 110, 90), 5: (110, 110, 105),
+        8: (70, 100, 45), 10: (175, 195, 215), 11: (80, 60, 70), 13: (160, 40, 40)}),
+}  # fmt: skip
+
+
+def toy_scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """One street layout as trainIds (H, W)."""
+    y, x = np.mgrid[0:h, 0:w]
+    label = np.full((h, w), 10, np.int64)  # sky
+    horizon = int(h * rng.uniform(0.42, 0.55))
+    # Buildings: a skyline of blocks of random heights.
+    xs = np.sort(rng.choice(np.arange(8, w - 8), size=rng.integers(3, 7), replace=False))
+    edges = np.concatenate([[0], xs, [w]])
+    for a, b in zip(edges[:-1], edges[1:]):
+        top = int(horizon - rng.uniform(0.15, 0.4) * h)
+        label[max(top, 0) : horizon, a:b] = 2
+    # Vegetation: a few blobs in front of the buildings.
+    for _ in range(rng.integers(1, 4)):
+        cx, cy = rng.uniform(0, w), horizon - rng.uniform(0, 0.12) * h
+        rx, ry = rng.uniform(0.05, 0.12) * w, rng.uniform(0.08, 0.16) * h
+        label[((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1] = 8
+    # Ground: road as a trapezoid to the vanishing point, sidewalks on both sides.
+    vx = w * rng.uniform(0.4, 0.6)
+    t = np.clip((y - horizon) / max(h - horizon, 1), 0, 1)
+    half_road = t * w * rng.uniform(0.45, 0.6)
+    half_walk = half_road + t * w * rng.uniform(0.15, 0.3)
+    ground = y >= horizon
+    label[ground] = 8
+    label[ground & (np.abs(x - vx) < half_walk)] = 1
+    label[ground & (np.abs(x - vx) < half_road)] = 0
+    # Poles on the sidewalks.
+    for side in (-1, 1):
+        for _ in range(rng.integers(0, 3)):
+            ty = rng.uniform(0.3, 1.0)
+            py = int(horizon + ty * (h - horizon)) - 1
+            px = int(vx + side * (ty * w * 0.5 + 2))
+            width, top = max(1, int(1 + 3 * ty)), int(py - (0.2 + 0.5 * ty) * h)
+            label[max(top, 0) : py, max(px - width, 0) : max(px, 1)] = 5
+    # Cars on the road and pedestrians on the sidewalks, scaled with distance.
+    for _ in range(rng.integers(1, 4)):
+        ty = rng.uniform(0.2, 0.9)
+        cy, cw, ch = int(horizon + ty * (h - horizon)), int(10 + 60 * ty), int(6 + 30 * ty)
+        cx = int(vx + rng.uniform(-0.6, 0.6) * ty * w * 0.45)
+        label[max(cy - ch, 0) : cy, max(cx - cw // 2, 0) : max(cx + cw // 2, 0)] = 13
+    for _ in range(rng.integers(0, 4)):
+        ty = rng.uniform(0.2, 0.9)
+        py, side = int(horizon + ty * (h - horizon)), rng.choice([-1, 1])
+        px = int(vx + side * ty * w * rng.uniform(0.5, 0.7))
+        pw, ph = int(2 + 5 * ty), int(8 + 30 * ty)
+        label[max(py - ph, 0) : py, max(px - pw // 2, 0) : max(px + pw // 2, 0)] = 11
+    return label
+
+
+def toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
+    """Appearance of one scene in one domain, uint8 (H, W, 3)."""
+    h, w = label.shape
+    y, x = np.mgrid[0:h, 0:w]
+    lut = np.zeros((256, 3), np.float32)
+    for c, rgb in _TOY_COLOURS[domain].items():
+        lut[c] = np.asarray(rgb) + rng.normal(0, 8 if domain == "source" else 14, 3)
+    image = lut[label]
+    if domain == "source":
+        image += rng.normal(0, 3, image.shape)  # nearly flat shading
+    else:
+        # Textures: stripes on the road, window grid on buildings, leafy noise, sensor noise.
+        image[label == 2] *= (0.75 + 0.25 * ((x // 6 + y // 5) % 2))[label == 2, None]
+        image[label == 0] *= (0.9 + 0.1 * np.sin(x * 0.9 + y * 0.3))[label == 0, None]
+        leafy = rng.uniform(0.6, 1.3, (h, w))
+        image[label == 8] *= leafy[label == 8, None]
+        image += rng.normal(0, 10, image.shape)
+    # Lane marks belong to the road class.
+    image[(label == 0) & ((x + y // 2) % 24 < 2)] = 230 if domain != "night" else 140
+    depth = 1.0 - y / h  # far = 1 at the top
+    if domain == "fog":
+        haze = np.clip(0.25 + 0.75 * depth, 0, 1)[..., None] * rng.uniform(0.6, 0.85)
+        image = image * (1 - haze) + 200 * haze
+    elif domain == "night":
+        image = image * 0.28 + np.array([0, 5, 25])
+        for _ in range(rng.integers(2, 5)):  # street lamps
+            cx, cy = rng.uniform(0, w), rng.uniform(0.2, 0.6) * h
+            glow = np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * (0.06 * w) ** 2)))
+            image += glow[..., None] * np.array([120, 100, 50])
+        image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def save_palette_png(path: Path, ids: np.ndarray) -> None:
+    """Cityscapes labelIds as a palette PNG in the GTA5 style (colour = its trainId's)."""
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette(PALETTE[CITYSCAPES_ID_TO_TRAINID].flatten().tolist())
+    im.save(path)
+
+
+def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None = None) -> Path:
+    """Write <data_root>/toy (if missing or from another version/seed); returns its path.
+    toy/toy.json marks a folder this function wrote; it is written first (as "incomplete") and
+    completed last, so an interrupted write is redone. A toy/ without it is never deleted."""
+    root = Path(data_root) / "toy"
+    counts = counts or TOY_COUNTS
+    stamp = {"version": TOY_VERSION, "seed": seed, "counts": counts, "size_wh": TOY_SIZE_WH}
+    stamp = json.loads(json.dumps(stamp))  # tuples -> lists, as read back from the file
+    stamp_file = root / "toy.json"
+    if stamp_file.is_file():
+        try:
+            found = json.loads(stamp_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(
+                f"{stamp_file} is not a valid toy marker (truncated or edited); delete {root} to "
+                "have the toy dataset written again"
+            ) from None
+        if found == stamp:
+            return root
+        shutil.rmtree(root)  # ours: another version, seed or size, or an interrupted write
+    elif root.exists():
+        raise UsageError(
+            f"{root} exists but was not written by this project (no toy.json): move it away or "
+            "pass another --data"
+        )
+    root.mkdir(parents=True)
+    stamp_file.write_text(json.dumps({**stamp, "incomplete": True}))
+    w, h = TOY_SIZE_WH
+    for d, domain in enumerate(TOY_DOMAINS):
+        n_train, n_val = counts[domain]
+        if domain == "source":
+            img_dir, gt_dir = root / "source" / "images", root / "source" / "labels"
+        else:
+            img_dir = root / domain / "leftImg8bit" / "val" / "toy"
+            gt_dir = root / domain / "gtFine" / "val" / "toy"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(n_train + n_val):
+            rng = np.random.default_rng([seed, d, i])
+            label = toy_scene(rng, w, h)
+            image = Image.fromarray(toy_render(label, domain, rng))
+            if domain == "source":
+                image.save(img_dir / f"{i + 1:05d}.png", compress_level=1)
+                save_palette_png(gt_dir / f"{i + 1:05d}.png", TRAINID_TO_ID[label])
+            else:
+                stem = f"toy_{i:06d}_000019"
+                image.save(img_dir / f"{stem}_leftImg8bit.png", compress_level=1)
+                Image.fromarray(TRAINID_TO_ID[label]).save(gt_dir / f"{stem}_gtFine_labelIds.png")
+        if domain == "source":
+            names = [f"{i + 1:05d}.png" for i in range(n_train + n_val)]
+            (root / "source" / "gtav_split_train.txt").write_text("\n".join(names[:n_train]) + "\n")
+            (root / "source" / "gtav_split_val.txt").write_text("\n".join(names[n_train:]) + "\n")
+    stamp_file.write_text(json.dumps(stamp))
+    return root
+
+
+# =============================================================================================
+# 5. Augmentation of (image uint8 (3,H,W), label int64 (H,W)), the deterministic loader
+# =============================================================================================
+
+_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+           "nearest": InterpolationMode.NEAREST}  # fmt: skip
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def resize_pair(image: Tensor, label: Tensor | None, size_hw: tuple[int, int],
+                image_interp: str = "bilinear") -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Resize image (antialiased, like Pillow) and label (nearest, pixel-centre rule)."""
+    size_hw = (int(size_hw[0]), int(size_hw[1]))
+    if tuple(image.shape[-2:]) != size_hw:
+        image = TF.resize(image, list(size_hw), interpolation=_INTERP[image_interp], antialias=True)
+    if label is not None and tuple(label.shape[-2:]) != size_hw:
+        label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest-exact")
+        label = label[0, 0].long()
+    return image, label
+
+
+def fit_size(h: int, w: int, long_side: int, short_side: int) -> tuple[int, int]:
+    """mmcv `rescale_size(keep_ratio=True)`: the largest size fitting (long, short), rounded
+    half up. E.g. 1224x1632 in (1024, 512) -> 512x683 [mmcv rescale_size]."""
+    factor = min(long_side / max(h, w), short_side / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """detectron2 ResizeShortestEdge without max size: 720x1280 -> 1024x1820."""
+    factor = short / min(h, w)
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def random_scale(image: Tensor, label: Tensor, scale_range: tuple[float, float], g: torch.Generator,
+                 image_interp: str = "bilinear") -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Rescale both by s ~ U(scale_range)."""
+    s = _uniform(g, *scale_range)
+    h, w = image.shape[-2:]
+    return resize_pair(image, label, (round(h * s), round(w * s)), image_interp)
+
+
+def random_crop(image: Tensor, label: Tensor, crop_hw: tuple[int, int] | int,
+                g: torch.Generator, cat_max_ratio: float = 1.0, pad: bool = True,
+                max_tries: int = 10) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Random crop; with cat_max_ratio < 1, retry (up to 10 times, as mmseg RandomCrop) until no
+    class but ignore covers more than that share of the crop. Pads image with 0 and label with
+    255 on the bottom/right when smaller than the crop."""
+    ch, cw = (crop_hw, crop_hw) if isinstance(crop_hw, int) else crop_hw
+    h, w = image.shape[-2:]
+
+    def draw() -> tuple[int, int]:
+        top = int(torch.randint(max(h - ch, 0) + 1, (), generator=g))
+        return top, int(torch.randint(max(w - cw, 0) + 1, (), generator=g))
+
+    top, left = draw()
+    for _ in range(max_tries if cat_max_ratio < 1.0 else 0):
+        window = label[top : top + ch, left : left + cw]
+        counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
+            break
+        top, left = draw()
+    image = image[:, top : top + ch, left : left + cw]
+    label = label[top : top + ch, left : left + cw]
+    return pad_pair(image, label, (ch, cw)) if pad else (image, label)
+
+
+def pad_pair(image: Tensor, label: Tensor | None,
+             size_hw: tuple[int, int]) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Pad bottom/right to at least size_hw: image with 0, label with 255."""
+    ph, pw = max(size_hw[0] - image.shape[-2], 0), max(size_hw[1] - image.shape[-1], 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0)
+        if label is not None:
+            label = F.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+    return image, label
+
+
+def random_hflip(image: Tensor, label: Tensor, g: torch.Generator,
+                 p: float = 0.5) -> tuple[Tensor, Tensor]:  # fmt: skip
+    if torch.rand((), generator=g).item() < p:
+        return image.flip(-1), label.flip(-1)
+    return image, label
+
+
+def color_jitter(image: Tensor, g: torch.Generator, brightness: float = 0.0, contrast: float = 0.0,
+                 saturation: float = 0.0, hue: float = 0.0) -> Tensor:  # fmt: skip
+    """torchvision ColorJitter semantics (factors ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h), the
+    four operations in random order), drawing from `g`."""
+    ops = []
+    for x, adjust in ((brightness, TF.adjust_brightness), (contrast, TF.adjust_contrast),
+                      (saturation, TF.adjust_saturation), (hue, TF.adjust_hue)):  # fmt: skip
+        if x:
+            low, high = (-x, x) if adjust is TF.adjust_hue else (max(0.0, 1 - x), 1 + x)
+            ops.append((adjust, _uniform(g, low, high)))
+    for i in torch.randperm(len(ops), generator=g).tolist():
+        image = ops[i][0](image, ops[i][1])
+    return image
+
+
+# OpenCV's uint8 HSV arithmetic (imgproc color_hsv: 12-bit fixed point with division tables).
+HSV_SHIFT = 12
+HSV_HUE_RANGE = 180  # 8-bit hue: degrees / 2
+_DIVISORS = torch.arange(256, dtype=torch.float64)
+# S = diff * 255 / V and H = hue numerator * 180 / (6 * diff), each as a rounded 12-bit multiplier
+# (cvRound rounds half to even, as torch.round does); entry 0 is 0
+HSV_SDIV = torch.where(_DIVISORS > 0, (255 << HSV_SHIFT) / _DIVISORS, 0).round().long()
+HSV_HDIV = torch.where(_DIVISORS > 0, (180 << HSV_SHIFT) / (6 * _DIVISORS), 0).round().long()
+
+
+def rgb_to_hsv_cv2(img: Tensor) -> Tensor:
+    """uint8 RGB (3, H, W) -> HSV (3, H, W) int64 exactly as cv2.cvtColor(COLOR_BGR2HSV) computes
+    it for uint8: H in [0, 180), S and V in [0, 255] [OpenCV color_hsv RGB2HSV_b]."""
+    r, g, b = img.long()
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (HSV_SHIFT - 1)
+    s = (diff * HSV_SDIV[v] + half) >> HSV_SHIFT
+    # hue numerator in units of diff/60 degrees: R max -> g - b, G max -> b - r + 2 diff, else
+    # r - g + 4 diff (R is tested first, then G)
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * HSV_HDIV[diff] + half) >> HSV_SHIFT  # arithmetic shift: floor for negatives
+    h = torch.where(h < 0, h + HSV_HUE_RANGE, h)
+    return torch.stack([h, s, v])
+
+
+def hsv_to_rgb_cv2(hsv: Tensor) -> Tensor:
+    """Inverse of rgb_to_hsv_cv2: cv2 COLOR_HSV2BGR for uint8 as opencv-python 4.8 (the official
+    environment) computes it: float32 H*6/180, S/255, V/255 (as products with 1/255), sector
+    formulas, then * 255 truncated [OpenCV color_hsv HSV2RGB_b, its vectorised path]; returns
+    uint8 RGB (3, H, W). Float ties may differ by one grey level (7 of 196,608 random pixels)."""
+    h = hsv[0].float() * (6.0 / 180.0)
+    s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
+    sector = torch.floor(h)
+    f = h - sector
+    sector = sector.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # rows: sector 0..5 -> (r, g, b)
+    r = torch.stack([v, q, p, p, t, v]).gather(0, sector[None])[0]
+    gg = torch.stack([t, v, v, q, p, p]).gather(0, sector[None])[0]
+    b = torch.stack([p, p, t, v, v, q]).gather(0, sector[None])[0]
+    return (torch.stack([r, gg, b]) * 255.0).clamp(0, 255).to(torch.uint8)  # truncation
+
+
+def to_uint8_truncated(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
+    """float32 x * alpha + beta, clipped to [0, 255], truncated to uint8: the `convert` step of
+    mmseg PhotoMetricDistortion and PointRend ColorAugSSDTransform."""
+    return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or 0..255 float (B,3,H,W) -> float ((x / 255) - mean) / std; mean/std on [0, 1]."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean_t) / std_t
+
+
+def _sample_seed(seed: int, position: int) -> int:
+    """A per-sample seed that depends only on (run seed, position in the sample stream)."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def epoch_indices(n: int, seed: int, epoch: int, repeat_factors: Sequence[float] | None) -> list:
+    """Shuffled indices of one epoch. With repeat factors r_i (detectron2 RepeatFactorTraining-
+    Sampler), index i appears floor(r_i) times plus once more with probability frac(r_i)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if repeat_factors is None:
+        return torch.randperm(n, generator=g).tolist()
+    r = torch.as_tensor(repeat_factors, dtype=torch.float64)
+    reps = r.floor() + (torch.rand(n, generator=g, dtype=torch.float64) < (r - r.floor())).double()
+    idx = torch.repeat_interleave(torch.arange(n), reps.long())
+    return idx[torch.randperm(len(idx), generator=g)].tolist()
+
+
+def _batch_plan(n: int, global_batch: int, rank: int, world: int, seed: int, start_iter: int,
+                repeat_factors: Sequence[float] | None) -> Iterator[list]:  # fmt: skip
+    """Endless per-rank batches of (index, sample seed) from iteration `start_iter` on: the global
+    batch of iteration t is stream positions [t*B, (t+1)*B); rank r takes its r-th slice."""
+    per_rank, position = global_batch // world, start_iter * global_batch
+    epoch, offset, order = 0, 0, epoch_indices(n, seed, 0, repeat_factors)
+    while True:
+        batch = []
+        for p in range(position, position + global_batch):
+            while p - offset >= len(order):  # the next epoch (whole epochs before the start too)
+                offset, epoch = offset + len(order), epoch + 1
+                order = epoch_indices(n, seed, epoch, repeat_factors)
+            batch.append((order[p - offset], _sample_seed(seed, p)))
+        position += global_batch
+        yield batch[rank * per_rank : (rank + 1) * per_rank]
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32)
+    random.seed(info.seed)
+
+
+class TrainLoader:
+    """`next(loader)` gives the next per-rank batch. Which samples, and every augmentation draw
+    (the dataset's transform gets a generator seeded per sample), depend only on
+    (seed, iteration, position), so a run resumed at iteration t sees the same batches."""
+
+    def __init__(self, dataset: Dataset, global_batch: int, dist: Dist, seed: int, workers: int,
+                 start_iter: int = 0, repeat_factors: Sequence[float] | None = None,
+                 collate: Callable | None = None):  # fmt: skip
+        if global_batch % dist.world_size:
+            raise UsageError(
+                f"--batch-size {global_batch} is not divisible by the "
+                f"{dist.world_size} processes; use a multiple of {dist.world_size}"
+            )
+        if len(dataset) == 0:
+            raise UsageError("the training dataset is empty; check --data and --source")
+        plan = _batch_plan(len(dataset), global_batch, dist.rank, dist.world_size, seed,
+                           start_iter, repeat_factors)  # fmt: skip
+        # own generator: building the loader leaves the global RNG alone
+        self.loader = DataLoader(dataset, batch_sampler=plan, num_workers=workers,
+                                 collate_fn=collate, worker_init_fn=_seed_worker,
+                                 pin_memory=dist.device.type == "cuda",
+                                 persistent_workers=workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        self._it = iter(self.loader)
+
+    def __next__(self):
+        return next(self._it)
+
+    def __iter__(self):
+        return self
+
+
+# =============================================================================================
+# 6. Evaluation: confusion matrix, mIoU, inference, per-target resize, prediction pictures
+# =============================================================================================
+
+
+class ConfusionMatrix:
+    """Dataset-level confusion matrix (rows = ground truth, columns = prediction); pixels whose
+    ground truth is 255 (or outside 0..C-1) are ignored, so predictions there never count.
+    IoU_c = TP / (TP + FP + FN)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu"):
+        self.num_classes = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: Tensor, label: Tensor) -> None:
+        label = label.to(self.mat.device).flatten().long()
+        pred = pred.to(self.mat.device).flatten().long()
+        valid = (label >= 0) & (label < self.num_classes)
+        idx = label[valid] * self.num_classes + pred[valid]
+        self.mat += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.mat)
+
+    def all_reduce(self) -> None:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(self.mat)
+
+    def ious(self) -> np.ndarray:
+        m = self.mat.double().cpu().numpy()
+        tp = np.diag(m)
+        union = m.sum(0) + m.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    def miou(self, mode: str = "nanmean", subset: Sequence[int] | None = None) -> float:
+        """Mean IoU in percent.
+        "nanmean"    [FAMix stream_metrics.py, mmseg iou_metric.py, cityscapesScripts]: classes with
+                     neither GT nor prediction are skipped; predicted-but-absent classes count as 0.
+        "present_gt" [CLOUDS semantic_evaluation.py]: mean over classes with >= 1 GT pixel.
+        `subset`: restrict to these classes (e.g. SYNTHIA16, SYNTHIA13)."""
+        keep = self._kept(mode, subset)
+        return float(np.nanmean(self.ious()[keep]) * 100) if keep.any() else float("nan")
+
+    def _kept(self, mode: str, subset: Sequence[int] | None) -> np.ndarray:
+        if mode not in ("nanmean", "present_gt"):
+            raise ValueError(f"unknown mIoU mode {mode!r}")
+        keep = ~np.isnan(self.ious()) if mode == "nanmean" else self.mat.sum(1).cpu().numpy() > 0
+        if subset is not None:
+            keep &= np.isin(np.arange(len(keep)), list(subset))
+        return keep
+
+    def per_class(self, mode: str = "nanmean") -> dict[str, float | None]:
+        """IoU (percent) per class name; None for the classes the mode leaves out."""
+        ious, keep = self.ious(), self._kept(mode, None)
+        return {n: (round(float(ious[i]) * 100, 4) if keep[i] else None)
+                for i, n in enumerate(CLASS_NAMES[: self.num_classes])}  # fmt: skip
+
+
+def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg slide_inference grid: n = max(L - crop + stride - 1, 0) // stride + 1 windows per
+    axis, start i*stride, shifted back so the last one ends at the border; an image smaller than
+    the crop gives one window covering it (no padding). Returns (y1, y2, x1, x2)."""
+    out = []
+    for i in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for j in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y2, x2 = min(i * stride + crop, h), min(j * stride + crop, w)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResize:
+    """How a target image (and maybe its label) is resized before inference. rule: ("none",) |
+    ("short", S) [detectron2 ResizeShortestEdge] | ("height_crop", S) [FAMix Mapillary: height S,
+    then a centre S x S crop; narrower images are padded, label with 255]. resize_gt: resize the
+    label with the image (nearest); else score at the label's own size."""
+
+    rule: tuple = ("none",)
+    resize_gt: bool = False
+    image_interp: str = "bilinear"
+
+
+def eval_resize(image: Tensor, label: Tensor, spec: EvalResize) -> tuple[Tensor, Tensor]:
+    (h, w), kind = image.shape[-2:], spec.rule[0]
+    if kind == "none":
+        return image, label
+    if kind not in ("short", "height_crop"):
+        raise ValueError(f"unknown eval resize rule {spec.rule!r}")
+    s = spec.rule[1]
+    size = short_side_size(h, w, s) if kind == "short" else (s, int(w / h * s))
+    image, new_label = resize_pair(image, label, size, spec.image_interp)
+    label = new_label if (spec.resize_gt or kind == "height_crop") else label
+    if kind == "height_crop":  # the central s x s window; a narrower image is centred and padded
+        # (image 0, label 255). FAMix's own CenterCropPad pads labels with 0 (= road) and
+        # mis-centres portrait images: not copied.
+        s, (h, w) = spec.rule[1], image.shape[-2:]
+        if w >= s:
+            x1 = (w - s) // 2
+            image, label = image[..., x1 : x1 + s], label[..., x1 : x1 + s]
+        else:
+            left = (s - w) // 2
+            image = F.pad(image, (left, s - w - left), value=0)
+            label = F.pad(label, (left, s - w - left), value=IGNORE_INDEX)
+        if h > s:
+            y1 = (h - s) // 2
+            image, label = image[..., y1 : y1 + s, :], label[..., y1 : y1 + s, :]
+    return image, label
+
+
+class _EvalView(Dataset):
+    """The rank's share of a target dataset, resized for evaluation in the loader workers."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], spec: EvalResize):
+        self.dataset, self.indices, self.spec = dataset, list(indices), spec
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label, name = self.dataset[self.indices[i]]
+        return *eval_resize(image, label, self.spec), name, self.indices[i]
+
+
+@torch.inference_mode()
+def evaluate_dataset(predict: Callable[[Tensor], Tensor], dataset: Dataset, *,
+                     resize: EvalResize, dist: Dist, miou_mode: str = "nanmean",
+                     align_corners: bool = False, workers: int = 2, batch_size: int = 1,
+                     save_preds: int = 0, save_dir: str | Path | None = None,
+                     subsets: dict | None = None, desc: str = "eval") -> dict:  # fmt: skip
+    """Score `predict` (uint8 (B,3,h,w) on the device -> logits (B,C,h',w')) on a dataset.
+    Logits are bilinearly resized to the label's size, then argmax. Up to `batch_size` images of
+    one size go through `predict` together (in eval mode no sample sees another). Returns
+    {"miou", "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g.
+    SYNTHIA16). Runs under inference_mode, with cuDNN's autotuner off (every image size would
+    be tuned)."""
+    view = _EvalView(dataset, range(dist.rank, len(dataset), dist.world_size), resize)
+    # Own generator: evaluating does not consume the global RNG, so training resumes exactly
+    # whether or not an evaluation happened in between.
+    loader = DataLoader(view, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    cm = ConfusionMatrix(NUM_CLASSES, dist.device)
+    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    with tqdm(total=len(view), desc=desc, disable=not dist.is_main, **BAR) as bar:
+        for items in loader:
+            groups = []  # runs of consecutive items of one image size and one label size
+            for item in items:
+                if groups and [t.shape for t in groups[-1][0][:2]] == [t.shape for t in item[:2]]:
+                    groups[-1].append(item)
+                else:
+                    groups.append([item])
+            for group in groups:
+                images = torch.stack([image for image, *_ in group])  # (B, 3, h, w)
+                logits = predict(images.to(dist.device, non_blocking=True))
+                label_hw = group[0][1].shape[-2:]
+                if logits.shape[-2:] != label_hw:
+                    logits = F.interpolate(logits.float(), size=label_hw, mode="bilinear",
+                                           align_corners=align_corners)  # fmt: skip
+                for (image, label, name, index), pred in zip(group, logits.argmax(1)):
+                    cm.update(pred, label)
+                    if save_dir is not None and index < save_preds:
+                        path = Path(save_dir) / f"{index:05d}_{name}.png"
+                        save_prediction_strip(path, image, label, pred)
+            bar.update(len(items))
+    torch.backends.cudnn.benchmark = tuned
+    cm.all_reduce()
+    result = {"miou": round(cm.miou(miou_mode), 4), "per_class_iou": cm.per_class(miou_mode),
+              "num_images": len(dataset)}  # fmt: skip
+    for key, subset in (subsets or {}).items():
+        result[f"miou_{key}"] = round(cm.miou(miou_mode, subset), 4)
+    return result
+
+
+def format_results(results: dict[str, dict], iteration: int | None = None) -> str:
+    """What an evaluation prints: "iteration N" (when given), a table with one row per target
+    (mIoU and any subset means), the mean over targets, then each target's per-class IoUs."""
+    lines = [] if iteration is None else [f"iteration {iteration}"]
+    lines.append(f"{'target':<14} {'mIoU':>7}")
+    for name, r in results.items():
+        extra = "  ".join(f"{k}={v:.2f}" for k, v in r.items() if k.startswith("miou_"))
+        lines.append(f"{name:<14} {r['miou']:7.2f}  {extra}".rstrip())
+    if len(results) > 1:
+        lines.append(f"{'mean':<14} {np.mean([r['miou'] for r in results.values()]):7.2f}")
+    for name, r in results.items():
+        ious = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
+        lines.append(f"  {name}: {ious}")
+    return "\n".join(lines)
+
+
+def colorize(label: Tensor | np.ndarray) -> np.ndarray:
+    """trainIds (H, W) -> RGB uint8 (H, W, 3) in the Cityscapes palette (255 black)."""
+    label = label.cpu().numpy() if isinstance(label, Tensor) else label
+    return PALETTE[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+def save_prediction_strip(path: str | Path, image: Tensor, label: Tensor,
+                          pred: Tensor) -> None:  # fmt: skip
+    """image | ground truth | prediction side by side (prediction alone also saved as _pred)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+    gt, pr = colorize(label), colorize(pred)
+    h = max(img.shape[0], gt.shape[0], pr.shape[0])
+    tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0))) for t in (img, gt, pr)]
+    Image.fromarray(np.concatenate(tiles, 1)).save(path)
+    Image.fromarray(pr).save(path.with_name(path.stem + "_pred.png"))
+
+
+# =============================================================================================
+# 7. Device, AMP, DDP, seeds, random streams
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str | None = None) -> Dist:
+    """One process by default; under torchrun (RANK/WORLD_SIZE in the environment) join the
+    process group (NCCL on GPUs, Gloo on CPU) and use cuda:LOCAL_RANK."""
+    want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is visible; use --device cpu"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(want))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if want.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device, True)
+
+
+def autocast(device: torch.device, enabled: bool) -> tuple[Callable, torch.amp.GradScaler | None]:
+    """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
+    (returns a null context and no scaler; `setup` says so once)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
+    return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def setup(args: argparse.Namespace) -> Dist:
+    """What every run does before its first tensor: CPU threads, processes and device, the speed
+    switches of the device (TF32 and cuDNN's autotuner on CUDA), seeds. A flag the device cannot
+    honour gets one warning line."""
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    dist = setup_distributed(args.device)
+    if dist.device.type == "cuda":
+        # TF32: fp32 matmuls and convolutions on tensor cores (10-bit mantissa products)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        # the training crops have one fixed size: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = fast_path(args, dist)
+    elif args.amp:
+        warn("--amp has no effect on CPU: this run computes in fp32")
+    seed_everything(args.seed, dist.rank)
+    return dist
+
+
+def fast_path(args: argparse.Namespace, dist: Dist) -> bool:
+    """--fast auto = on with CUDA: channels_last trunks, fused/foreach optimisers, cuDNN
+    autotuning. On CPU they are off by default (the tests compare both paths there)."""
+    return args.fast == "on" or (args.fast == "auto" and dist.device.type == "cuda")
+
+
+def memory_format(args: argparse.Namespace, dist: Dist) -> torch.memory_format:
+    """channels_last (NHWC) for convolutional trunks on the fast path: cuDNN's tensor-core
+    convolutions work in NHWC, so NCHW tensors are transposed around every convolution."""
+    return torch.channels_last if fast_path(args, dist) else torch.contiguous_format
+
+
+def optimizer_options(args: argparse.Namespace, dist: Dist, kind: str) -> dict[str, bool]:
+    """Keyword arguments of the optimiser on the fast path: fused AdamW (one kernel for every
+    parameter tensor) or foreach SGD (one batched op per step instead of one per tensor)."""
+    if not fast_path(args, dist):
+        return {}
+    return {"fused": True} if kind == "adamw" else {"foreach": True}
+
+
+def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """torch.compile of the trained parts with --compile (off by default: the first steps then
+    compile for minutes). State dicts are saved from the module itself (no _orig_mod prefix)."""
+    return torch.compile(module) if args.compile else module
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def convert_sync_bn(model: nn.Module, dist: Dist) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm under multi-GPU DDP (frozen BNs in eval mode are unaffected)."""
+    if dist.enabled and dist.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_ddp(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:
+    if not dist.enabled:
+        return model
+    ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=find_unused
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9,
+            min_lr: float = 0.0) -> float:  # fmt: skip
+    """Polynomial decay base * (1 - t/T)^power, floored at min_lr."""
+    return max(base_lr * (1 - iteration / max_iters) ** power, min_lr)
 
 
 def get_rng_state() -> dict:
     """All random states as tensors/lists, so the checkpoint loads with weights_only=True."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, state, gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+             "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}  # fmt: skip
+    python = {"version": version, "state": list(state), "gauss": gauss}
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": python}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    p = state["python"]
+    n, p = state["numpy"], state["python"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+@contextlib.contextmanager
+def rng_neutral() -> Iterator[None]:
+    """Run a block (an evaluation, a loader's set-up) without moving any global random stream
+    (torch CPU and CUDA, numpy, Python): a run that evaluates, or is interrupted and resumed,
+    draws the same numbers as one that does not."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# =============================================================================================
+# 8. Checkpoints, the output folder, weight files, the run log
+# =============================================================================================
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -1943,16 +1533,6 @@ def strip_prefixes(state_dict: dict) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v
     return out
-
-
-def _write_error(path: Path, error: BaseException) -> CheckpointError:
-    reason = getattr(error, "strerror", None) or one_line(error)
-    if "file write failed" in str(error) or "No space" in str(error):
-        reason = "no space left on the device"
-    return CheckpointError(
-        f"cannot write {path} ({reason}); the previous file, if any, is intact: free space or "
-        "pass a writable --out"
-    )
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -1968,28 +1548,24 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise _write_error(path, e) from None
+        reason = getattr(e, "strerror", None) or one_line(e)
+        if "file write failed" in str(e) or "No space" in str(e):
+            reason = "no space left on the device"
+        raise CheckpointError(f"cannot write {path} ({reason}); the previous file, if any, is "
+                              "intact: free space or pass a writable --out") from None  # fmt: skip
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(
-    path: str | Path,
-    *,
-    method: str,
-    iteration: int,
-    model_state: dict,
-    optimizer: torch.optim.Optimizer | None,
-    scaler: torch.amp.GradScaler | None,
-    args: argparse.Namespace | dict,
-    metrics: dict | None = None,
-    extra: dict | None = None,
-) -> None:
+def save_checkpoint(path: str | Path, *, method: str, iteration: int, model_state: dict,
+                    optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
+                    args: argparse.Namespace | dict, metrics: dict | None = None,
+                    extra: dict | None = None) -> None:  # fmt: skip
     """One plain dict that loads with torch.load(weights_only=True): method, iter, model (no
     DDP / compile prefixes), optimizer, scaler, args, rng, metrics, + the method's extras.
     Only rank 0 writes (the other processes hold the same weights)."""
-    if _state["rank"] != 0:
+    if not is_main():
         return
     ckpt = {
         "method": method,
@@ -2001,10 +1577,7 @@ def save_checkpoint(
         "rng": get_rng_state(),
         "metrics": metrics or {},
     }
-    if extra:
-        ckpt.update(extra)
-    atomic_torch_save(ckpt, path)
-    RUN["ckpt"], RUN["ckpt_iter"] = str(path), int(iteration)
+    atomic_torch_save({**ckpt, **(extra or {})}, path)
 
 
 def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
@@ -2031,9 +1604,8 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
     return ckpt
 
 
-def restore_training_state(
-    ckpt: dict, optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None
-) -> int:
+def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
+                           scaler: torch.amp.GradScaler | None) -> int:  # fmt: skip
     """Optimizer, scaler and RNG states from a checkpoint; returns the iteration to continue at.
     (The model weights are the method's business: load ckpt["model"] yourself.)"""
     if optimizer is not None and ckpt.get("optimizer") is not None:
@@ -2041,13 +1613,11 @@ def restore_training_state(
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    RUN["ckpt"], RUN["ckpt_iter"] = None, None  # this run has written nothing yet
     return int(ckpt["iter"])
 
 
-def check_resume_args(
-    ckpt: dict, args: argparse.Namespace, names: Sequence[str], given: str = "--resume"
-) -> None:
+def check_resume_args(ckpt: dict, args: argparse.Namespace, names: Sequence[str],
+                      given: str = "--resume") -> None:  # fmt: skip
     """A run continued from a checkpoint must build the same model: each flag in `names` must
     have the value the checkpoint was trained with. `given`: how the checkpoint was passed
     (--resume, --init)."""
@@ -2083,19 +1653,10 @@ def prepare_out_dir(args: argparse.Namespace) -> Path:
         raise UsageError(
             f"cannot write to --out {out} ({e.strerror}); pass a writable folder"
         ) from None
-    if not (args.resume or args.eval_only) and _state["rank"] == 0:
+    if not (args.resume or args.eval_only) and is_main():
         for name in ("log.jsonl", "results.json"):
             (out / name).unlink(missing_ok=True)
     return out
-
-
-# Weight files: the official releases store numpy scalars beside the tensors (FAMix's
-# best_score is a numpy float64 [FAMix main.py::save_ckpt]); weights_only=True admits them only
-# when listed.
-def _numpy_safe_globals() -> list:
-    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
-    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType")]
-    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
 
 
 def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
@@ -2105,8 +1666,13 @@ def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path} ({hint})")
+    # The official releases store numpy scalars beside the tensors (FAMix's best_score is a numpy
+    # float64 [FAMix main.py::save_ckpt]); weights_only=True admits them only when listed.
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType")]
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals([scalar, (scalar, "numpy.core.multiarray.scalar"),
+                                               np.dtype, *dtypes]):  # fmt: skip
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or content weights_only refuses
         raise CheckpointError(
@@ -2114,13 +1680,8 @@ def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
         ) from None
 
 
-def load_state_strict(
-    module: nn.Module,
-    state: dict[str, torch.Tensor],
-    source: str,
-    hint: str,
-    may_lack: Sequence[str] = (),
-) -> int:
+def load_state_strict(module: nn.Module, state: dict[str, Tensor], source: str, hint: str,
+                      may_lack: Sequence[str] = ()) -> int:  # fmt: skip
     """load_state_dict that fails with one line naming a few missing, unexpected and
     wrongly-shaped keys, and `hint` (which flag to check). Keys starting with a prefix in
     `may_lack` may be absent (a frozen backbone a checkpoint leaves out). Returns the number of
@@ -2142,8 +1703,7 @@ def load_state_strict(
 def require_download(what: str, hint: str, host: str = "huggingface.co") -> None:
     """Weights named by a tag (not a file) are downloaded by open_clip from the Hugging Face hub.
     Offline, its client retries for about a minute before failing: fail at once instead, with
-    one line saying how to pass a local file. (Weights already in the local cache need no
-    network: call this only when they are not there.)"""
+    one line saying how to pass a local file. (Call this only for weights not in the cache.)"""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UsageError(f"cannot download {what}: HF_HUB_OFFLINE=1; {hint}")
     try:
@@ -2159,10 +1719,8 @@ def require_open_clip_tag(model: str, tag: str, hint: str) -> None:
 
     tags = open_clip.list_pretrained_tags_by_model(model)
     if tag not in tags:
-        raise UsageError(
-            f"--pretrained {tag}: not a file, not none, not an open_clip tag of {model} "
-            f"({', '.join(tags)})"
-        )
+        raise UsageError(f"--pretrained {tag}: not a file, not none, not an open_clip tag of "
+                         f"{model} ({', '.join(tags)})")  # fmt: skip
     if not open_clip_cached(model, tag):
         require_download(f"the open_clip weights {model} / {tag}", hint)
 
@@ -2172,153 +1730,61 @@ def open_clip_cached(model: str, tag: str) -> bool:
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(model, tag)
-    if not cfg:
-        return False
-    if cfg.get("file"):
-        return True
+    if not cfg or cfg.get("file"):
+        return bool(cfg)
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
     repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/name/" or "org/name/file"
-    if not repo:
-        return False
-    names = [filename] if filename else []
-    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
-
-
-# =============================================================================================
-# 13. Run log and progress
-# =============================================================================================
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    names = {filename, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"} - {""}
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
 
 
 class RunLog:
     """out/log.jsonl: a header record (args, git commit, versions, device, + header_extra), then
     one record per log step and evaluation. out/results.json: the last evaluation."""
 
-    def __init__(
-        self,
-        out_dir: str | Path,
-        args: argparse.Namespace | dict,
-        header_extra: dict,
-        enabled: bool = True,
-    ):
+    def __init__(self, out_dir: str | Path, args: argparse.Namespace | dict, header_extra: dict,
+                 enabled: bool = True):  # fmt: skip
         self.out_dir, self.enabled = Path(out_dir), enabled
-        self.last_step: tuple[int, float] | None = None  # (iteration, time) of the last record
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.log(
-            {
-                "type": "header",
-                "script": Path(sys.argv[0]).stem,
-                "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                "args": args_to_primitives(args),
-                "git_commit": _git_commit(),
-                "torch": torch.__version__,
-                "cuda": torch.version.cuda,
-                "device": device,
-                **header_extra,
-            }
-        )
+        git = ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"]
+        try:
+            commit = subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+        self.log({
+            "type": "header",
+            "script": Path(sys.argv[0]).stem,
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "args": args_to_primitives(args),
+            "git_commit": commit or None,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            **header_extra,
+        })  # fmt: skip
 
     def log(self, record: dict) -> None:
         if self.enabled:
             with open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
 
-    def write_results(self, results: dict) -> None:
+    def write_results(self, results: dict, iteration: int | None) -> None:
+        """An `eval` record in log.jsonl, and results.json (atomically)."""
+        self.log({"type": "eval", "iter": iteration, "results": results})
         if self.enabled:
             tmp = self.out_dir / ".results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2, default=float))
             os.replace(tmp, self.out_dir / "results.json")
 
 
-def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> _Progress:
-    """A tqdm bar (rank 0 only): `bar.update(1, loss=...)` in a loop, or `for x in bar(items)`."""
-    return _Progress(total, initial, enabled, desc)
-
-
-class _Progress:
-    """tqdm over a known number of steps; iterate it over an iterable or call update()."""
-
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            disable=not enabled,
-            desc=desc,
-            dynamic_ncols=True,
-            leave=False,
-            file=sys.stderr,
-            mininterval=1.0,
-        )
-        if enabled:
-            OPEN_BARS.add(self.bar)
-
-    def __call__(self, iterable):
-        for item in iterable:
-            yield item
-            self.bar.update(1)
-        self.close()
-
-    def update(self, n: int = 1, **postfix) -> None:
-        if postfix:
-            self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        OPEN_BARS.discard(self.bar)
-        self.bar.close()
-
-
 # =============================================================================================
-# 14. Visualisation
+# 9. Benchmarks: timing, FLOPs, MFU, memory
 # =============================================================================================
-
-
-def colorize(label: torch.Tensor | np.ndarray) -> np.ndarray:
-    """trainIds (H, W) -> RGB uint8 (H, W, 3) in the Cityscapes palette (255 black)."""
-    label = label.cpu().numpy() if isinstance(label, torch.Tensor) else label
-    return PALETTE[np.clip(label, 0, 255).astype(np.uint8)]
-
-
-def save_prediction_strip(
-    path: str | Path, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor
-) -> None:
-    """image | ground truth | prediction side by side (prediction alone also saved as _pred)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-    gt, pr = colorize(label), colorize(pred)
-    h = max(img.shape[0], gt.shape[0], pr.shape[0])
-    tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0))) for t in (img, gt, pr)]
-    Image.fromarray(np.concatenate(tiles, 1)).save(path)
-    Image.fromarray(pr).save(path.with_name(path.stem + "_pred.png"))
-
-
-# =============================================================================================
-# 15. Benchmarks
-# =============================================================================================
-
 
 # Dense peak TFLOP/s of common GPUs (no sparsity), matched in this order against
 # torch.cuda.get_device_name(): (bf16/fp16 tensor cores, TF32 tensor cores, fp32)
@@ -2347,10 +1813,8 @@ def peak_tflops(
 ) -> float | None:
     """The device's dense peak for `precision` (--peak-tflops wins); None on CPU or an unknown
     GPU (then no MFU is reported)."""
-    if override is not None:
+    if override is not None or device.type != "cuda":
         return override
-    if device.type != "cuda":
-        return None
     name = torch.cuda.get_device_name(device)
     column = {"bf16": 0, "tf32": 1, "fp32": 2}[precision]
     return next((peaks[column] for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
@@ -2390,40 +1854,30 @@ def time_step(step: Callable[[], Any], device: torch.device, warmup: int, steps:
     return float(np.median(times))
 
 
-def benchmark(
-    name: str,
-    step: Callable[[], Any],
-    *,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    images_per_step: int,
-    precision: str = "fp32",
-    peak: float | None = None,
-    flops: bool = True,
-    extra: dict | None = None,
-) -> dict:
+def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmup: int, steps: int,
+              images_per_step: int, precision: str = "fp32", peak: float | None = None,
+              flops: bool = True, extra: dict | None = None) -> dict:  # fmt: skip
     """Time `step` (median of `steps` synchronised calls after `warmup`), count its FLOPs once,
     and print one JSON record: step_s, images_per_s, gflop_per_step, achieved TFLOP/s (GPU) or
     GFLOP/s (CPU), mfu = achieved / the device's peak for `precision` (GPU; `peak` overrides
     the table), peak memory (GPU allocated, or process RSS on CPU) and `extra`."""
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = time_step(step, device, warmup, steps)
-    memory = round(peak_memory_mb(device), 1)
     record = {
         "bench": name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "precision": precision,
         "step_s": float(f"{seconds:.6g}"),
         "images_per_s": round(images_per_step / seconds, 3),
         "steps": steps,
-        ("peak_mem_mb" if device.type == "cuda" else "peak_rss_mb"): memory,
+        ("peak_mem_mb" if cuda else "peak_rss_mb"): round(peak_memory_mb(device), 1),
     }
     if flops:
         n = count_flops(step)
         record["gflop_per_step"] = float(f"{n / 1e9:.6g}")
-        if device.type == "cuda":
+        if cuda:
             record["tflops"] = float(f"{n / seconds / 1e12:.4g}")
             top = peak_tflops(device, precision, peak)
             record["mfu"] = round(record["tflops"] / top, 4) if top else None
@@ -2432,548 +1886,3 @@ def benchmark(
     record.update(extra or {})
     print(json.dumps(record), flush=True)
     return record
-
-
-def bench_table(records: Sequence[dict]) -> str:
-    """The benchmark records as one Markdown table (the end of `make bench`)."""
-    head = ("bench", "device", "precision", "step s", "images/s", "GFLOP/step", "TFLOP/s", "MFU",
-            "peak MiB")  # fmt: skip
-    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in records:
-        achieved = r.get("tflops", r["gflops"] / 1e3 if "gflops" in r else None)
-        memory = r.get("peak_mem_mb", r.get("peak_rss_mb"))
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-        cells = [r["bench"], r["device"], r.get("precision", "-"), f"{r['step_s']:.4f}",
-                 f"{r['images_per_s']:.2f}", str(r.get("gflop_per_step", "-")),
-                 "-" if achieved is None else f"{achieved:.3f}", mfu, str(memory)]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-# =============================================================================================
-# 16. Data checker: `python common.py check-data --data ./data [--decode]`
-# =============================================================================================
-
-
-# Official sizes of the splits [GTA5, SYNTHIA, Cityscapes, BDD100K, Mapillary and ACDC download
-# pages; FAMix datasets/gta5_list/*.txt; CLOUDS datasets/gta_list/train_dict.json].
-OFFICIAL_COUNTS = {
-    ("gta", "train", "all"): 24966, ("gta", "train", "clouds"): 24904,
-    ("gta", "train", "famix"): 12382, ("gta", "val", "famix"): 1000,
-    ("synthia", "all", ""): 9400, ("synthia", "train", ""): 6580, ("synthia", "val", ""): 2820,
-    ("cityscapes", "train", ""): 2975, ("cityscapes", "val", ""): 500,
-    ("bdd", "train", ""): 7000, ("bdd", "val", ""): 1000, ("mapillary", "val", ""): 2000,
-    ("acdc-fog", "val", ""): 100, ("acdc-night", "val", ""): 106, ("acdc-rain", "val", ""): 100,
-    ("acdc-snow", "val", ""): 100,
-}  # fmt: skip
-
-# Image and label files of the labelled splits, per dataset folder, for the orphan check: a
-# file's key is its name without the suffix (names are unique within each dataset).
-_CHECK_FILES = {
-    "gta5": (["images/*.png"], ["labels/*.png"]),
-    "synthia": (["RGB/*.png", "RGB/*/*.png"], ["GT/LABELS/*.png", "GT/LABELS/*/*.png"]),
-    "cityscapes": (
-        ["leftImg8bit/train/*/*_leftImg8bit.png", "leftImg8bit/val/*/*_leftImg8bit.png"],
-        ["gtFine/train/*/*_gtFine_label*Ids.png", "gtFine/val/*/*_gtFine_label*Ids.png"],
-    ),
-    "bdd100k": (
-        [f"{d}/{s}/*.jpg" for d in ("images/10k", "seg/images", "images")
-         for s in ("train", "val")],
-        [f"{d}/{s}/*.png" for d in ("labels/sem_seg/masks", "seg/labels", "labels")
-         for s in ("train", "val")],
-    ),
-    "mapillary": (
-        ["training/images/*.jpg", "validation/images/*.jpg"],
-        [f"{s}/{v}labels/*.png" for s in ("training", "validation") for v in ("", "v1.2/")],
-    ),
-    "acdc": (
-        ["rgb_anon/*/train/**/*_rgb_anon.png", "rgb_anon/*/val/**/*_rgb_anon.png"],
-        ["gt/*/train/**/*_gt_label*Ids.png", "gt/*/val/**/*_gt_label*Ids.png"],
-    ),
-}  # fmt: skip
-_FILE_SUFFIXES = ("_leftImg8bit.png", "_rgb_anon.png", "_gtFine_labelIds.png",
-                  "_gtFine_labelTrainIds.png", "_gt_labelTrainIds.png", "_gt_labelIds.png",
-                  "_labelTrainIds.png", "_train_id.png", ".png", ".jpg")  # fmt: skip
-
-
-def _file_key(path: Path) -> str:
-    name = path.name
-    suffix = next(x for x in _FILE_SUFFIXES if name.endswith(x))
-    return name[: -len(suffix)]
-
-
-def _orphans(root: Path, folder: str) -> tuple[list[Path], list[Path]]:
-    """(images without a label, labels without an image) of a dataset folder."""
-    image_globs, label_globs = _CHECK_FILES[folder]
-    images = {_file_key(p): p for g in image_globs for p in sorted(root.glob(g))}
-    labels = {_file_key(p): p for g in label_globs for p in sorted(root.glob(g))}
-    return [p for k, p in images.items() if k not in labels], [
-        p for k, p in labels.items() if k not in images
-    ]
-
-
-def _check_plan(root: Path) -> list[tuple[str, str, str, str]]:
-    """(dataset folder, name for build_dataset, split, GTA5 list) of every split to count."""
-    plan = []
-    if (root / "gta5").is_dir():
-        plan += [("gta5", "gta", "train", "all"), ("gta5", "gta", "train", "clouds")]
-        for split in ("train", "val"):
-            if (root / "gta5" / f"gtav_split_{split}.txt").is_file():
-                plan.append(("gta5", "gta", split, "famix"))
-    if (root / "synthia").is_dir():
-        plan.append(("synthia", "synthia", "all", ""))
-        split_layout = (root / "synthia" / "RGB" / "train").is_dir()
-        if split_layout or (root / "synthia" / "synthia_split_val.txt").is_file():
-            plan += [("synthia", "synthia", "train", ""), ("synthia", "synthia", "val", "")]
-    train_dirs = {"cityscapes": ["leftImg8bit/train"],
-                  "bdd100k": ["images/10k/train", "seg/images/train", "images/train"]}  # fmt: skip
-    for folder, name in (("cityscapes", "cityscapes"), ("bdd100k", "bdd")):
-        if (root / folder).is_dir():  # the training split is optional: counted where present
-            if any((root / folder / d).is_dir() for d in train_dirs[folder]):
-                plan.append((folder, name, "train", ""))
-            plan.append((folder, name, "val", ""))
-    if (root / "mapillary").is_dir():
-        plan.append(("mapillary", "mapillary", "val", ""))
-    if (root / "acdc").is_dir():
-        plan += [("acdc", f"acdc-{c}", "val", "") for c in ACDC.CONDITIONS]
-    if (root / "toy").is_dir():
-        plan += [("toy", "toy", "train", ""), ("toy", "toy", "val", "")]
-        plan += [("toy", t, "val", "") for t in TOY_TARGETS]
-    return plan
-
-
-def _expected_count(root: Path, name: str, split: str, gta_list: str) -> int | None:
-    if name.startswith("toy"):  # the counts the toy writer recorded in its marker
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            counts = json.loads((root / "toy" / "toy.json").read_text())["counts"]
-            return counts["source"][split == "val"] if name == "toy" else counts[name[4:]][1]
-        return None
-    return OFFICIAL_COUNTS.get((name, split, gta_list))
-
-
-def _layout_name(root: Path, pair: tuple[Path, Path]) -> str:
-    """Which of a dataset's accepted layouts was found: one label path, its name part as *."""
-    label = pair[1].relative_to(root)
-    return str(label.parent / label.name.replace(_file_key(pair[0]), "*", 1))
-
-
-_DECODE_JOBS: list = []
-
-
-def _decode_job(index: int) -> tuple[int, str | None, bool]:
-    """Decode one (image, label) pair in a checker worker: (index, error or None, sizes differ)."""
-    image_path, label_path, decode = _DECODE_JOBS[index]
-    try:
-        image, label = read_image(image_path), decode(label_path)
-    except UsageError as e:
-        return index, one_line(e), False
-    return index, None, tuple(image.shape[-2:]) != tuple(label.shape[-2:])
-
-
-def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) -> int:
-    """Print one table of what each dataset folder under `data_root` holds, against the official
-    split sizes: images, paired labels, images without a label and labels without an image. With
-    `decode`, decode every pair in `workers` processes and list the files that fail and the pairs
-    whose image and label sizes differ (for GTA5 only a note: its readers skip such pairs).
-    Returns the exit code: 1 when something is wrong, 0 otherwise."""
-    import multiprocessing
-
-    root = Path(data_root)
-    if not root.is_dir():
-        raise UsageError(f"--data {root} is not a folder; pass the folder holding gta5/, ...")
-    plan = _check_plan(root)
-    if not plan:
-        raise UsageError(
-            f"no dataset folder under {root} (expected gta5/ synthia/ cityscapes/ bdd100k/ "
-            "mapillary/ acdc/ or toy/; see the README's data tree)"
-        )
-    rows, problems, jobs, seen = [], [], [], set()
-    for folder in dict.fromkeys(f for f, *_ in plan):
-        if folder == "toy":
-            continue
-        no_label, no_image = _orphans(root / folder, folder)
-        problems += [f"{folder}: image without a label: {p}" for p in no_label[:20]]
-        problems += [f"{folder}: label without an image: {p}" for p in no_image[:20]]
-        if len(no_label) + len(no_image) > 40:
-            problems.append(f"{folder}: {len(no_label)} images without a label and "
-                            f"{len(no_image)} labels without an image in all")  # fmt: skip
-        rows.append([folder, "(all files)", "", "", "", "", str(len(no_label)), str(len(no_image))])
-    for folder, name, split, gta_list in plan:
-        what = f"{split} ({gta_list} list)" if gta_list else split
-        expected = _expected_count(root, name, split, gta_list)
-        try:
-            ds = build_dataset(name, root, split, gta_list=gta_list or "all", sizes="off")
-        except DatasetLayoutError as e:
-            absent = (
-                "missing" in str(e) and split == "train" and folder in ("cityscapes", "bdd100k")
-            )
-            rows.append(
-                [name, what, "absent" if absent else "error", "", "", str(expected), "", ""]
-            )
-            if not absent:
-                problems.append(one_line(e))
-            continue
-        layout = _layout_name(root / folder, ds.pairs[0]) if ds.pairs else "empty"
-        n = len(ds)
-        rows.append([name, what, layout, str(n), str(n), str(expected), "", ""])
-        if expected is not None and n != expected:
-            problems.append(f"{name} {what}: {n} images, the official split has {expected}")
-        for image_path, label_path in ds.pairs:
-            if image_path not in seen:
-                seen.add(image_path)
-                jobs.append((image_path, label_path, ds.decode, folder))
-    head = ["dataset", "split", "layout", "images", "labels", "official", "no label", "no image"]
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print0("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    if decode and jobs:
-        global _DECODE_JOBS
-        _DECODE_JOBS = [(i, lab, dec) for i, lab, dec, _ in jobs]
-        failures, mismatched = [], []
-        with multiprocessing.get_context("fork").Pool(max(workers, 1)) as pool:
-            done = pool.imap_unordered(_decode_job, range(len(jobs)), chunksize=8)
-            for index, error, differ in progress(len(jobs), 0, True, "decode")(done):
-                if error:
-                    failures.append(error)
-                elif differ:
-                    mismatched.append(jobs[index])
-        problems += failures
-        for image_path, label_path, _, folder in mismatched:
-            note = "note (skipped in training)" if folder in ("gta5", "toy") else "error"
-            line = f"{note}: image and label sizes differ: {image_path} / {label_path}"
-            (print0 if folder in ("gta5", "toy") else problems.append)(line)
-        print0(f"decoded {len(jobs)} image/label pairs: {len(failures)} unreadable, "
-               f"{len(mismatched)} of different sizes")  # fmt: skip
-    for line in problems:
-        print0(f"problem: {line}")
-    print0("all datasets look complete" if not problems else f"{len(problems)} problems found")
-    return 1 if problems else 0
-
-
-# =============================================================================================
-# 17. Runs side by side: `python common.py compare RUN_DIR ...`
-# =============================================================================================
-
-
-# Arguments that tell runs of one method apart, shown in the row label when they differ.
-VARIANT_ARGS = ("phase", "style", "recipe", "freeze", "prompt", "mix_with", "num_styles", "sam",
-                "full_rank", "inference", "scale", "ensemble")  # fmt: skip
-
-
-def read_run(run: str | Path) -> dict:
-    """A finished run folder: its results.json and the arguments of its log.jsonl header."""
-    run = Path(run)
-    try:
-        results = json.loads((run / "results.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(
-            f"{run} holds no readable results.json: pass the --out folder of a run that has "
-            "evaluated"
-        ) from None
-    header = {}
-    with contextlib.suppress(OSError):
-        for line in (run / "log.jsonl").read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if record.get("type") == "header":
-                    header = record  # the last header: the run that wrote results.json
-    args = header.get("args", {})
-    method = header.get("script") or run.name
-    return {"dir": run, "method": method, "args": args, "results": results}
-
-
-def _run_labels(runs: list[dict]) -> list[str]:
-    """'method backbone source', plus the variant arguments that differ between runs of the
-    same method (e.g. FAMix style none vs famix, CLOUDS warm-up vs joint)."""
-    labels = []
-    for run in runs:
-        a = run["args"]
-        base = " ".join(str(x) for x in (run["method"], a.get("backbone"), a.get("source")) if x)
-        peers = [r["args"] for r in runs if r["method"] == run["method"]]
-        differ = [k for k in VARIANT_ARGS if len({str(p.get(k)) for p in peers}) > 1]
-        labels.append(base + "".join(f" {k}={a.get(k)}" for k in differ))
-    # runs still alike (e.g. other learning rates) are told apart by their folder
-    return [f"{label} ({run['dir'].name})" if labels.count(label) > 1 else label
-            for label, run in zip(labels, runs)]  # fmt: skip
-
-
-def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
-    """Runs side by side: a Markdown table of each target's mIoU and their mean (rows: method,
-    backbone, source), a table of per-class IoU (mean over each run's targets), and compare.png
-    with both as grouped bar charts. The source validation split ("source-val") is left out:
-    it is for monitoring, not a target. Prints and returns the tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    loaded = [read_run(r) for r in runs]
-    labels = _run_labels(loaded)
-    targets = list(dict.fromkeys(t for r in loaded for t in r["results"] if t != "source-val"))
-    miou = [[r["results"].get(t, {}).get("miou") for t in targets] for r in loaded]
-    means = [float(np.mean([v for v in row if v is not None])) if any(
-        v is not None for v in row) else None for row in miou]  # fmt: skip
-    per_class = []  # mean IoU of each class over a run's targets (None where no target scores it)
-    for r in loaded:
-        values = [[r["results"][t]["per_class_iou"].get(c) for t in targets if t in r["results"]]
-                  for c in CLASS_NAMES]  # fmt: skip
-        per_class.append([float(np.mean([v for v in vs if v is not None])) if any(
-            v is not None for v in vs) else None for vs in values])  # fmt: skip
-
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}"
-
-    lines = ["| run | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 2) + "|"]
-    lines += [f"| {label} | " + " | ".join(map(cell, row)) + f" | {cell(mean)} |"
-              for label, row, mean in zip(labels, miou, means)]  # fmt: skip
-    lines += ["", "| class (IoU, mean over targets) | " + " | ".join(labels) + " |",
-              "|---" * (len(labels) + 1) + "|"]  # fmt: skip
-    lines += [
-        f"| {c} | " + " | ".join(cell(run[i]) for run in per_class) + " |"
-        for i, c in enumerate(CLASS_NAMES)
-        if any(run[i] is not None for run in per_class)
-    ]
-    table = "\n".join(lines)
-    print(table)
-
-    shown = [i for i in range(NUM_CLASSES) if any(run[i] is not None for run in per_class)]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.5 * len(shown) + 6), 8))
-    width = 0.8 / len(loaded)
-    for k, (label, row, mean) in enumerate(zip(labels, miou, means)):
-        values = [v if v is not None else 0.0 for v in [*row, mean]]
-        top.bar(np.arange(len(targets) + 1) + k * width, values, width, label=label)
-        ious = [per_class[k][i] for i in shown]
-        bottom.bar(np.arange(len(shown)) + k * width, [v or 0.0 for v in ious], width)
-    centre = width * (len(loaded) - 1) / 2
-    top.set_xticks(np.arange(len(targets) + 1) + centre, [*targets, "mean"])
-    top.set_ylabel("mIoU (%)")
-    top.set_title("per-target mIoU")
-    top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    names = [CLASS_NAMES[i] for i in shown]
-    bottom.set_xticks(np.arange(len(shown)) + centre, names, rotation=45, ha="right")
-    bottom.set_ylabel("IoU (%), mean over targets")
-    bottom.set_title("per-class IoU")
-    fig.tight_layout()
-    path = Path(out or ".") / "compare.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return table
-
-
-# =============================================================================================
-# 18. `python common.py make-toy | demo | bench`
-# =============================================================================================
-
-
-class _TinyNet(nn.Module):
-    """A small fully convolutional net for the pipeline check (not any paper's model)."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, 2, 1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 2, dilation=2),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, 1, 4, dilation=4),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, NUM_CLASSES, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.body(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def _toy_augment(image: torch.Tensor, label: torch.Tensor, g: torch.Generator):
-    image, label = random_scale(image, label, (0.75, 1.25), g)
-    image, label = random_crop(image, label, (96, 192), g)
-    image, label = random_hflip(image, label, g)
-    return color_jitter(image, g, 0.3, 0.3, 0.3), label
-
-
-def _demo(args: argparse.Namespace) -> None:
-    """Readers -> augmentation -> a tiny conv net -> mIoU on the toy targets."""
-    make_toy_dataset(args.data)
-    seed_everything(args.seed)
-    dist = setup_distributed("cpu")
-    train = build_dataset("toy", args.data, "train", transform=_toy_augment)
-    loader = TrainLoader(train, 8, dist, args.seed, workers=0)
-    model = _TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    total, trainable = count_parameters(model)
-    print0(
-        f"tiny net: {total:,} parameters ({trainable:,} trainable); toy source {len(train)} images"
-    )
-    bar = progress(args.iters, 0, True)
-    for _ in range(args.iters):
-        images, labels, _ = next(loader)
-        loss = F.cross_entropy(
-            model(normalize(images, IMAGENET_MEAN, IMAGENET_STD)), labels, ignore_index=IGNORE_INDEX
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1, loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
-    predict = lambda x: model(normalize(x, IMAGENET_MEAN, IMAGENET_STD))  # noqa: E731
-    results = {}
-    for name in ("toy",) + TOY_TARGETS:
-        ds = build_dataset(name, args.data, "val")
-        results[name] = evaluate_dataset(
-            predict, ds, resize=EvalResize(), dist=dist, workers=0, desc=name
-        )
-    print(format_results(results))
-
-
-def _write_full_size_frames(root: Path, n: int = 8) -> None:
-    """Toy scenes upscaled to GTA5 (1914x1052) and Cityscapes (2048x1024) frame sizes, written in
-    those layouts, so reader throughput is measured at the real decode sizes."""
-    if (root / "done").is_file():
-        return
-    trainid_to_id = np.zeros(256, np.uint8)
-    for label_id, t in enumerate(CITYSCAPES_ID_TO_TRAINID):
-        if t != IGNORE_INDEX:
-            trainid_to_id[t] = label_id
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        label = toy_scene(rng, *TOY_SIZE_WH)
-        image = toy_render(label, "city", rng)
-        for kind, (w, h) in (("gta5", (1914, 1052)), ("cityscapes", (2048, 1024))):
-            big = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)).astype(np.int16)
-            big = np.clip(big + rng.integers(-12, 13, big.shape), 0, 255).astype(np.uint8)
-            ids = trainid_to_id[
-                np.asarray(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST))
-            ]
-            if kind == "gta5":
-                (root / "gta5/images").mkdir(parents=True, exist_ok=True)
-                (root / "gta5/labels").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(big).save(root / f"gta5/images/{i + 1:05d}.png")
-                _save_palette_png(root / f"gta5/labels/{i + 1:05d}.png", ids)
-            else:
-                for sub in ("leftImg8bit/val/x", "gtFine/val/x"):
-                    (root / "cityscapes" / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(big).save(
-                    root / f"cityscapes/leftImg8bit/val/x/x_{i:06d}_000019_leftImg8bit.png"
-                )
-                Image.fromarray(ids).save(
-                    root / f"cityscapes/gtFine/val/x/x_{i:06d}_000019_gtFine_labelIds.png"
-                )
-    (root / "done").write_text("")
-
-
-def _crop768_jitter_flip(image: torch.Tensor, label: torch.Tensor, g: torch.Generator):
-    """A typical training transform at paper size (random crop 768, colour jitter 0.8, flip)."""
-    image, label = random_crop(image, label, 768, g)
-    image, label = random_hflip(image, label, g)
-    return color_jitter(image, g, 0.8, 0.8, 0.8), label
-
-
-def _bench(args: argparse.Namespace) -> None:
-    """Reader + augmentation throughput: loader batches of 8 with `--workers` workers, on the toy
-    data and on full-size synthetic frames in the GTA5 and Cityscapes layouts."""
-    make_toy_dataset(args.data)
-    dist = setup_distributed("cpu")
-    full = Path(args.data) / "bench-full-size"
-    _write_full_size_frames(full)
-    cases = [
-        ("toy-source/read", build_dataset("toy", args.data, "train")),
-        ("toy-source/augment", build_dataset("toy", args.data, "train", transform=_toy_augment)),
-        ("gta5-1914x1052/read", GTA5(full / "gta5")),
-        ("gta5-1914x1052/crop768+jitter+flip", GTA5(full / "gta5", transform=_crop768_jitter_flip)),
-    ]
-    for name, ds in cases:
-        loader = TrainLoader(
-            ds,
-            8,
-            dist,
-            0,
-            workers=args.workers,
-            collate=None if "read" not in name or "toy" in name else _as_list,
-        )
-        benchmark(
-            f"loader/{name}",
-            loader.__next__,
-            device=dist.device,
-            warmup=2,
-            steps=args.steps,
-            images_per_step=8,
-            flops=False,
-            extra={"workers": args.workers},
-        )
-    cs = Cityscapes(full / "cityscapes", "val")
-    it = iter(range(10**9))
-    benchmark(
-        "reader/cityscapes-2048x1024",
-        lambda: cs[next(it) % len(cs)],
-        device=dist.device,
-        warmup=2,
-        steps=args.steps,
-        images_per_step=1,
-        flops=False,
-        extra={"workers": 0},
-    )
-
-
-def _as_list(batch: list) -> list:
-    return batch
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = make_parser(__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    toy = commands.add_parser("make-toy", help="write the toy dataset under --data")
-    demo = commands.add_parser("demo", help="train a tiny net on the toy data, print mIoU")
-    bench = commands.add_parser("bench", help="reader and augmentation throughput")
-    table = commands.add_parser("bench-table", help="JSON benchmark lines -> one Markdown table")
-    check = commands.add_parser("check-data", help="what each dataset folder holds")
-    compare = commands.add_parser("compare", help="runs side by side: table + compare.png")
-    for sub in (toy, demo, bench, check):
-        sub.add_argument("--data", default="./data", help="dataset root (default %(default)s)")
-    for sub in (toy, demo):
-        sub.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    demo.add_argument("--iters", type=positive_int, default=150, help="training steps")
-    bench.add_argument("--steps", type=positive_int, default=20, help="timed steps")
-    bench.add_argument("--workers", type=nonnegative_int, default=2, help="loader workers")
-    table.add_argument("files", nargs="+", help="files holding benchmark JSON lines")
-    check.add_argument("--decode", action="store_true", help="decode every file (slow)")
-    check.add_argument("--workers", type=nonnegative_int, default=4, help="decoding processes")
-    compare.add_argument("runs", nargs="+", help="run folders (each with results.json, log.jsonl)")
-    compare.add_argument("--out", default=None, help="where compare.png goes (default: cwd)")
-    for sub in (toy, demo, bench, table, check, compare):
-        one_line_errors(sub)
-    args = parser.parse_args(argv)
-    if args.command == "make-toy":
-        try:
-            print(f"toy dataset at {make_toy_dataset(args.data, args.seed)}")
-        except OSError as e:
-            raise UsageError(
-                f"cannot write the toy dataset under {args.data}: {e.strerror}; "
-                "pass a writable folder to --data"
-            ) from None
-    elif args.command == "demo":
-        _demo(args)
-    elif args.command == "bench":
-        _bench(args)
-    elif args.command == "bench-table":
-        records = []
-        for path in args.files:
-            for line in Path(path).read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and "bench" in record:
-                        records.append(record)
-        print(bench_table(records))
-    elif args.command == "check-data":
-        sys.exit(check_data(args.data, decode=args.decode, workers=args.workers))
-    else:
-        compare_runs(args.runs, args.out)
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -41,6 +41,10 @@ Function fixtures:
   make_tree          make_tree("gta5" | "synthia" | ... ) writes a fresh tree under tmp_path, for
                      tests that delete or damage files.
 
+Helper: `run_sections_1_2(name, code, tmp_path)` runs the top of a method file (docstring,
+imports but `import common`, constants, sections 1 and 2) followed by `code` in a fresh
+interpreter that cannot import common.py, and returns its stdout.
+
 Marker: `@pytest.mark.gpu` for tests that need CUDA; they are skipped when it is unavailable.
 torchvision's per-call deprecation warning of its image decoders is filtered out.
 """
@@ -513,6 +517,36 @@ def run_script(_script_server, tmp_path):
 # =============================================================================================
 # The gpu marker
 # =============================================================================================
+
+
+# =============================================================================================
+# Sections 1-2 of a method file, pasted into a file of their own
+# =============================================================================================
+
+BANNER = "# " + "=" * 93
+
+
+def sections_1_2(name: str) -> str:
+    """The top of a method file up to the banner of section 3, without `import common`: what a
+    reader pastes to reuse the method and its model."""
+    lines = (REPO / name).read_text().splitlines()
+    end = next(i for i in range(len(lines) - 1)
+               if lines[i] == BANNER and lines[i + 1].startswith("# 3. "))  # fmt: skip
+    return "\n".join(line for line in lines[:end] if line != "import common") + "\n"
+
+
+def run_sections_1_2(name: str, code: str, tmp_path: Path) -> str:
+    """Run sections_1_2(name) + `code` as a script in `tmp_path` under `python -I` (no current
+    folder, no PYTHONPATH: common.py cannot be imported); fail with its stderr, else return its
+    stdout."""
+    import subprocess
+
+    script = tmp_path / f"pasted_{Path(name).stem}.py"
+    script.write_text(sections_1_2(name) + "\n" + code)
+    r = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 
 def pytest_configure(config):
