@@ -10,13 +10,13 @@ Paper -> code, in the paper's order:
                  first_patch_per_class, style_words, make_prompt, encode_prompts, pin_optimize,
                  mine_styles; class-wise style banks StyleBank (run by run_mining)
   Mix .......... patch-wise style mixing: mix_statistics, target_statistics, stylize
-  model ........ CLIPResNet (OS16), ASPP, DeepLabV3PlusHead, FAMixSegmenter
+  model ........ FAMixSegmenter = CLIPResNet (OS16) + DeepLabV3PlusHead (Appendix A)
   training ..... segmentation_loss, build_optimizer, set_lr, train; evaluation: evaluate
   official ..... map_official_state, load_clip, read_official_bank (saved_params.pkl)
 
 Launch (--data holds gta5/ synthia/ cityscapes/ ...; layouts in the README and common.py):
-  1 GPU     python famix.py --source gta --data ./data --out out/famix-gta
-            (mines the style bank into out/famix-gta/style_bank.pt first when it is missing)
+  1 GPU     python famix.py --source gta --data ./data --out out/famix-gta (mines the style
+            bank into out/famix-gta/style_bank.pt first when it is missing)
   torchrun  torchrun --nproc_per_node 8 famix.py --source gta --data ./data --out out/famix-gta
             (--batch-size is global: 8 as in the paper, one image per GPU, SyncBN)
   mining    python famix.py --source gta --data ./data --out out/famix-gta --mine only
@@ -46,8 +46,8 @@ Deviations and choices (marked `DEVIATION n:` where they happen):
   12. "test" size: a tiny random-init CLIP ResNet for CPU tests and the toy run (which also
       lowers the PIN lr: random layer1 features are ~100x smaller than CLIP's).
   13. A batch whose every label pixel is 255 adds a zero loss and one warning (official: nan).
-  Periodic evaluation uses the source validation split only (official); the targets are
-  evaluated once, at the end, on the last weights (no selection on targets).
+  Periodic evaluation: the source val split only (official); the targets once, at the end, on
+  the last weights (no selection on targets).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ import os
 import pickle
 import random
 import string
+import sys
 import time
 import zipfile
 from collections import OrderedDict
@@ -74,6 +75,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 import common
 
@@ -89,13 +91,16 @@ BACKBONES = {
     "test": {"layers": (1, 1, 1, 3), "width": 16, "embed_dim": 64, "heads": 8, "aspp": 64,
              "low_proj": 16},
 }  # fmt: skip
-CLIP_INPUT_SIZE = 224  # attnpool positional embedding is 7x7 + 1 (224 / 32)
-ASPP_RATES = (6, 12, 18)  # output stride 16 [C network/modeling.py]
-ASPP_DROPOUT = 0.1  # [C network/_deeplab.py]
 LAYER1_STRIDE = 4  # stem (2) + avgpool (2)
 OS32_LAYER1_TO_LAYER4 = 8  # layer2..layer4 strides at output stride 32
 PAPER_TARGETS = "cityscapes,bdd,mapillary,synthia,acdc-night,acdc-snow,acdc-rain,acdc-fog"
-VOID = common.IGNORE_INDEX  # dominant "class" of a patch that is mostly unlabelled
+NUM_CLASSES = 19  # Cityscapes trainIds, in this order [csScripts labels.py]
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+VOID = 255  # the ignore label, and the dominant "class" of a patch that is mostly unlabelled
 
 # [P poster, freeze curve] the last frozen layer L1 ... L4' (layer4 but its last block), L4 (all),
 # and no freezing: name (= what trains with the decoder) -> (point, first trained block).
@@ -128,17 +133,6 @@ TEXT_BATCH = 512  # texts per text-encoder call
 PROMPTS = ("style-class", "chars-class", "style", "chars", "class")
 CHARS_LENGTH = 9
 
-# Toy-sized values for `--source toy` (CPU); the paper values are the defaults.
-TOY_DEFAULTS = {
-    "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8,
-    "iters": 240, "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3,
-    "pin_iters": 10, "templates": 2, "eval_batch_size": 16,
-    "cpu_threads": 1,  # a 2nd thread only spins: tiny model
-    # Random-init layer1 features are ~100x smaller than CLIP's: PIN's lr 1 would throw the
-    # statistics far outside their range (even negative sigma), so the toy run steps gently.
-    "pin_lr": 0.05,
-}  # fmt: skip
-
 
 # =============================================================================================
 # 1. The method
@@ -155,10 +149,9 @@ def freeze(model: FAMixSegmenter, scheme: str) -> None:
     names = [name for name, _ in model.encoder.blocks()]
     model.frozen_depth = None if first is None else names.index(first) if first else len(names)
     model.requires_grad_(True)
-    if model.frozen_depth is not None:
-        model.encoder.requires_grad_(False)
-        for _, block in model.encoder.blocks()[model.frozen_depth :]:
-            block.requires_grad_(True)
+    model.encoder.requires_grad_(model.frozen_depth is None)
+    for _, block in model.encoder.blocks()[model.frozen_depth or 0 :]:
+        block.requires_grad_(True)
 
 
 def trainable_modules(model: FAMixSegmenter) -> list[nn.Module]:
@@ -199,7 +192,7 @@ def unpatchify(patches: Tensor, grid: int) -> Tensor:
     return x.reshape(b, c, grid * h, grid * w)
 
 
-def dominant_classes(labels: Tensor, grid: int, num_classes: int = common.NUM_CLASSES) -> Tensor:
+def dominant_classes(labels: Tensor, grid: int, num_classes: int = NUM_CLASSES) -> Tensor:
     """Most frequent label of each patch, void (255) pixels included; ties go to the smallest id
     (void, 255, is the largest): exactly torch.mode [C patch_PIN.py]. (B, H, W) -> (B, grid*grid).
     DEVIATION 10: counted with one bincount instead of torch.mode (same result, faster on GPU)."""
@@ -243,9 +236,9 @@ def make_prompt(cls: int, prompt: str, styles: tuple[str, ...], rng: random.Rand
     if with_class and cls == VOID:
         return VOID_PROMPT
     if prompt == "class":
-        return common.CLASS_NAMES[cls]
+        return CLASS_NAMES[cls]
     r = rng.choice(styles)
-    return f"{r} {common.CLASS_NAMES[cls]}" if with_class else r
+    return f"{r} {CLASS_NAMES[cls]}" if with_class else r
 
 
 # [C patch_PIN.py] the 80 ImageNet prompt templates of OpenAI CLIP, in the official order.
@@ -278,29 +271,21 @@ TEMPLATES = (
 
 
 @torch.no_grad()
-def encode_prompts(
-    clip_model, tokenizer, prompts: list[str], templates: tuple, device: torch.device
-) -> Tensor:
+def encode_prompts(clip_model, tokenizer, prompts: list[str], templates: tuple, device) -> Tensor:
     """Text targets [C patch_PIN.py]: t = normalize(mean_k E_text(template_k(prompt))), the raw
     embeddings of every template averaged, then L2-normalised. (N, embed_dim) unit vectors.
     DEVIATION 1: fp32 (official: fp16 CLIP on GPU). DEVIATION 2: embed_dim from the model."""
     texts = [t.format(p) for p in prompts for t in templates]
-    tokens = tokenizer(texts)  # (N*T, 77)
-    chunks = tokens.split(TEXT_BATCH)  # bounded memory for 80 templates x many prompts
+    chunks = tokenizer(texts).split(TEXT_BATCH)  # (N*T, 77) tokens; bounded memory per call
     emb = torch.cat([clip_model.encode_text(c.to(device)).float() for c in chunks])
     emb = emb.view(len(prompts), len(templates), -1).mean(1)  # (N, D)
     return F.normalize(emb, dim=-1)
 
 
 def pin_optimize(
-    patches: Tensor,
-    targets: Tensor,
-    embed: Callable[[Tensor], Tensor],
-    iters: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> tuple[Tensor, Tensor, list[float]]:
+    patches: Tensor, targets: Tensor, embed: Callable[[Tensor], Tensor], iters: int, lr: float,
+    momentum: float, weight_decay: float,
+) -> tuple[Tensor, Tensor, list[float]]:  # fmt: skip
     """Prompt-driven Instance Normalisation [C utils/PPIN.py] on K patches at once. mu, sigma in
     R^C start at the patch's own statistics (identity at init) and are optimised with a fresh SGD
     (lr 1, momentum 0.9, wd 1e-4, sigma not clamped) [C patch_PIN.py].
@@ -308,8 +293,7 @@ def pin_optimize(
     patches = patches.float()
     mu_p, sigma_p = calc_mean_std(patches)  # (K, C, 1, 1)
     x_hat = (patches - mu_p) / sigma_p  # [P poster] (f - mu(f)) / sigma(f)
-    mu = mu_p.clone().requires_grad_(True)
-    sigma = sigma_p.clone().requires_grad_(True)
+    mu, sigma = mu_p.clone().requires_grad_(True), sigma_p.clone().requires_grad_(True)
     opt = torch.optim.SGD([mu, sigma], lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
     for _ in range(iters):
@@ -326,15 +310,9 @@ def pin_optimize(
 
 
 def mine_styles(
-    encoder: CLIPResNet,
-    text_targets: Callable[[list[str]], Tensor],
-    batches,
-    n_batches: int,
-    grid: int,
-    pin_cfg: dict,
-    prompt_for: Callable[[int], str],
-    log: Callable = print,
-) -> dict:
+    encoder: CLIPResNet, text_targets: Callable[[list[str]], Tensor], batches, n_batches: int,
+    grid: int, pin_cfg: dict, prompt_for: Callable[[int], str], log: Callable = print,
+) -> dict:  # fmt: skip
     """Local style mining, one pass [C patch_PIN.py]. `encoder`: the CLIP image tower (OS32,
     attnpool, frozen); `batches` yields normalised images (B,3,H,W) and labels (B,H,W); `prompt_for`
     maps a class to its prompt. Returns {"mu": (N, C), "sigma": (N, C), "cls": (N,)} on the CPU."""
@@ -346,7 +324,7 @@ def mine_styles(
     def embed(styled: Tensor) -> Tensor:
         return encoder.embed_low_level(F.adaptive_avg_pool2d(styled, feat_size))
 
-    mus, sigmas, classes = [], [], []
+    found = []  # (mu, sigma, cls) of each batch
     for i in range(n_batches):
         images, labels = next(batches)
         with torch.no_grad():
@@ -357,12 +335,10 @@ def mine_styles(
         targets = text_targets([prompt_for(c) for c in cls.tolist()])  # (K, D)
         t0 = time.perf_counter()
         mu, sigma, losses = pin_optimize(patches, targets, embed, **pin_cfg)
-        mus.append(mu.cpu())
-        sigmas.append(sigma.cpu())
-        classes.append(cls.cpu())
+        found.append((mu.cpu(), sigma.cpu(), cls.cpu()))
         loss = f"1 - cos {losses[0]:.4f} -> {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)"
         log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, {loss}")
-    return {"mu": torch.cat(mus), "sigma": torch.cat(sigmas), "cls": torch.cat(classes)}
+    return {k: torch.cat(t) for k, t in zip(("mu", "sigma", "cls"), zip(*found))}
 
 
 class StyleBank:
@@ -374,12 +350,9 @@ class StyleBank:
     def __init__(self, mu: Tensor, sigma: Tensor, cls: Tensor):
         order = torch.argsort(cls, stable=True)
         self.mu, self.sigma, self.cls = mu[order].float(), sigma[order].float(), cls[order].long()
-        count = torch.zeros(self.ALL + 1, dtype=torch.long)
-        count[: self.ALL] = torch.bincount(self.cls, minlength=self.ALL)
-        count[self.ALL] = len(self.cls)
-        start = torch.zeros_like(count)
-        start[: self.ALL] = torch.cumsum(count[: self.ALL], 0) - count[: self.ALL]
-        self.count, self.start = count, start
+        count = torch.bincount(self.cls, minlength=self.ALL)  # (256,), then ALL: the whole bank
+        self.count = torch.cat([count, count.sum()[None]])
+        self.start = torch.cat([torch.cumsum(count, 0) - count, count.new_zeros(1)])
 
     def to(self, device: torch.device) -> StyleBank:
         for name in ("mu", "sigma", "cls", "count", "start"):
@@ -398,9 +371,8 @@ class StyleBank:
 
 
 # ---- Mix: patch-wise style mixing -----------------------------------------------------------
-def mix_statistics(
-    x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, s: Tensor
-) -> Tensor:
+def mix_statistics(x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor,
+                   s: Tensor) -> Tensor:  # fmt: skip
     """sigma_mix * x_hat + mu_mix, before the ReLU. DEVIATION 9: (a convention) the code's s
     weights the source, s = 1 - alpha of the poster (Beta symmetric)."""
     # [P poster] mu_mix = (1 - alpha) mu(f) + alpha mu_t  [C network/utils.py] s = 1 - alpha
@@ -411,15 +383,9 @@ def mix_statistics(
 
 
 def target_statistics(
-    mode: str,
-    mu_s: Tensor,
-    sigma_s: Tensor,
-    labels: Tensor,
-    bank: StyleBank | None,
-    grid: int,
-    noise_snr: float,
-    mix_with: str = "mined",
-) -> tuple[Tensor, Tensor]:
+    mode: str, mu_s: Tensor, sigma_s: Tensor, labels: Tensor, bank: StyleBank | None, grid: int,
+    noise_snr: float, mix_with: str = "mined",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The statistics each patch (B, P, C, 1, 1) is mixed with. famix / pure: a mined style of its
     dominant class (label patch (r, c) <-> feature patch (r, c)) [C network/utils.py].
     DEVIATION 8: mixstyle, the same patch of another image; noise, its own statistics plus
@@ -436,35 +402,26 @@ def target_statistics(
     if mode == "mixstyle":
         perm = torch.randperm(mu_s.shape[0], device=mu_s.device)
         return mu_s[perm], sigma_s[perm]
-    if mode == "noise":
-
-        def noisy(v: Tensor) -> Tensor:
-            power = v.pow(2).mean(2, keepdim=True)  # (B, P, 1, 1, 1)
-            return v + torch.randn_like(v) * (power / 10 ** (noise_snr / 10)).sqrt()
-
-        return noisy(mu_s), noisy(sigma_s)
+    if mode == "noise":  # v + N(0, mean(v^2) / snr), the mean square over the C channels
+        snr = 10 ** (noise_snr / 10)
+        mu_n, sigma_n = [v + torch.randn_like(v) * (v.pow(2).mean(2, keepdim=True) / snr).sqrt()
+                         for v in (mu_s, sigma_s)]  # fmt: skip
+        return mu_n, sigma_n
     raise ValueError(f"unknown style mode {mode!r}")
 
 
 def stylize(
-    f1: Tensor,
-    labels: Tensor,
-    bank: StyleBank | None,
-    mode: str,
-    grid: int,
-    beta: float,
-    noise_snr: float,
-    mix_with: str = "mined",
-) -> Tensor:
+    f1: Tensor, labels: Tensor, bank: StyleBank | None, mode: str, grid: int, beta: float,
+    noise_snr: float, mix_with: str = "mined",
+) -> Tensor:  # fmt: skip
     """Patch-wise style mixing of every image, every iteration [C network/utils.py], in fp32.
     f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop."""
     with torch.autocast(f1.device.type, enabled=False):
         patches = patchify(f1.float(), grid)  # (B, P, C, h, w)
         mu_s, sigma_s = calc_mean_std(patches)  # (B, P, C, 1, 1)
         x_hat = (patches - mu_s) / sigma_s  # [P poster] (f - mu(f)) / sigma(f)
-        mu_t, sigma_t = target_statistics(
-            mode, mu_s, sigma_s, labels, bank, grid, noise_snr, mix_with
-        )
+        mu_t, sigma_t = target_statistics(mode, mu_s, sigma_s, labels, bank, grid, noise_snr,
+                                          mix_with)  # fmt: skip
         b, c = f1.shape[:2]
         if mode == "pure":
             s = f1.new_zeros(b, c, 1, 1, dtype=torch.float32)  # (B, C, 1, 1)
@@ -480,176 +437,7 @@ def stylize(
 # =============================================================================================
 # 2. Model
 # =============================================================================================
-# CLIP ModifiedResNet at output stride 16 [C network/backbone/resnet_clip.py] and DeepLabv3+
-# [C network/_deeplab.py, from VainF/DeepLabV3Plus-Pytorch].
-
-
-class Bottleneck(nn.Module):
-    """CLIP bottleneck: 1x1 -> 3x3 -> [avgpool(stride)] -> 1x1 (x4), anti-aliased downsampling
-    (avgpool before a stride-1 1x1 conv on the shortcut). Parameter names match OpenAI/open_clip."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.downsample = None
-        if stride > 1 or inplanes != planes * self.expansion:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
-                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * self.expansion)),
-            ]))  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
-
-
-class AttentionPool2d(nn.Module):
-    """CLIP's attention pooling: the mean token attends to all positions (+ learned positions)."""
-
-    def __init__(self, grid: int, width: int, heads: int, output_dim: int):
-        super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
-        self.k_proj = nn.Linear(width, width)
-        self.q_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.c_proj = nn.Linear(width, output_dim)
-        self.heads = heads
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        x = torch.cat([x.mean(0, keepdim=True), x])  # (HW + 1, B, C)
-        x = x + self.positional_embedding[:, None].to(x.dtype)
-        out, _ = F.multi_head_attention_forward(
-            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.heads,
-            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight, in_proj_weight=None,
-            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True, training=self.training, need_weights=False,
-        )  # fmt: skip
-        return out[0]  # (B, output_dim)
-
-
-class CLIPResNet(nn.Module):
-    """CLIP ModifiedResNet. Output stride 16 is the segmentation encoder [C network/modeling.py]:
-    as the official `_make_layer`, only layer4's LAST block is dilated (conv2 dilations [1, 1, 2],
-    torchvision: [1, 2, 2]); no attnpool. Output stride 32 with attnpool is CLIP's image tower,
-    used for mining. Both have the same parameters: one state dict serves both."""
-
-    def __init__(self, backbone: str, output_stride: int = 16, attnpool: bool = False):
-        super().__init__()
-        cfg = BACKBONES[backbone]
-        w = cfg["width"]
-        self.conv1 = nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w // 2)
-        self.conv2 = nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(w // 2)
-        self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(w)
-        self.avgpool = nn.AvgPool2d(2)
-        self._inplanes = w
-        self.layer1 = self._make_layer(w, cfg["layers"][0], 1, dilate=False)
-        self.layer2 = self._make_layer(w * 2, cfg["layers"][1], 2, dilate=False)
-        self.layer3 = self._make_layer(w * 4, cfg["layers"][2], 2, dilate=False)
-        self.layer4 = self._make_layer(w * 8, cfg["layers"][3], 2, dilate=output_stride == 16)
-        self.embed_dim = cfg["embed_dim"]
-        self.low_channels, self.high_channels = w * 4, w * 32  # layer1, layer4 outputs
-        self.attnpool = None
-        if attnpool:
-            self.attnpool = AttentionPool2d(
-                CLIP_INPUT_SIZE // 32, w * 32, cfg["heads"], cfg["embed_dim"]
-            )
-
-    def _make_layer(self, planes: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
-        # [C network/backbone/resnet_clip.py::_make_layer] a dilated layer: stride 1 everywhere,
-        # first block dilation 1, middle blocks the previous dilation (1), last block `stride`.
-        dilations = [1] * blocks
-        if dilate:
-            dilations[-1], stride = stride, 1
-        layers = [Bottleneck(self._inplanes, planes, stride, dilations[0])]
-        self._inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self._inplanes, planes, 1, d) for d in dilations[1:]]
-        return nn.Sequential(*layers)
-
-    def stem(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.avgpool(x)  # (B, 64, H/4, W/4)
-
-    def blocks(self) -> list[tuple[str, nn.Module]]:
-        """The bottlenecks after layer1 in forward order, with their names ("layer4.2")."""
-        layers = (("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4))
-        return [(f"{name}.{i}", block) for name, layer in layers for i, block in enumerate(layer)]
-
-    def embed_low_level(self, f1: Tensor) -> Tensor:
-        """layer1 features -> CLIP image embedding (needs attnpool): the mining path."""
-        return self.attnpool(self.layer4(self.layer3(self.layer2(f1))))
-
-
-def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
-    pad = dilation * (kernel // 2)
-    conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class ASPP(nn.Module):
-    """1x1, three 3x3 atrous (6/12/18) and image-pooling branches; concat -> 1x1, dropout 0.1."""
-
-    def __init__(self, cin: int, cout: int, rates: tuple = ASPP_RATES):
-        super().__init__()
-        self.branches = nn.ModuleList(
-            [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
-        )
-        self.pool_branch = conv_bn_relu(cin, cout, 1)
-        self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
-        self.dropout = nn.Dropout(ASPP_DROPOUT)
-
-    def forward(self, x: Tensor) -> Tensor:
-        outs = [branch(x) for branch in self.branches]
-        pooled = self.pool_branch(F.adaptive_avg_pool2d(x, 1))  # (B, 256, 1, 1)
-        outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
-        # dropout draws its mask in memory order: NCHW, so that channels_last draws the same mask
-        return self.dropout(self.project(torch.cat(outs, 1)).contiguous())
-
-
-class DeepLabV3PlusHead(nn.Module):
-    """ASPP(layer4) upsampled to layer1's size ++ 48-channel layer1 projection, 3x3 conv, 1x1."""
-
-    def __init__(self, low: int, high: int, aspp: int, proj: int, classes: int = 19):
-        super().__init__()
-        self.low_level_proj = conv_bn_relu(low, proj, 1)
-        self.aspp = ASPP(high, aspp)
-        self.fuse = conv_bn_relu(proj + aspp, aspp, 3)
-        self.classifier = nn.Conv2d(aspp, classes, 1)
-        # [C network/_deeplab.py::_init_weight] kaiming-normal convs, BN (1, 0); the classifier
-        # bias keeps PyTorch's default init.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, low: Tensor, high: Tensor) -> Tensor:
-        low = self.low_level_proj(low)  # (B, 48, H/4, W/4)
-        high = F.interpolate(
-            self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False
-        )
-        return self.classifier(self.fuse(torch.cat([low, high], 1)))  # (B, 19, H/4, W/4)
+# The segmenter: CLIP ModifiedResNet at output stride 16 and DeepLabv3+ (both in Appendix A).
 
 
 class FAMixSegmenter(nn.Module):
@@ -657,7 +445,7 @@ class FAMixSegmenter(nn.Module):
     of layer2 AND of the decoder's low-level skip) [C network/utils.py]. The frozen part (up to
     `frozen_depth` blocks after layer1, set by freeze) runs under no_grad."""
 
-    def __init__(self, backbone: str = "RN50-quickgelu", num_classes: int = common.NUM_CLASSES):
+    def __init__(self, backbone: str = "RN50-quickgelu", num_classes: int = NUM_CLASSES):
         super().__init__()
         cfg = BACKBONES[backbone]
         self.encoder = CLIPResNet(backbone, output_stride=16, attnpool=False)
@@ -713,9 +501,8 @@ def train_transform(source: str, crop: int, jitter: bool = True) -> common.Trans
 def source_dataset(args: argparse.Namespace, transform: common.Transform):
     """[C utils/get_dataset.py] GTA5's 12,382-image list, SYNTHIA's 6,580 RobustNet training
     frames, Cityscapes train (2,975)."""
-    return common.build_dataset(
-        args.source, args.data, "train", gta_list="famix", transform=transform
-    )
+    return common.build_dataset(args.source, args.data, "train", gta_list="famix",
+                                transform=transform)  # fmt: skip
 
 
 GTA_VAL_CROP_HW = (1046, 1914)  # [C utils/get_dataset.py] centre crop of GTA5 val
@@ -739,9 +526,8 @@ def eval_dataset(name: str, args: argparse.Namespace):
 # Per-target input geometry [C utils/get_dataset.py]: Mapillary is resized to height 1536
 # (bicubic, label nearest) and centre-cropped to 1536x1536, the rest fed whole at native size.
 # DEVIATION 4: narrower Mapillary images are padded with label 255 (official: 0 = road).
-EVAL_RESIZE = {
-    "mapillary": common.EvalResize(("height_crop", 1536), resize_gt=True, image_interp="bicubic")
-}
+EVAL_RESIZE = {"mapillary": common.EvalResize(("height_crop", 1536), resize_gt=True,
+                                              image_interp="bicubic")}  # fmt: skip
 
 
 # =============================================================================================
@@ -752,35 +538,27 @@ EVAL_RESIZE = {
 def segmentation_loss(logits: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
     """[C main.py] L = mean over labelled pixels of (1 - 0.1) (-log p_y) + 0.1 mean_c (-log p_c):
     cross-entropy, ignore 255, label smoothing 0.1 (official code; paper body unchecked)."""
-    return F.cross_entropy(
-        logits.float(), labels, ignore_index=common.IGNORE_INDEX, label_smoothing=label_smoothing
-    )
+    return F.cross_entropy(logits.float(), labels, ignore_index=common.IGNORE_INDEX,
+                           label_smoothing=label_smoothing)  # fmt: skip
 
 
-def build_optimizer(
-    model: FAMixSegmenter, args: argparse.Namespace, options: dict | None = None
-) -> torch.optim.SGD:
+def build_optimizer(model: FAMixSegmenter, args, options: dict | None = None) -> torch.optim.SGD:
     """SGD: encoder lr 0.01, decoder lr 0.1, momentum 0.9, wd 1e-4 [C main.py]; `options`: foreach
     on the fast path. DEVIATION 6: only the trainable parameters are handed to SGD."""
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
-    groups = [
-        {"params": enc, "lr": args.backbone_lr, "base_lr": args.backbone_lr},
-        {"params": list(model.head.parameters()), "lr": args.lr, "base_lr": args.lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(
-        groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        **(options or {}),
-    )  # fmt: skip
+    head = list(model.head.parameters())
+    groups = [{"params": enc, "lr": args.backbone_lr, "base_lr": args.backbone_lr},
+              {"params": head, "lr": args.lr, "base_lr": args.lr}]  # fmt: skip
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, **(options or {}))  # fmt: skip
 
 
 def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Namespace) -> float:
     """Poly schedule, stepped every iteration; returns the decoder's lr."""
     for group in optimizer.param_groups:
         # [C utils/scheduler.py::PolyLR] lr_t = max(lr_0 (1 - t/T)^0.9, 1e-6)
-        group["lr"] = common.poly_lr(
-            group["base_lr"], iteration, args.iters, args.poly_power, args.min_lr
-        )
+        group["lr"] = common.poly_lr(group["base_lr"], iteration, args.iters, args.poly_power,
+                                     args.min_lr)  # fmt: skip
     return optimizer.param_groups[-1]["lr"]
 
 
@@ -828,20 +606,16 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
             yield images.contiguous(memory_format=fmt), labels.to(device)
 
     styles = style_words(args.prompt, args.num_styles, args.seed)
-    prompt_for = partial(
-        make_prompt, prompt=args.prompt, styles=styles, rng=random.Random(args.seed + dist.rank)
-    )
-    common.print0(
-        f"mining styles: {n_batches} batches of {args.mine_batch_size} per process, "
-        f"{args.pin_iters} PIN steps, {len(templates)} templates, prompt {args.prompt}, "
-        f"|R| {len(styles)}"
-    )
+    rng = random.Random(args.seed + dist.rank)
+    prompt_for = partial(make_prompt, prompt=args.prompt, styles=styles, rng=rng)
+    common.print0(f"mining styles: {n_batches} batches of {args.mine_batch_size} per process, "
+                  f"{args.pin_iters} PIN steps, {len(templates)} templates, prompt {args.prompt}, "
+                  f"|R| {len(styles)}")  # fmt: skip
     pin_cfg = {"iters": args.pin_iters, "lr": args.pin_lr, "momentum": args.pin_momentum,
                "weight_decay": args.pin_weight_decay}  # fmt: skip
     t0 = time.perf_counter()
-    bank = mine_styles(
-        encoder, text_targets, batches(), n_batches, args.grid, pin_cfg, prompt_for, common.print0
-    )
+    bank = mine_styles(encoder, text_targets, batches(), n_batches, args.grid, pin_cfg, prompt_for,
+                       common.print0)  # fmt: skip
     if dist.enabled:  # DEVIATION 7: gather the per-process banks
         gathered = [None] * dist.world_size
         torch_dist.all_gather_object(gathered, bank)
@@ -853,13 +627,11 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
             "batches": n_batches * dist.world_size}  # fmt: skip
     if dist.is_main:
         save_style_bank(bank_path, bank, meta)
-    sizes = torch.bincount(bank["cls"], minlength=VOID + 1)
-    names = dict(enumerate(common.CLASS_NAMES)) | {VOID: "void"}
-    per_class = {names[c]: int(sizes[c]) for c in names if sizes[c]}
-    common.print0(
-        f"style bank: {len(bank['cls'])} styles in {time.perf_counter() - t0:.1f} s -> "
-        f"{bank_path}; per class {per_class}"
-    )
+    sizes = torch.bincount(bank["cls"], minlength=VOID + 1).tolist()  # (256,)
+    names = dict(enumerate(CLASS_NAMES)) | {VOID: "void"}
+    per_class = {names[c]: n for c, n in enumerate(sizes) if n}
+    common.print0(f"style bank: {len(bank['cls'])} styles in {time.perf_counter() - t0:.1f} s -> "
+                  f"{bank_path}; per class {per_class}")  # fmt: skip
     clip_model.cpu()
 
 
@@ -871,49 +643,21 @@ def prepare_style_bank(args, dist, model, clip_model, encoder_state, dataset) ->
     path = Path(args.style_bank)
     if not path.is_file():
         if args.mine == "never" or path.suffix == ".pkl" or clip_model is None:
-            raise common.UsageError(
-                f"style bank {path} is missing; mining it needs CLIP weights (not --resume or a "
-                "segmentation checkpoint) and --mine auto or only (.pkl banks are only read)"
-            )
+            raise common.UsageError(f"style bank {path} is missing; mining it needs CLIP "
+                                    "weights (not --resume or a segmentation checkpoint) and "
+                                    "--mine auto or only (.pkl banks are only read)")  # fmt: skip
         with common.rng_neutral():  # DEVIATION 10: mining or not, training draws the same numbers
             run_mining(args, dist, clip_model, encoder_state, dataset, path)
     if dist.enabled:
         torch_dist.barrier()
-    encoder = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
-    bank, meta = load_style_bank(
-        path, args.backbone, encoder_fingerprint(encoder), model.encoder.low_channels
-    )
+    fingerprint = encoder_fingerprint(model.encoder.state_dict())
+    bank, meta = load_style_bank(path, args.backbone, fingerprint, model.encoder.low_channels)
     keys = [k for k in ("grid", *MINING_FLAGS) if k in meta and meta[k] != getattr(args, k)]
     differ = ", ".join(f"--{k.replace('_', '-')} {meta[k]}" for k in keys)
     if differ:
         common.warn(f"reusing {path}, mined with {differ}; delete it to mine again")
     common.print0(f"style bank {path}: {len(bank.cls)} styles")
-    return bank
-
-
-def prepare_training(args, dist, model: FAMixSegmenter, dataset, start_ckpt: dict | None):
-    """Device, memory format, SyncBN + DDP, --compile, SGD, resumed state, loader. Returns (model,
-    net = the model to call, optimizer, scaler, loader, first iteration)."""
-    _, scaler = common.autocast(dist.device, args.amp)
-    model.to(dist.device, memory_format=common.memory_format(args, dist))  # channels_last: fast
-    net = common.wrap_ddp(common.convert_sync_bn(model, dist), dist)
-    model = common.unwrap(net)
-    # --compile: the trained part only; the module keeps its names (no _orig_mod in checkpoints)
-    model.trained = common.maybe_compile(model.trained, args)
-    optimizer = build_optimizer(model, args, common.optimizer_options(args, dist, "sgd"))
-    start = 0
-    if start_ckpt is not None:
-        start = common.restore_training_state(start_ckpt, optimizer, scaler)
-    with common.rng_neutral():
-        loader = common.TrainLoader(
-            dataset, args.batch_size, dist, args.seed, args.workers, start_iter=start
-        )
-    common.print0(
-        f"source {args.source}: {len(dataset)} training images; batch {args.batch_size} global, "
-        f"{args.batch_size // dist.world_size} per process; iterations {start} -> {args.iters}"
-    )
-    set_train_mode(model)
-    return model, net, optimizer, scaler, loader, start
+    return bank.to(dist.device)
 
 
 def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net, bank) -> dict:
@@ -921,46 +665,69 @@ def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net
     as called (DDP); `bank`: the StyleBank or None."""
     amp_ctx, _ = common.autocast(dist.device, args.amp)
     fmt = common.memory_format(args, dist)
-    if bank is not None:
-        bank.to(dist.device)
-    results = {}
-    bar = common.progress(args.iters, start, dist.is_main)
-    for it in range(start, args.iters):
-        # PLUMBING: the next batch; gradients cleared before the forward pass
-        batch = next(loader)
-        optimizer.zero_grad(set_to_none=True)
-        # METHOD: learning rate of this iteration [C utils/scheduler.py]
-        lr = set_lr(optimizer, it, args)
-        # METHOD: Mix, the layer1 patches restyled with mined styles [C network/utils.py]
-        images, labels, _ = batch
-        labelled = bool((labels != common.IGNORE_INDEX).any())
-        images = common.normalize(images.to(dist.device, non_blocking=True), common.CLIP_MEAN,
-                                  common.CLIP_STD).contiguous(memory_format=fmt)  # fmt: skip
-        labels = labels.to(dist.device, non_blocking=True)
-        mix = None if args.style == "none" else partial(
-            stylize, labels=labels, bank=bank, mode=args.style, grid=args.grid, beta=args.beta,
-            noise_snr=args.noise_snr, mix_with=args.mix_with)  # fmt: skip
-        # METHOD: forward (the frozen part without gradients) and cross-entropy [C main.py]
-        with amp_ctx():
-            logits = net(images, stylize=mix)
-        if labelled:
-            loss = segmentation_loss(logits, labels, args.label_smoothing)
-        else:  # DEVIATION 13: no labelled pixel, no CE (0 / 0); zero, DDP processes stay in step
-            common.warn(f"iteration {it + 1}: every label pixel of the batch is 255: zero loss")
-            loss = logits.sum() * 0.0
-        terms = {"loss": loss.item()}
-        # PLUMBING: stop on a non-finite loss, backward, step, log
-        common.check_finite(it + 1, terms)
-        common.backward_and_step(loss, optimizer, scaler)
-        common.log_step(log, bar, it + 1, args, lr, terms)
-        # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
-        if common.eval_due(it + 1, args):
-            save_checkpoint(args, it + 1, model, optimizer, scaler)
-            # METHOD: the source validation split periodically, every target at the end [C main.py]
-            sets = targets if it + 1 == args.iters else {"source-val": targets["source-val"]}
-            results = evaluate(model, sets, args, dist)
-            common.report_results(results, it + 1, log)
-    bar.close()
+    # PLUMBING: a progress bar on rank 0; `saved` = (path, iteration) of this run's last checkpoint
+    results, saved, done, clock = {}, None, start, None
+    bar = tqdm(
+        total=args.iters, initial=start, desc="train", disable=not dist.is_main, **common.BAR
+    )
+    try:
+        for it in range(start, args.iters):
+            # PLUMBING: the next batch; gradients cleared before the forward pass
+            batch = next(loader)
+            optimizer.zero_grad(set_to_none=True)
+            # METHOD: learning rate of this iteration [C utils/scheduler.py]
+            lr = set_lr(optimizer, it, args)
+            # METHOD: Mix, the layer1 patches restyled with mined styles [C network/utils.py]
+            images, labels, _ = batch
+            labelled = bool((labels != common.IGNORE_INDEX).any())
+            images = common.normalize(images.to(dist.device, non_blocking=True), common.CLIP_MEAN,
+                                      common.CLIP_STD).contiguous(memory_format=fmt)  # fmt: skip
+            labels = labels.to(dist.device, non_blocking=True)
+            mix = None if args.style == "none" else partial(
+                stylize, labels=labels, bank=bank, mode=args.style, grid=args.grid,
+                beta=args.beta, noise_snr=args.noise_snr, mix_with=args.mix_with)  # fmt: skip
+            # METHOD: forward (the frozen part without gradients) and cross-entropy [C main.py]
+            with amp_ctx():
+                logits = net(images, stylize=mix)
+            if labelled:
+                loss = segmentation_loss(logits, labels, args.label_smoothing)
+            else:  # DEVIATION 13: no labelled pixel, no CE (0 / 0); zero, DDP processes in step
+                common.warn(f"iteration {it + 1}: every label pixel of the batch is 255: zero loss")
+                loss = logits.sum() * 0.0
+            terms = {"loss": loss.item()}
+            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise common.DivergenceError(it + 1, saved, terms)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            # PLUMBING: the optimizer step (through the scaler in fp16)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            # PLUMBING: progress; a `train` record every --log-every iterations and at the end
+            done, now = it + 1, time.perf_counter()
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            clock = clock or (done, now)  # seconds per step count from the first step's end
+            if done % args.log_every == 0 or done == args.iters:
+                seconds = (now - clock[1]) / (done - clock[0]) if done > clock[0] else None
+                log.log({"type": "train", "iter": done, "lr": lr, **terms, "time_s": seconds})
+                clock = (done, now)
+            # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
+            if done == args.iters or (args.eval_every > 0 and done % args.eval_every == 0):
+                save_checkpoint(args, done, model, optimizer, scaler)
+                saved = (Path(args.out) / "last.pt", done)
+                # METHOD: source val periodically, every target at the end [C main.py]
+                sets = targets if done == args.iters else {"source-val": targets["source-val"]}
+                results = evaluate(model, sets, args, dist)
+                # PLUMBING: the table on rank 0, an `eval` record and results.json
+                common.print0(common.format_results(results, done))
+                log.write_results(results, done)
+    except KeyboardInterrupt:  # PLUMBING: Ctrl-C says where the run stopped and how to go on
+        raise common.Interrupted(done, args.iters, saved) from None
+    finally:
+        bar.close()
     return results
 
 
@@ -1022,32 +789,30 @@ def build_parser() -> argparse.ArgumentParser:
               "pretrained": "official: OpenAI CLIP [C network/modeling.py]"},
     )  # fmt: skip
     pos_float, pos_int, choice = common.positive_float, common.positive_int, FREEZE_SCHEMES.items()
+    unit, nonneg = common.unit_float, common.nonnegative_float
     freeze = ", ".join(f"{name} = {point}" for name, (point, _) in choice)
 
     def h(text: str, cite: str = "") -> str:
         return f"{text} (default %(default)s{'; ' + cite if cite else ''})"
 
-    g = parser.add_argument_group("FAMix")
-    a = g.add_argument
+    a = parser.add_argument_group("FAMix").add_argument
     # fmt: off
-    a("--backbone", default="RN50-quickgelu", choices=list(BACKBONES), help=h(
-      "CLIP ResNet; test = tiny random-init size for CPU tests and the toy run",
-      "paper: RN50, RN101 [C main.py --BB]"))
-    a("--freeze", choices=list(FREEZE_SCHEMES), help=h(
-      f"what trains besides the decoder (the rest of the encoder is frozen), as the points of the "
-      f"paper's freeze curve: {freeze}", "official: layer4.2 for GTA5 and SYNTHIA, layer4 for "
-      "Cityscapes [C utils/freeze.py]; curve [P poster]"))
+    a("--backbone", default="RN50-quickgelu", choices=list(BACKBONES), help=h("CLIP ResNet; test = "
+      "tiny random-init size for CPU tests and the toy run", "paper: RN50, RN101 [C main.py --BB]"))
+    a("--freeze", choices=list(FREEZE_SCHEMES), help=h("what trains besides the decoder (the rest "
+      f"of the encoder is frozen), as the points of the paper's freeze curve: {freeze}",
+      "official: layer4.2 for GTA5 and SYNTHIA, layer4 for Cityscapes [C utils/freeze.py]; curve "
+      "[P poster]"))
     a("--style", default="famix", choices=["famix", "none", "pure", "mixstyle", "noise"], help=h(
       "layer1 augmentation: famix = mined styles mixed with Beta weights; none = Freeze only; pure "
       "= mined style, no mixing (s = 0); mixstyle = mixed with another image's statistics; noise "
       "= with Gaussian-noise statistics", "ablations [P poster]"))
-    a("--prompt", default="style-class", choices=PROMPTS, help=h(
-      "mining prompt: random style and/or random characters and/or class name, e.g. 'Galactic "
-      "Fantasy style road', 'wqvsecpas style road', 'road'", "official [C patch_PIN.py]; [P "
-      "poster] prompt table"))
-    a("--num-styles", type=pos_int, default=20, help=h(
-      "|R|: prompts draw from the first N of the 20 official styles (N <= 20), or from N random "
-      "strings with --prompt chars*", "official [C patch_PIN.py]"))
+    a("--prompt", default="style-class", choices=PROMPTS, help=h("mining prompt: random style "
+      "and/or random characters and/or class name, e.g. 'Galactic Fantasy style road', 'wqvsecpas "
+      "style road', 'road'", "official [C patch_PIN.py]; [P poster] prompt table"))
+    a("--num-styles", type=pos_int, default=20, help=h("|R|: prompts draw from the first N of the "
+      "20 official styles (N <= 20), or from N random strings with --prompt chars*", "official "
+      "[C patch_PIN.py]"))
     a("--mix-with", default="mined", choices=["mined", "mined+source"], help=h(
       "mixing partner: mined styles, or mined styles and the source patches' own statistics (a "
       "fair coin per patch)", "official: mined; [P poster] source u mined"))
@@ -1056,15 +821,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grid", type=pos_int, default=3, help=h("patches per side", "paper [C patch_PIN.py]"))
     a("--lr", type=pos_float, default=0.1, help=h("decoder learning rate", "paper [C main.py]"))
     a("--backbone-lr", type=pos_float, default=0.01, help=h("encoder lr", "paper [C main.py]"))
-    a("--momentum", type=float, default=0.9, help=h("SGD momentum", "paper [C main.py]"))
-    a("--weight-decay", type=float, default=1e-4, help=h("SGD weight decay", "paper [C main.py]"))
+    a("--momentum", type=unit, default=0.9, help=h("SGD momentum", "paper [C main.py]"))
+    a("--weight-decay", type=nonneg, default=1e-4, help=h("SGD weight decay", "paper [C main.py]"))
     a("--poly-power", type=pos_float, default=0.9, help=h("poly power", "[C utils/scheduler.py]"))
-    a("--min-lr", type=float, default=1e-6, help=h("poly floor", "[C utils/scheduler.py]"))
-    a("--label-smoothing", type=float, default=0.1, help=h("CE smoothing", "official [C main.py]"))
-    a("--style-bank", help=h(
-      "style bank: ours (mined into it when missing) or an official saved_params.pkl (*.pkl): a "
-      "pickle, read only when named here, by an unpickler that admits only tensors, lists and "
-      "dicts"))
+    a("--min-lr", type=nonneg, default=1e-6, help=h("poly floor", "[C utils/scheduler.py]"))
+    a("--label-smoothing", type=nonneg, default=0.1, help=h("CE smoothing", "official [C main.py]"))
+    a("--style-bank", help=h("style bank: ours (mined into it when missing) or an official "
+      "saved_params.pkl (*.pkl): a pickle, read only when named here, by an unpickler that admits "
+      "only tensors, lists and dicts"))
     a("--mine", default="auto", choices=["auto", "only", "never"], help=h(
       "auto: mine the bank if the file is missing, then train; only: mine (or keep the bank) and "
       "exit; never: the bank must exist"))
@@ -1073,15 +837,25 @@ def build_parser() -> argparse.ArgumentParser:
       "mining batches per process; 0 = one pass over the source", "official [C patch_PIN.py]"))
     a("--pin-iters", type=pos_int, default=100, help=h("PIN steps", "official [C patch_PIN.py]"))
     a("--pin-lr", type=pos_float, default=1.0, help=h("PIN SGD lr", "official [C patch_PIN.py]"))
-    a("--pin-momentum", type=float, default=0.9, help=h("PIN momentum", "[C patch_PIN.py]"))
-    a("--pin-weight-decay", type=float, default=1e-4, help=h("PIN decay", "[C patch_PIN.py]"))
+    a("--pin-momentum", type=unit, default=0.9, help=h("PIN momentum", "[C patch_PIN.py]"))
+    a("--pin-weight-decay", type=nonneg, default=1e-4, help=h("PIN decay", "[C patch_PIN.py]"))
     a("--templates", type=pos_int, default=80, help=h("the first N prompt templates", "official"))
-    a("--scale", type=pos_float, default=1.0, help=h(
-      "test-time input scale <= 1", "paper: 1; post-publication option [C main.py]"))
+    a("--scale", type=pos_float, default=1.0, help=h("test-time input scale <= 1", "paper: 1; "
+      "post-publication option [C main.py]"))
     a("--ensemble", action="store_true", help=h("mean of logits at 1 and --scale", "[C main.py]"))
     a("--bench-paper", action="store_true", help=h("--bench on CPU: also the paper setting"))
     # fmt: on
     return parser
+
+
+# Toy-sized values for `--source toy` (CPU); the paper values are the defaults.
+TOY_DEFAULTS = {
+    "backbone": "test", "targets": ",".join(common.TOY_TARGETS), "crop": 96, "batch_size": 8,
+    "iters": 240, "eval_every": 120, "workers": 0, "mine_batch_size": 8, "mine_batches": 3,
+    "pin_iters": 10, "templates": 2, "eval_batch_size": 16,
+    "cpu_threads": 1,  # a 2nd thread only spins: tiny model
+    "pin_lr": 0.05,  # DEVIATION 12: PIN's lr 1 would throw random-init statistics far off
+}  # fmt: skip
 
 
 def presets(first: argparse.Namespace) -> dict:
@@ -1093,19 +867,18 @@ def presets(first: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     """The arguments, and the defaults in force (to tell which flags were changed)."""
-    parser = build_parser()
-    args = common.parse_with_presets(parser, argv, presets)
+    parser, argv = build_parser(), list(sys.argv[1:] if argv is None else argv)
+    # One pre-parse reads what chooses a preset (--source toy, --out); its defaults are
+    # installed with set_defaults, then the one real parse (a flag written always wins).
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    parser.set_defaults(**presets(first))
+    args = parser.parse_args(argv)
     return args, {name: parser.get_default(name) for name in vars(args)}
 
 
-# Flags that shape the model or its optimiser state: a resumed run must use the checkpoint's.
-RESUME_FLAGS = ("backbone", "freeze", "lr", "backbone_lr", "momentum", "weight_decay")
 # Flags that only shape mining: unused without mining (another --style, or an existing bank).
 MINING_FLAGS = ("prompt", "num_styles", "templates", "pin_iters", "pin_lr", "pin_momentum",
                 "pin_weight_decay", "mine_batch_size", "mine_batches")  # fmt: skip
-RANGES = {"momentum": (0, 1), "pin_momentum": (0, 1), "label_smoothing": (0, 0.999),
-          "weight_decay": (0, math.inf), "pin_weight_decay": (0, math.inf),
-          "min_lr": (0, math.inf), "noise_snr": (-math.inf, math.inf), "scale": (0, 1)}  # fmt: skip
 
 
 def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
@@ -1119,18 +892,19 @@ def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
         )
     if args.batch_size // dist.world_size < 2 and not (dist.enabled and dist.device.type == "cuda"):
         raise common.UsageError("--batch-size: the decoder's BatchNorm needs 2+ images per process")
-    for name, (low, high) in RANGES.items():
-        if not (math.isfinite(getattr(args, name)) and low <= getattr(args, name) <= high):
-            flag = "--" + name.replace("_", "-")
-            raise common.UsageError(f"{flag} {getattr(args, name)}: use a value in [{low}, {high}]")
+    if args.scale > 1:  # the ranges argparse's types do not state
+        raise common.UsageError(f"--scale {args.scale}: use a value in (0, 1]")
+    if args.label_smoothing >= 1:
+        raise common.UsageError(f"--label-smoothing {args.label_smoothing}: use a value in [0, 1)")
+    if not math.isfinite(args.noise_snr):
+        raise common.UsageError(f"--noise-snr {args.noise_snr}: use a finite number")
     if args.ensemble and args.scale == 1:
         raise common.UsageError("--ensemble averages scale 1 with --scale: add --scale 0.5")
     if args.templates > len(TEMPLATES):
         raise common.UsageError(f"--templates {args.templates}: there are {len(TEMPLATES)}")
     if args.num_styles > len(STYLE_PROMPTS) and not args.prompt.startswith("chars"):
-        raise common.UsageError(
-            f"--num-styles {args.num_styles}: 20 official styles exist (or chars*)"
-        )
+        raise common.UsageError(f"--num-styles {args.num_styles}: 20 official styles exist "
+                                "(or chars*)")  # fmt: skip
     if args.mix_with != "mined" and args.style not in ("famix", "pure"):
         raise common.UsageError(f"--mix-with {args.mix_with} needs --style famix or pure")
     if args.eval_only and args.mine == "only":
@@ -1175,26 +949,211 @@ def main(argv: list[str] | None = None) -> None:
     start_ckpt, clip_model, encoder_state = load_weights(args, model)
     freeze(model, args.freeze)
     total, trainable = common.count_parameters(model)
-    common.print0(
-        f"FAMix {args.backbone}: {total:,} parameters, {trainable:,} trainable "
-        f"(freeze {args.freeze} = {FREEZE_SCHEMES[args.freeze][0]}, style {args.style})"
-    )
+    common.print0(f"FAMix {args.backbone}: {total:,} parameters, {trainable:,} trainable (freeze "
+                  f"{args.freeze} = {FREEZE_SCHEMES[args.freeze][0]}, style "
+                  f"{args.style})")  # fmt: skip
     extra = {"params_total": total, "params_trainable": trainable}
     log = common.RunLog(args.out, args, extra, enabled=dist.is_main)
     if args.eval_only:
         model.to(dist.device, memory_format=common.memory_format(args, dist))
-        return common.report_results(evaluate(model, targets, args, dist), None, log)
+        results = evaluate(model, targets, args, dist)
+        common.print0(common.format_results(results))
+        return log.write_results(results, None)
     # METHOD: Augment, local style mining, once (a bank file that exists is reused)
     bank = prepare_style_bank(args, dist, model, clip_model, encoder_state, train_set)
     del clip_model
     if args.mine == "only":
         return
-    model, net, optimizer, scaler, loader, start = prepare_training(
-        args, dist, model, train_set, start_ckpt
-    )
+    # SyncBN + DDP; --compile the trained part only (checkpoints keep its names: no _orig_mod)
+    _, scaler = common.autocast(dist.device, args.amp)
+    model.to(dist.device, memory_format=common.memory_format(args, dist))
+    net = common.wrap_ddp(common.convert_sync_bn(model, dist), dist)
+    model = common.unwrap(net)
+    model.trained = common.maybe_compile(model.trained, args)
+    optimizer = build_optimizer(model, args, common.optimizer_options(args, dist, "sgd"))
+    start = common.restore_training_state(start_ckpt, optimizer, scaler) if start_ckpt else 0
+    with common.rng_neutral():
+        loader = common.TrainLoader(train_set, args.batch_size, dist, args.seed, args.workers,
+                                    start_iter=start)  # fmt: skip
+    common.print0(f"source {args.source}: {len(train_set)} training images; batch "
+                  f"{args.batch_size} global, {args.batch_size // dist.world_size} per process; "
+                  f"iterations {start} -> {args.iters}")  # fmt: skip
+    set_train_mode(model)
     results = train(args, dist, log, model, optimizer, scaler, loader, targets, start, net, bank)
     if dist.is_main:
         print(json.dumps({"final": {k: v["miou"] for k, v in results.items()}}))
+
+
+# =============================================================================================
+# Appendix A: CLIP ResNet + DeepLabv3+
+# =============================================================================================
+# CLIP ModifiedResNet [C network/backbone/resnet_clip.py] and DeepLabv3+ [C network/_deeplab.py,
+# from VainF/DeepLabV3Plus-Pytorch], assembled by FAMixSegmenter (section 2).
+CLIP_INPUT_SIZE = 224  # attnpool positional embedding is 7x7 + 1 (224 / 32)
+ASPP_RATES = (6, 12, 18)  # output stride 16 [C network/modeling.py]
+ASPP_DROPOUT = 0.1  # [C network/_deeplab.py]
+
+
+class Bottleneck(nn.Module):
+    """CLIP bottleneck: 1x1 -> 3x3 -> [avgpool(stride)] -> 1x1 (x4), anti-aliased downsampling
+    (avgpool before a stride-1 1x1 conv on the shortcut). Parameter names match OpenAI/open_clip."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity()),
+                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * self.expansion)),
+            ]))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling: the mean token attends to all positions (+ learned positions)."""
+
+    def __init__(self, grid: int, width: int, heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
+        self.k_proj, self.q_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.c_proj = nn.Linear(width, output_dim)
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        x = torch.cat([x.mean(0, keepdim=True), x])  # (HW + 1, B, C)
+        x = x + self.positional_embedding[:, None].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True, training=self.training, need_weights=False,
+        )  # fmt: skip
+        return out[0]  # (B, output_dim)
+
+
+class CLIPResNet(nn.Module):
+    """CLIP ModifiedResNet. Output stride 16 is the segmentation encoder [C network/modeling.py]:
+    as the official `_make_layer`, only layer4's LAST block is dilated (conv2 dilations [1, 1, 2],
+    torchvision: [1, 2, 2]); no attnpool. Output stride 32 with attnpool is CLIP's image tower,
+    used for mining. Both have the same parameters: one state dict serves both."""
+
+    def __init__(self, backbone: str, output_stride: int = 16, attnpool: bool = False):
+        super().__init__()
+        cfg = BACKBONES[backbone]
+        w = cfg["width"]
+        self.conv1 = nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w // 2)
+        self.conv2 = nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(w // 2)
+        self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(w)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = w
+        self.layer1 = self._make_layer(w, cfg["layers"][0], 1, dilate=False)
+        self.layer2 = self._make_layer(w * 2, cfg["layers"][1], 2, dilate=False)
+        self.layer3 = self._make_layer(w * 4, cfg["layers"][2], 2, dilate=False)
+        self.layer4 = self._make_layer(w * 8, cfg["layers"][3], 2, dilate=output_stride == 16)
+        self.embed_dim = cfg["embed_dim"]
+        self.low_channels, self.high_channels = w * 4, w * 32  # layer1, layer4 outputs
+        heads, grid = cfg["heads"], CLIP_INPUT_SIZE // 32
+        self.attnpool = AttentionPool2d(grid, w * 32, heads, self.embed_dim) if attnpool else None
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
+        # [C network/backbone/resnet_clip.py::_make_layer] a dilated layer: stride 1 everywhere,
+        # first block dilation 1, middle blocks the previous dilation (1), last block `stride`.
+        dilations = [1] * blocks
+        if dilate:
+            dilations[-1], stride = stride, 1
+        layers = [Bottleneck(self._inplanes, planes, stride, dilations[0])]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes, 1, d) for d in dilations[1:]]
+        return nn.Sequential(*layers)
+
+    def stem(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.avgpool(x)  # (B, 64, H/4, W/4)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The bottlenecks after layer1 in forward order, with their names ("layer4.2")."""
+        layers = (("layer2", self.layer2), ("layer3", self.layer3), ("layer4", self.layer4))
+        return [(f"{name}.{i}", block) for name, layer in layers for i, block in enumerate(layer)]
+
+    def embed_low_level(self, f1: Tensor) -> Tensor:
+        """layer1 features -> CLIP image embedding (needs attnpool): the mining path."""
+        return self.attnpool(self.layer4(self.layer3(self.layer2(f1))))
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (kernel // 2)
+    conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """1x1, three 3x3 atrous (6/12/18) and image-pooling branches; concat -> 1x1, dropout 0.1."""
+
+    def __init__(self, cin: int, cout: int, rates: tuple = ASPP_RATES):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, r) for r in rates]
+        )
+        self.pool_branch = conv_bn_relu(cin, cout, 1)
+        self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
+        self.dropout = nn.Dropout(ASPP_DROPOUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [branch(x) for branch in self.branches]
+        pooled = self.pool_branch(F.adaptive_avg_pool2d(x, 1))  # (B, 256, 1, 1)
+        outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        # dropout draws its mask in memory order: NCHW, so that channels_last draws the same mask
+        return self.dropout(self.project(torch.cat(outs, 1)).contiguous())
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """ASPP(layer4) upsampled to layer1's size ++ 48-channel layer1 projection, 3x3 conv, 1x1."""
+
+    def __init__(self, low: int, high: int, aspp: int, proj: int, classes: int = NUM_CLASSES):
+        super().__init__()
+        self.low_level_proj = conv_bn_relu(low, proj, 1)
+        self.aspp = ASPP(high, aspp)
+        self.fuse = conv_bn_relu(proj + aspp, aspp, 3)
+        self.classifier = nn.Conv2d(aspp, classes, 1)
+        # [C network/_deeplab.py::_init_weight] kaiming-normal convs, BN (1, 0); the classifier
+        # bias keeps PyTorch's default init.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, low: Tensor, high: Tensor) -> Tensor:
+        low = self.low_level_proj(low)  # (B, 48, H/4, W/4)
+        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear",
+                             align_corners=False)  # fmt: skip
+        return self.classifier(self.fuse(torch.cat([low, high], 1)))  # (B, 19, H/4, W/4)
 
 
 # =============================================================================================
@@ -1240,9 +1199,8 @@ def backbone_of_state(state: dict, prefix: str) -> str | None:
 def check_backbone(state: dict, path: str, backbone: str) -> None:
     found = backbone_of_state(state, "encoder.")
     if found is None:
-        raise common.CheckpointError(
-            f"{path} holds no CLIP ResNet encoder of a known size ({', '.join(BACKBONES)})"
-        )
+        raise common.CheckpointError(f"{path} holds no CLIP ResNet encoder of a known size "
+                                     f"({', '.join(BACKBONES)})")  # fmt: skip
     if found != backbone:
         raise common.CheckpointError(f"{path} holds a {found} model; add --backbone {found}")
 
@@ -1264,10 +1222,13 @@ def sniff_weights(path: str) -> tuple[str, object]:
         return "famix", obj
     if isinstance(obj, dict) and any(k.startswith("visual.") for k in obj):
         return "clip", None
-    raise common.CheckpointError(
-        f"--pretrained {path}: not a CLIP weight file (no visual.* keys), not an official FAMix "
-        "checkpoint (no model_state) and not a famix.py checkpoint"
-    )
+    raise common.CheckpointError(f"--pretrained {path}: not a CLIP weight file (no visual.* keys), "
+                                 "not an official FAMix checkpoint (no model_state) and not a "
+                                 "famix.py checkpoint")  # fmt: skip
+
+
+# Flags that shape the model or its optimiser state: a resumed run must use the checkpoint's.
+RESUME_FLAGS = ("backbone", "freeze", "lr", "backbone_lr", "momentum", "weight_decay")
 
 
 def load_weights(args: argparse.Namespace, model: FAMixSegmenter):
@@ -1281,9 +1242,9 @@ def load_weights(args: argparse.Namespace, model: FAMixSegmenter):
         check_backbone(ckpt["model"], args.resume, args.backbone)
         common.load_state_strict(model, ckpt["model"], args.resume, hint)
         return ckpt, None, None
-    kind, obj = ("clip", None)
-    if os.path.isfile(args.pretrained):
-        kind, obj = sniff_weights(args.pretrained)
+    kind, obj = (
+        sniff_weights(args.pretrained) if os.path.isfile(args.pretrained) else ("clip", None)
+    )
     if kind in ("official", "famix"):
         state = map_official_state(obj) if kind == "official" else obj["model"]
         check_backbone(state, args.pretrained, args.backbone)
@@ -1302,11 +1263,10 @@ TEST_TEXT_CFG = {"width": 64, "heads": 2, "layers": 2}  # text tower of the "tes
 
 
 def load_clip(backbone: str, pretrained: str, seed: int):
-    """The full open_clip CLIP model (image + text towers) in fp32 on the CPU.
-    `pretrained`: "none" (random init, seeded, global RNG untouched), an open_clip tag such as
-    "openai" (from open_clip's cache, else downloaded; offline that fails at once), or a local
-    file (OpenAI .pt TorchScript archive or a CLIP state dict). RN50-quickgelu, not RN50: OpenAI's
-    text tower uses QuickGELU."""
+    """The open_clip CLIP model (image + text towers), fp32, CPU. `pretrained`: "none" (random
+    init, seeded, global RNG untouched), an open_clip tag such as "openai" (from open_clip's cache,
+    else downloaded; offline that fails at once), or a local file (OpenAI .pt TorchScript archive
+    or a CLIP state dict). RN50-quickgelu, not RN50: OpenAI's text tower uses QuickGELU."""
     import open_clip  # imported here: it takes seconds and only weight loading needs it
 
     offline = "offline machines need --pretrained /path/to/RN50.pt (or none for random init)"
@@ -1333,10 +1293,9 @@ def load_clip(backbone: str, pretrained: str, seed: int):
             return open_clip.load_openai_model(pretrained, precision="fp32", device="cpu")
         return open_clip.create_model(backbone, pretrained=pretrained)
     except Exception as e:
-        raise common.UsageError(
-            f"could not load CLIP weights {pretrained!r} for {backbone} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160]}); {offline}"
-        ) from None
+        raise common.UsageError(f"could not load CLIP weights {pretrained!r} for {backbone} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                                f"{offline}") from None  # fmt: skip
 
 
 def visual_state(clip_model, backbone: str) -> dict:
@@ -1344,19 +1303,16 @@ def visual_state(clip_model, backbone: str) -> dict:
     state = clip_model.visual.state_dict()
     found = backbone_of_state({"v." + k: v for k, v in state.items()}, "v.")
     if found != backbone or "attnpool.c_proj.weight" not in state:
-        raise common.UsageError(
-            f"the CLIP weights hold a {found or 'non-ResNet'} image tower, not {backbone}; "
-            "fix --backbone or --pretrained"
-        )
+        raise common.UsageError(f"the CLIP weights hold a {found or 'non-ResNet'} image tower, "
+                                f"not {backbone}; fix --backbone or --pretrained")  # fmt: skip
     return state
 
 
 def encoder_fingerprint(encoder_state: dict) -> float:
     """A number identifying the frozen encoder weights, stored in the style bank: styles mined
     with other weights live in another feature space."""
-    return float(
-        sum(encoder_state[k].double().sum() for k in ("conv1.weight", "layer1.0.conv1.weight"))
-    )
+    keys = ("conv1.weight", "layer1.0.conv1.weight")
+    return float(sum(encoder_state[k].double().sum() for k in keys))
 
 
 def save_style_bank(path: Path, bank: dict, meta: dict) -> None:
@@ -1364,9 +1320,8 @@ def save_style_bank(path: Path, bank: dict, meta: dict) -> None:
     common.atomic_torch_save({**bank, **meta}, path)
 
 
-def load_style_bank(
-    path: Path, backbone: str, fingerprint: float | None, channels: int
-) -> tuple[StyleBank, dict]:
+def load_style_bank(path: Path, backbone: str, fingerprint: float | None,
+                    channels: int) -> tuple[StyleBank, dict]:  # fmt: skip
     """Our bank file, or an official saved_params.pkl (*.pkl, read_official_bank). Returns the
     bank and its metadata (the mining settings; {} for an official file)."""
     if path.suffix == ".pkl":
@@ -1376,21 +1331,18 @@ def load_style_bank(
             raw = torch.load(path, map_location="cpu", weights_only=True)
             meta = {k: v for k, v in raw.items() if k not in ("mu", "sigma", "cls")}
         except Exception as e:
-            raise common.UsageError(
-                f"cannot read style bank {path} ({type(e).__name__}); delete it to mine again"
-            ) from None
+            raise common.UsageError(f"cannot read style bank {path} ({type(e).__name__}); delete "
+                                    "it to mine again") from None  # fmt: skip
         if meta.get("backbone") != backbone:
-            raise common.UsageError(
-                f"style bank {path} was mined with {meta.get('backbone')}, this run uses "
-                f"{backbone}; pass another --style-bank or delete it"
-            )
+            raise common.UsageError(f"style bank {path} was mined with {meta.get('backbone')}, "
+                                    f"this run uses {backbone}; pass another --style-bank or "
+                                    "delete it")  # fmt: skip
         if fingerprint is not None and not math.isclose(
             meta.get("fingerprint", math.nan), fingerprint, rel_tol=1e-6, abs_tol=1e-6
         ):
-            raise common.UsageError(
-                f"style bank {path} was mined with other encoder weights "
-                f"(--pretrained {meta.get('pretrained')}); delete it to mine again"
-            )
+            raise common.UsageError(f"style bank {path} was mined with other encoder weights "
+                                    f"(--pretrained {meta.get('pretrained')}); delete it to mine "
+                                    "again")  # fmt: skip
     if len(raw["cls"]) == 0:
         raise common.UsageError(f"style bank {path} is empty; delete it and mine on more data")
     return StyleBank(raw["mu"], raw["sigma"], raw["cls"]), meta
@@ -1422,7 +1374,7 @@ def read_official_bank(path: Path, channels: int) -> dict:
     """[C patch_PIN.py] saved_params.pkl: {"<class name>_mu" / "_std": list of (C, 1, 1) tensors,
     "255_mu" / "255_std": the void bank} -> {"mu": (N, C), "sigma": (N, C), "cls": (N,)}, rows
     in class order, each class's styles in the file's order (the same statistics)."""
-    ids = {**{name: c for c, name in enumerate(common.CLASS_NAMES)}, str(VOID): VOID}
+    ids = {**{name: c for c, name in enumerate(CLASS_NAMES)}, str(VOID): VOID}
     try:
         with open(path, "rb") as f:
             raw = _BankUnpickler(f).load()
@@ -1460,11 +1412,10 @@ def read_official_bank(path: Path, channels: int) -> dict:
 # random weights, timed with FLOPs / throughput / MFU / peak memory (common.benchmark).
 
 
-def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device):
-    """Random images and blocky labels (cell x cell blocks of one class) for benchmarks, the same
-    whatever ran before."""
+def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device, fmt):
+    """Random images, blocky labels (cell x cell blocks of one class); the same whatever ran."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, crop, crop, generator=g).to(device)
+    images = torch.randn(batch, 3, crop, crop, generator=g).to(device, memory_format=fmt)
     n = crop // cell
     labels = torch.randint(0, common.NUM_CLASSES, (batch, n, n), generator=g).to(device)
     return images, labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # (B, crop, crop)
@@ -1472,15 +1423,8 @@ def synthetic_batch(batch: int, crop: int, cell: int, device: torch.device):
 
 def bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx) -> Callable:
     """One training step as `train` runs it: gradients cleared, Mix, forward, loss, SGD."""
-    mix = partial(
-        stylize,
-        labels=labels,
-        bank=bank,
-        mode="famix",
-        grid=args.grid,
-        beta=args.beta,
-        noise_snr=args.noise_snr,
-    )
+    mix = partial(stylize, labels=labels, bank=bank, mode="famix", grid=args.grid, beta=args.beta,
+                  noise_snr=args.noise_snr)  # fmt: skip
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -1497,19 +1441,15 @@ def bench_mine_batch(encoder, images, labels, iters: int, grid: int) -> Callable
     targets = F.normalize(torch.randn(VOID + 1, encoder.embed_dim, device=images.device), dim=-1)
     pin_cfg = {"iters": iters, "lr": 1.0, "momentum": 0.9, "weight_decay": 1e-4}
 
-    def text_targets(prompts: list[str]) -> Tensor:
-        return targets[: len(prompts)]
-
-    def step():
-        batches = iter([(images, labels)])
-        mine_styles(encoder, text_targets, batches, 1, grid, pin_cfg, str, log=lambda s: None)
+    def step():  # the first K random targets for K patches
+        mine_styles(encoder, lambda prompts: targets[: len(prompts)], iter([(images, labels)]), 1,
+                    grid, pin_cfg, str, log=lambda s: None)  # fmt: skip
 
     return step
 
 
-# (name, batch, crop) of the timed training steps and (name, batch, crop, PIN steps) of the timed
-# mining batches; "paper" (RN50, batch 8 at 768; mining batch 16) runs on GPU, or on CPU with
-# --bench-paper.
+# (name, batch, crop) of the timed training steps, (name, batch, crop, PIN steps) of the timed
+# mining batches; "paper" (RN50, batch 8 at 768; mining 16) runs on GPU, or CPU with --bench-paper.
 BENCH_TRAIN = (("small", 2, 192), ("paper", 8, 768))
 BENCH_MINE = (("small", 4, 192, 10), ("paper", 16, 768, 100))
 
@@ -1531,43 +1471,27 @@ def run_bench(args: argparse.Namespace, dist) -> None:
     cls = torch.randint(0, common.NUM_CLASSES, (n,))
     bank = StyleBank(torch.rand(n, c), torch.rand(n, c) + 0.1, cls).to(device)
     for name, batch, crop in [s for s in BENCH_TRAIN if paper or s[0] != "paper"]:
-        images, labels = synthetic_batch(batch, crop, 16, device)
-        images = images.contiguous(memory_format=fmt)
+        images, labels = synthetic_batch(batch, crop, 16, device, fmt)
         common.benchmark(
             f"famix/train_step/{name}",
             bench_train_step(model, optimizer, bank, images, labels, args, amp_ctx),
-            device=device,
-            warmup=1,
-            steps=2 if device.type == "cpu" else 10,
-            images_per_step=batch,
-            precision=precision,
-            peak=args.peak_tflops,
-            extra={
-                "batch": batch,
-                "crop": crop,
-                "backbone": args.backbone,
-                "amp": args.amp,
-                "fast": common.fast_path(args, dist),
-            },
-        )
+            device=device, warmup=1, steps=2 if device.type == "cpu" else 10,
+            images_per_step=batch, precision=precision, peak=args.peak_tflops,
+            extra={"batch": batch, "crop": crop, "backbone": args.backbone, "amp": args.amp,
+                   "fast": common.fast_path(args, dist)},
+        )  # fmt: skip
     # Mining: layer1 of one batch, then PIN on one patch per class through layer2..attnpool.
     encoder = CLIPResNet(args.backbone, output_stride=32, attnpool=True)
     encoder.to(device, memory_format=fmt).eval().requires_grad_(False)
     for name, batch, crop, iters in [s for s in BENCH_MINE if paper or s[0] != "paper"]:
-        images, labels = synthetic_batch(batch, crop, crop // args.grid, device)
-        images = images.contiguous(memory_format=fmt)
+        images, labels = synthetic_batch(batch, crop, crop // args.grid, device, fmt)
         k = int(first_patch_per_class(dominant_classes(labels, args.grid))[2].numel())
         common.benchmark(
-            f"famix/mine_batch/{name}",
-            bench_mine_batch(encoder, images, labels, iters, args.grid),
-            device=device,
-            warmup=0,
-            steps=1,
-            images_per_step=batch,
-            precision=precision,
+            f"famix/mine_batch/{name}", bench_mine_batch(encoder, images, labels, iters, args.grid),
+            device=device, warmup=0, steps=1, images_per_step=batch, precision=precision,
             peak=args.peak_tflops,
             extra={"batch": batch, "crop": crop, "pin_iters": iters, "patches": k},
-        )
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

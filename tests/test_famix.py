@@ -1039,8 +1039,9 @@ def test_bad_inputs_end_in_one_line(mini_gta, tmp_path, run_script):
         ([*TINY, *data, "--grid", "0"], "--grid: must be >= 1"),
         ([*TINY, *data, "--templates", "81"], "--templates 81: there are 80"),
         ([*TINY, *data, "--pin-iters", "-1"], "--pin-iters: must be >= 1"),
-        ([*TINY, *data, "--momentum", "1.5"], r"--momentum 1.5: use a value in \[0, 1\]"),
-        ([*TINY, *data, "--scale", "2"], r"--scale 2.0: use a value in \[0, 1\]"),
+        ([*TINY, *data, "--momentum", "1.5"], r"--momentum: must be in \[0, 1\], got 1.5"),
+        ([*TINY, *data, "--scale", "2"], r"--scale 2.0: use a value in \(0, 1\]"),
+        ([*TINY, *data, "--label-smoothing", "1"], r"--label-smoothing 1.0: use a value in \[0, "),
         ([*TINY, *data, "--beta", "nan"], "--beta: must be > 0"),
         ([*TINY, *data, "--backbone", "RN50-quickgelu", "--pretrained", "/no/such/RN50.pt"],
          "--pretrained /no/such/RN50.pt not found"),
@@ -1149,16 +1150,113 @@ def test_bench_records_carry_flops_throughput_and_memory(capsys, monkeypatch):
 
 def test_train_loop_is_tagged_method_and_plumbing():
     src = inspect.getsource(famix.train)
-    assert src.count("# METHOD:") >= 3 and src.count("# PLUMBING:") == 3
+    assert src.count("# METHOD:") >= 3 and src.count("# PLUMBING:") == 8
     for line in (
         "batch = next(loader)",
         "optimizer.zero_grad(set_to_none=True)",
-        "common.check_finite(it + 1, terms)",
-        "common.backward_and_step(loss, optimizer, scaler)",
-        "common.log_step(log, bar, it + 1, args, lr, terms)",
-        "if common.eval_due(it + 1, args):",
-        "save_checkpoint(args, it + 1, model, optimizer, scaler)",
-        "common.report_results(results, it + 1, log)",
+        "raise common.DivergenceError(it + 1, saved, terms)",
+        "(loss if scaler is None else scaler.scale(loss)).backward()",
+        "optimizer.step()",
+        'log.log({"type": "train"',
+        "save_checkpoint(args, done, model, optimizer, scaler)",
+        "log.write_results(results, done)",
+        "raise common.Interrupted(done, args.iters, saved) from None",
     ):
         assert line in src, line
-    assert src.index("optimizer.zero_grad") < src.index("logits = net(")
+    order = (
+        "optimizer.zero_grad",
+        "lr = set_lr(",
+        "logits = net(",
+        ".backward()",
+        "optimizer.step()",
+    )
+    assert [src.index(x) for x in order] == sorted(src.index(x) for x in order)
+    for gone in ("backward_and_step", "check_finite", "log_step", "eval_due", "report_results",
+                 "common.progress", "parse_with_presets"):  # fmt: skip
+        assert gone not in (ROOT / "famix.py").read_text(), gone
+
+
+# =============================================================================================
+# Sections 1-2 pasted into a file of their own: no common.py
+# =============================================================================================
+
+
+def test_top_of_the_file_up_to_section_3_names_nothing_of_common():
+    from conftest import sections_1_2
+
+    top = sections_1_2("famix.py")
+    assert "import common" not in top and re.findall(r"\bcommon\.(?!py\b)", top) == []
+    assert famix.CLASS_NAMES == common.CLASS_NAMES and famix.NUM_CLASSES == common.NUM_CLASSES
+    assert famix.VOID == common.IGNORE_INDEX
+
+
+SECTIONS_1_2_CORE = """
+import json
+torch.manual_seed(0)
+out = {}
+# calc_mean_std: mean 3, unbiased variance 20/3 (+ eps)
+mu, sigma = calc_mean_std(torch.tensor([[[[0.0, 2.0], [4.0, 6.0]]]]))
+out["mu"], out["sigma"] = mu.item(), sigma.item()
+# patchify / unpatchify; dominant classes of a label map of 3x3 blocks of one class each
+B, C, H, grid = 2, 8, 12, 3
+f1 = (2 * F.relu(torch.randn(B, C, H, H) + 1)).requires_grad_(True)  # layer1-like, post-ReLU
+out["roundtrip"] = bool(torch.equal(unpatchify(patchify(f1, grid), grid), f1))
+block_cls = torch.tensor([[0, 1, 2, 255, 0, 1, 2, 5, 5], [3, 3, 1, 1, 255, 255, 0, 7, 7]])
+labels = block_cls.view(B, grid, grid).repeat_interleave(16, 1).repeat_interleave(16, 2)
+dom = dominant_classes(labels, grid)  # (B, 9)
+out["dom"] = dom.tolist()
+# Augment: PIN on one patch per class, through a fixed random "encoder" (no CLIP tower)
+b_idx, p_idx, cls = first_patch_per_class(dom)
+patches = patchify(f1.detach(), grid)[b_idx, p_idx]  # (K, C, 4, 4)
+proj = torch.randn(C, 6)
+targets = F.normalize(torch.randn(len(cls), 6), dim=-1)
+mu_m, sigma_m, losses = pin_optimize(patches, targets, lambda x: x.mean((2, 3)) @ proj,
+                                     iters=20, lr=1.0, momentum=0.9, weight_decay=1e-4)
+out["K"], out["classes"] = len(cls), cls.tolist()
+out["pin_loss"] = [losses[0], losses[-1]]
+out["bank_shape"] = list(mu_m.shape)
+bank = StyleBank(mu_m, sigma_m.abs() + 0.1, cls)
+# Mix, with s = 0 (AdaIN): each patch takes the statistics of its target, before the ReLU
+p = patchify(f1.detach(), grid)
+mu_s, sigma_s = calc_mean_std(p)
+x_hat = (p - mu_s) / sigma_s
+mu_t, sigma_t = target_statistics("pure", mu_s, sigma_s, labels, bank, grid, 15.0)
+pre = mix_statistics(x_hat, mu_s, sigma_s, mu_t, sigma_t, torch.zeros(B, 1, C, 1, 1))
+mu_o, sigma_o = calc_mean_std(pre, eps=0.0)
+out["adain_mu_err"] = (mu_o - mu_t).abs().max().item()
+out["adain_sigma_rel_err"] = ((sigma_o - sigma_t) / sigma_t).abs().max().item()
+# Mix with Beta(0.1, 0.1) weights, forward and backward through a 1x1 classifier
+head = nn.Conv2d(C, 19, 1)
+styled = stylize(f1, labels, bank, "famix", grid, beta=0.1, noise_snr=15.0)
+logits = F.interpolate(head(styled), size=labels.shape[-2:], mode="bilinear")
+loss = F.cross_entropy(logits, labels, ignore_index=VOID)
+loss.backward()
+out["styled_shape"] = list(styled.shape)
+out["changed"] = (styled - f1).abs().max().item()
+out["loss"] = loss.item()
+for name, g in (("grad_f1", f1.grad), ("grad_head", head.weight.grad)):
+    out[name] = [bool(torch.isfinite(g).all()), g.abs().sum().item()]
+print(json.dumps(out))
+"""
+
+
+def test_sections_1_2_run_without_common(tmp_path):
+    """The method's core, pasted without common.py and without Appendix A (no CLIP tower, no
+    DeepLabv3+): statistics, patches, dominant classes, PIN, the style bank, AdaIN and Beta
+    mixing, with a forward and a backward pass."""
+    from conftest import run_sections_1_2
+
+    out = json.loads(run_sections_1_2("famix.py", SECTIONS_1_2_CORE, tmp_path).splitlines()[-1])
+    assert out["mu"] == pytest.approx(3.0) and out["sigma"] == pytest.approx(
+        math.sqrt(20 / 3 + 1e-5), rel=1e-6
+    )
+    assert out["roundtrip"]
+    assert out["dom"] == [[0, 1, 2, 255, 0, 1, 2, 5, 5], [3, 3, 1, 1, 255, 255, 0, 7, 7]]
+    assert out["classes"] == [0, 1, 2, 3, 5, 7, 255] and out["K"] == 7
+    assert out["bank_shape"] == [7, 8] and out["pin_loss"][1] < out["pin_loss"][0]
+    assert out["adain_mu_err"] < 1e-4 and out["adain_sigma_rel_err"] < 1e-4
+    assert out["styled_shape"] == [2, 8, 12, 12] and out["changed"] > 1e-3
+    assert math.isfinite(out["loss"]) and out["loss"] > 0
+    for name in ("grad_f1", "grad_head"):
+        finite, size = out[name]
+        assert finite and size > 0, name
