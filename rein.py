@@ -1,40 +1,31 @@
 """Rein: frozen vision foundation models steered by learnable low-rank tokens, for DGSS.
 
 Wei et al., "Stronger, Fewer, & Superior: Harnessing Vision Foundation Models for Domain
-Generalized Semantic Segmentation", CVPR 2024 (arXiv 2312.04265).
-Official code: https://github.com/w1oves/Rein (mmseg 1.x / mmdet 3.x / mmengine), followed at
-commit 7da85bc. This file is plain PyTorch + timm + scipy.
+Generalized Semantic Segmentation", CVPR 2024 (arXiv 2312.04265). Official code:
+https://github.com/w1oves/Rein (mmseg 1.x / mmdet 3.x / mmengine), followed at commit 7da85bc.
+This file is plain PyTorch + timm + scipy.
 
-What runs [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py]: DINOv2 ViT-L with its
-patch size changed to 16, frozen and in eval mode; after every one of its 24 blocks a "Rein"
-layer refines the patch tokens with 100 learnable tokens (low rank: A_i B_i, rank 16) through
-two layer-shared MLPs and a learnable scale; the tokens of all layers are pooled (max, mean, last)
-into 100 image-independent queries that replace the learned queries of a Mask2Former head. Only
-Rein (2.53M parameters, 2.99M with the query-linking layers) and the head are trained.
+What runs [C configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py]: DINOv2 ViT-L with patch
+size 16, frozen and in eval mode; after each of its 24 blocks a "Rein" layer refines the patch
+tokens with 100 learnable low-rank tokens (A_i B_i, rank 16) through two layer-shared MLPs and a
+learnable scale; the tokens of all layers are pooled (max, mean, last) into 100 image-independent
+queries of a Mask2Former head. Only Rein (2.53M parameters, 2.99M with the query linking) and the
+head are trained.
 
 Paper -> code (the paper's section numbers are [unverified]; the code is the reference):
-  Rein layer: token attention, layer-shared MLPs, scale     -> Reins.forward
-  low-rank tokens T_i = A_i B_i                             -> Reins.get_tokens
-  linking tokens to instances (queries)                     -> Reins.link_queries
-  Mask2Former head with the linked queries                  -> ReinMask2FormerHead
-  frozen VFM, features after blocks [7, 11, 15, 23]         -> ReinsBackbone, ReinSegmentor
-  training recipe                                           -> param_groups, lr_at, train
-  sliding-window evaluation                                 -> slide_segment, evaluate
-  official weights (Appendix B)                             -> load_vfm_weights, load_official_rein
+  Rein layer (token attention, layer-shared MLPs, scale)  -> Reins.forward; T_i = A_i B_i ->
+  Reins.get_tokens; tokens linked to queries -> Reins.link_queries, ReinMask2FormerHead; frozen
+  VFM, features after blocks [7, 11, 15, 23] -> ReinsBackbone, ReinSegmentor; recipe ->
+  param_groups, lr_at, train; sliding window -> slide_segment, evaluate; official weights
+  (Appendix B) -> build_model, load_vfm_weights, load_official_rein.
 
-Launch:
-  python rein.py --source gta --data ./data                          (1 GPU: the headline run,
-        GTA5 -> Cityscapes/BDD/Mapillary, 40k iterations, batch 4, crop 512, fp32)
-  torchrun --nproc_per_node 4 rein.py --source gta --data ./data     (DDP; global batch stays 4)
-  torchrun --nproc_per_node 4 rein.py --recipe citys2acdc --data ./data
-        (Cityscapes -> ACDC: crop 1024, lr 6e-5, 10k-iteration warm-up, global batch 8)
-  python rein.py --source toy --pretrained none                      (CPU toy run, ~1 minute)
-  python rein.py --bench                                             (benchmarks, JSON lines)
-Weights (nothing is downloaded; put the files in ./checkpoints or pass paths):
-  --pretrained auto = checkpoints/dinov2_vitl14_pretrain.pth (facebookresearch/dinov2) for
-  --backbone dinov2_l (the file named in VFM_SIZES for the others), original (patch 14) or
-  Rein-converted (patch 16), resampled here. A released Rein checkpoint (backbone.reins.* +
-  decode_head.*, mmdet names) is evaluated with
+Launch (weights are never downloaded: put them in ./checkpoints or pass paths; --pretrained auto =
+checkpoints/<the file VFM_SIZES names for --backbone>, original patch-14 or Rein-converted):
+  python rein.py --source gta --data ./data          (1 GPU: GTA5 -> Cityscapes/BDD/Mapillary)
+  torchrun --nproc_per_node 4 rein.py --source gta --data ./data   (DDP; global batch stays 4)
+  torchrun --nproc_per_node 4 rein.py --recipe citys2acdc --data ./data   (Cityscapes -> ACDC)
+  python rein.py --source toy --pretrained none      (CPU toy run, ~2 minutes)
+  python rein.py --bench                             (benchmarks, JSON lines)
   python rein.py --eval-only --official-ckpt checkpoints/iter_40000_published.pth --data ./data
 
 Deviations from the official code (`DEVIATION n:` in the code):
@@ -42,27 +33,24 @@ Deviations from the official code (`DEVIATION n:` in the code):
      weights loaded through an explicit key map; attention is PyTorch SDPA (official: xFormers
      memory-efficient attention when installed) - the same function, other kernels.
   2. EVA02-L: timm's Eva with the EVA02-L configuration (SwiGLU with sub-LN, RoPE on a 16x16
-     reference grid, no layer scale), drop_path 0 (official 0.2, inactive anyway: the frozen
-     backbone stays in eval mode). Whether timm's Eva equals the EVA-02 segmentation code Rein
-     uses (xattn, subln) was not checked; weights in timm or original EVA-02 naming.
-  3. Out indices of ViT-S/B/G ([3,5,8,11], [3,5,8,11], [9,19,29,39]) are [unverified]: their
-     configs are only in the GitHub releases. ViT-L and EVA02-L use [7, 11, 15, 23] [C configs].
-  4. Resizes (train RandomChoiceResize and the eval Resize) use bilinear interpolation without
-     antialiasing and nearest labels, as cv2 does (mmcv imresize); OpenCV's fixed-point rounding
-     may differ by one grey level.
-  5. PhotoMetricDistortion in torch with OpenCV's 8-bit HSV formulas (common.rgb_to_hsv_cv2;
-     float ties may differ by one grey level); random draws from the loader's per-sample
-     torch.Generator (official: numpy's global RNG, not reproducible).
-  6. Sliding window: the windows of one image run as one batch (same result: no cross-sample
-     interaction in eval mode). A window whose side is not a multiple of the patch size (only
-     when an image is smaller than the crop, which the official per-target resizes never
-     produce) is zero-padded after normalisation and its logits cropped (official: assertion).
+     reference grid, no layer scale), drop_path 0 (official 0.2, inactive: the frozen backbone
+     stays in eval mode). Whether it equals the EVA-02 code Rein uses (xattn, subln) was not
+     checked; weights in timm or original EVA-02 naming.
+  3. Out indices of ViT-S/B/G ([3,5,8,11], [3,5,8,11], [9,19,29,39]) are [unverified] (their
+     configs are only in the GitHub releases); ViT-L and EVA02-L: [7, 11, 15, 23] [C configs].
+  4. Resizes (train RandomChoiceResize, eval Resize) are bilinear without antialiasing, labels
+     nearest, as cv2 (mmcv imresize); OpenCV's fixed-point rounding may differ by one grey level.
+  5. PhotoMetricDistortion in torch with OpenCV's 8-bit HSV formulas (float ties may differ by one
+     grey level); draws from the loader's per-sample generator (official: numpy's global RNG).
+  6. Sliding window: an image's windows run as one batch (same result in eval mode). A window
+     side that is not a multiple of 16 (an image smaller than the crop, which the official
+     resizes never produce) is zero-padded after normalisation, its logits cropped (official:
+     assertion).
   7. Position embeddings are interpolated the DINOv2 way (+0.1 trick, bicubic) for any grid
      other than the trained 32x32, EVA02 included (official EVA2: fixed 32x32 only).
   8. Checkpoints hold only the trained tensors (like the official `state_dict` override); the
      frozen backbone is rebuilt from --pretrained and checked against a fingerprint on resume.
-  9. Evaluation during training restores the RNG state afterwards, so evaluating does not change
-     the training run (official: evaluation advances the global RNG).
+  9. Evaluation during training restores the RNG state afterwards (official: it advances it).
  10. --seed defaults to 0 like every script here (official randomness.seed 42); out/last.pt is
      written before each evaluation and at the end (official: every 4000 iterations, keep 3).
  11. GTA5 + SYNTHIA joint training (README: 68.1 on Cityscapes) is not offered: one --source.
@@ -75,6 +63,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -82,9 +71,11 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from tqdm import tqdm
 
 import common
 
+NUM_CLASSES = 19  # Cityscapes trainIds [C configs: num_classes]
 # The Rein layer [C configs/_base_/models/rein_dinov2_mask2former.py, reins.py::Reins.__init__]
 PATCH_SIZE = 16  # every Rein config changes the VFM's patch size to 16 [C configs/_base_/models]
 REIN_TOKEN_LENGTH = 100  # m tokens per layer [C configs: token_length]
@@ -203,16 +194,11 @@ class ReinMask2FormerHead(nn.Module):
     (m, 256) take their place [C rein_mask2former.py::ReinMask2FormerHead.forward]. Inits as
     mmdet: xavier_normal for the transformer layers [C mmdet mask2former_head.py]."""
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        num_classes: int = common.NUM_CLASSES,
-        num_queries: int = REIN_TOKEN_LENGTH,
-    ) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int = NUM_CLASSES,
+                 num_queries: int = REIN_TOKEN_LENGTH) -> None:  # fmt: skip
         super().__init__()
-        self.m2f = Mask2FormerHead(
-            in_channels, num_classes, num_queries, learned_queries=False, init="xavier_normal"
-        )
+        self.m2f = Mask2FormerHead(in_channels, num_classes, num_queries, learned_queries=False,
+                                   init="xavier_normal")  # fmt: skip
         self.querys2feat = nn.Linear(REIN_QUERY_DIMS, REIN_QUERY_DIMS)
 
     def forward(self, features: Sequence[torch.Tensor], queries: torch.Tensor) -> dict:
@@ -259,25 +245,18 @@ def build_vfm(size: str, img_size: int) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     cfg = VFM_SIZES[size]
+    shape = dict(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
+                 depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0,
+                 dynamic_img_size=True)  # fmt: skip
     if cfg["family"] == "eva02":
         # DEVIATION 2: timm's EVA02-L layout [timm eva.py::eva02_large_patch14_224] at patch 16.
-        return Eva(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
-                   depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4 * 2 / 3,
-                   qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
-                   ref_feat_shape=(EVA02_REF_GRID, EVA02_REF_GRID), num_classes=0,
-                   dynamic_img_size=True)  # fmt: skip
-    if cfg["swiglu"]:
-        # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
-        return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE,
-                                 embed_dim=cfg["embed_dim"], depth=cfg["depth"],
-                                 num_heads=cfg["num_heads"], mlp_ratio=2.66667 * 2,
-                                 mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, qkv_bias=True,
-                                 init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
-                                 dynamic_img_size=True)  # fmt: skip
-    return VisionTransformer(img_size=img_size, patch_size=PATCH_SIZE, embed_dim=cfg["embed_dim"],
-                             depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=4.0,
-                             qkv_bias=True, init_values=DINOV2_LAYER_SCALE_INIT, num_classes=0,
-                             dynamic_img_size=True)  # fmt: skip
+        return Eva(**shape, mlp_ratio=4 * 2 / 3, qkv_fused=False, swiglu_mlp=True,
+                   scale_mlp=True, use_rot_pos_emb=True,
+                   ref_feat_shape=(EVA02_REF_GRID, EVA02_REF_GRID))  # fmt: skip
+    # DINOv2 ViT-G: SwiGLU FFN with hidden 4096, packed as one 8192-wide fc1 in timm
+    swiglu = dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return VisionTransformer(**shape, **(swiglu if cfg["swiglu"] else dict(mlp_ratio=4.0)),
+                             qkv_bias=True, init_values=DINOV2_LAYER_SCALE_INIT)  # fmt: skip
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -285,12 +264,10 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> 
     square; otherwise bicubic with scale factors (h + 0.1)/g0, (w + 0.1)/g0 (the +0.1 avoids a
     floating-point off-by-one) [C dino_v2.py::interpolate_pos_encoding]. DEVIATION 7: EVA02 too.
     pos_embed (1, 1+g0², C)."""
-    n = pos_embed.shape[1] - 1
-    h, w = grid_hw
+    n, (h, w) = pos_embed.shape[1] - 1, grid_hw
     if n == h * w and h == w:
         return pos_embed
-    g0 = int(math.sqrt(n))
-    c = pos_embed.shape[-1]
+    g0, c = int(math.sqrt(n)), pos_embed.shape[-1]
     patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
     patch = F.interpolate(patch, scale_factor=((h + 0.1) / g0, (w + 0.1) / g0), mode="bicubic",
                           align_corners=False)  # fmt: skip
@@ -326,9 +303,7 @@ class ReinsBackbone(nn.Module):
         self.vfm.eval()
         return self
 
-    def embed(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple, torch.Tensor | None]:
         """images (B, 3, H, W), H and W multiples of 16 -> tokens (B, 1+N, C) with the class token
         first and position embeddings added, the grid (h, w), the RoPE table (EVA02) or None."""
         x = self.vfm.patch_embed(images)  # (B, h, w, C)
@@ -342,22 +317,17 @@ class ReinsBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """images (B, 3, H, W) normalised -> ([4 maps (B, C, H/4..H/32, ...)], queries (M, 256))."""
         x, (h, w), rope = self.embed(images)
-        b = x.shape[0]
-        features = []
+        b, features = x.shape[0], []
         for i, block in enumerate(self.vfm.blocks):
             x = block(x, rope=rope) if self.is_eva else block(x)
-            # the Rein delta follows EVERY block, the last included [C reins_dinov2.py::
-            # forward_features]
+            # the Rein delta follows EVERY block, the last included [C forward_features]
             x = self.reins(x, i)
             if i in self.out_indices:
                 # block outputs before the VFM's final norm [C dino_v2.py::forward]
                 features.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
-        features = [
-            f
-            if s == 1.0
-            else F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
-            for f, s in zip(features, PYRAMID_SCALES)
-        ]  # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
+        # (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)
+        features = [F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False)
+                    if s != 1.0 else f for f, s in zip(features, PYRAMID_SCALES)]  # fmt: skip
         return features, self.reins.link_queries()
 
 
@@ -365,14 +335,9 @@ class ReinSegmentor(nn.Module):
     """Frozen VFM + Rein -> (pyramid, queries) -> Mask2Former. The module names follow the
     official ones (backbone.reins.*, decode_head.*) so the key map stays short."""
 
-    def __init__(
-        self,
-        backbone: str = "dinov2_l",
-        img_size: int = 512,
-        token_length: int = REIN_TOKEN_LENGTH,
-        lora_dim: int | None = REIN_LORA_DIM,
-        num_classes: int = common.NUM_CLASSES,
-    ) -> None:
+    def __init__(self, backbone: str = "dinov2_l", img_size: int = 512,
+                 token_length: int = REIN_TOKEN_LENGTH, lora_dim: int | None = REIN_LORA_DIM,
+                 num_classes: int = NUM_CLASSES) -> None:  # fmt: skip
         super().__init__()
         cfg = VFM_SIZES[backbone]
         reins = Reins(cfg["depth"], cfg["embed_dim"], PATCH_SIZE, token_length, lora_dim)
@@ -383,6 +348,15 @@ class ReinSegmentor(nn.Module):
         """images (B, 3, H, W) normalised, H and W multiples of 16 -> Mask2Former outputs."""
         features, queries = self.backbone(images)
         return self.decode_head(features, queries)
+
+
+def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
+    def count(module: nn.Module, trained_only: bool = False) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trained_only)
+
+    return {"total": count(model), "trainable": count(model, True),
+            "frozen_vfm": count(model.backbone.vfm), "head": count(model.decode_head),
+            **rein_parameter_counts(model.backbone.reins)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -398,58 +372,6 @@ def segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     masks = F.interpolate(out["pred_masks"].float(), size=images.shape[-2:], mode="bilinear",
                           align_corners=False)  # fmt: skip
     return semantic_inference(out["pred_logits"].float(), masks)[..., :h, :w]
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors only (Rein + head); DEVIATION 8: the frozen VFM is rebuilt from
-    --pretrained (the official checkpoints hold the same subset [C reins_dinov2.py::state_dict])."""
-    model = common.unwrap(model)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def frozen_fingerprint(model: nn.Module) -> float:
-    """A cheap checksum of the frozen VFM, stored in checkpoints to catch a resume with other
-    --pretrained / --backbone weights."""
-    vfm = common.unwrap(model).backbone.vfm
-    return float(sum(p.double().abs().sum() for p in vfm.parameters()))
-
-
-def describe_parameters(model: ReinSegmentor) -> dict[str, int]:
-    total, trainable = common.count_parameters(model)
-    rein = rein_parameter_counts(model.backbone.reins)
-    head = sum(p.numel() for p in model.decode_head.parameters())
-    vfm = sum(p.numel() for p in model.backbone.vfm.parameters())
-    return {"total": total, "trainable": trainable, "frozen_vfm": vfm, "head": head, **rein}
-
-
-def build_model(args: argparse.Namespace) -> ReinSegmentor:
-    """The segmentor with its frozen VFM's weights (--pretrained) and, with --official-ckpt, a
-    released Rein checkpoint. The files are read first, so a missing or unreadable one fails
-    before the model is built. Built from a fixed seed so every process (and a resumed run)
-    starts from the same random init."""
-    path = None
-    if args.pretrained == "auto":
-        if VFM_SIZES[args.backbone]["weights"] is None:
-            raise common.UsageError(
-                f"--backbone {args.backbone} has no official weights; use --pretrained none"
-            )
-        path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
-    elif args.pretrained != "none":
-        path = args.pretrained
-    vfm_state = read_state_dict(path, *vfm_file(args.backbone)) if path else None
-    release = args.official_ckpt
-    release_state = read_state_dict(release, *RELEASE_FILE) if release else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = ReinSegmentor(
-            args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
-        )
-    if path is not None:
-        load_vfm_weights(model, path, args.backbone, args.crop, vfm_state)
-    if release:
-        load_official_rein(model, release, args.backbone, args.crop, release_state)
-    return model
 
 
 # =============================================================================================
@@ -474,9 +396,8 @@ def mmcv_resize(
                               align_corners=False, antialias=False)[0]  # fmt: skip
         image = image.round().clamp(0, 255).to(torch.uint8)
         if label is not None:
-            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")[
-                0, 0
-            ].long()
+            label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest")
+            label = label[0, 0].long()
     return image, label
 
 
@@ -527,9 +448,8 @@ class ReinTrainTransform:
         self.short_sides = [int(crop * x * 0.1) for x in SCALE_STEPS]
         self.max_long = MAX_LONG_FACTOR * crop
 
-    def __call__(
-        self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         # [C RandomChoiceResize + ResizeShortestEdge(max_size)] a short side from the list
         short = self.short_sides[int(torch.randint(len(self.short_sides), (), generator=g))]
         h, w = image.shape[-2:]
@@ -563,7 +483,7 @@ def build_criterion(num_points: int = MASK_POINTS) -> SetCriterion:
     """[C configs/_base_/models/rein_dinov2_mask2former.py: loss_cls 2.0 with class_weight
     [1]*19+[0.1], loss_mask 5.0, loss_dice 5.0, 12544 points, oversample 3, importance 0.75;
     HungarianAssigner ClassificationCost 2, CrossEntropyLossCost 5, DiceCost 5]."""
-    return SetCriterion(num_classes=common.NUM_CLASSES, eos_coef=0.1, weight_ce=2.0,
+    return SetCriterion(num_classes=NUM_CLASSES, eos_coef=0.1, weight_ce=2.0,
                         weight_mask=5.0, weight_dice=5.0, num_points=num_points, oversample=3.0,
                         importance=0.75)  # fmt: skip
 
@@ -575,21 +495,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     [C PEFTOptimWrapperConstructor].
     (So the head's level_embed has no decay, the pixel decoder's level_encoding has.)"""
     model = common.unwrap(model)
-    norm_params = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
-        for p in m.parameters()
-    }
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
+    norm_params = {id(p) for m in norms for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        official = official_name(name)
-        if id(p) in norm_params or any(key in official for key in NO_DECAY_KEYS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            no = id(p) in norm_params or any(k in official_name(name) for k in NO_DECAY_KEYS)
+            (no_decay if no else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -628,45 +540,50 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
     return lr
 
 
-def predictions(outputs: dict) -> dict[str, torch.Tensor]:
-    """What the matcher will see: the final prediction, and for the 9 auxiliary ones the sum of
-    each (a nan or inf anywhere makes its sum nan or inf)."""
+def nonfinite_predictions(outputs: dict) -> list[str]:
+    """The names of what the matcher would see that holds a nan or inf (one device sync): the
+    final prediction, and the sum of each of the 9 auxiliary ones (a nan or inf makes it one)."""
     aux = [a["pred_logits"].sum(dtype=torch.float32) + a["pred_masks"].sum(dtype=torch.float32)
            for a in outputs["aux_outputs"]]  # fmt: skip
-    return {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
-            "aux_outputs": torch.stack(aux)}  # fmt: skip
+    checked = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
+               "aux_outputs": torch.stack(aux)}  # fmt: skip
+    finite = torch.stack([torch.isfinite(v).all() for v in checked.values()]).tolist()
+    return [name for name, ok in zip(checked, finite) if not ok]
 
 
 def loss_terms(loss: torch.Tensor, losses: dict, model: nn.Module) -> dict[str, float]:
     """The logged numbers (one device sync): the loss, its three final terms, Rein's scale s."""
     names = ("loss_ce", "loss_mask", "loss_dice")
-    scale = common.unwrap(model).backbone.reins.scale
-    values = torch.stack([loss, *(losses[k] for k in names), scale]).detach().tolist()
+    values = torch.stack([loss, *(losses[k] for k in names), model.backbone.reins.scale])
+    values = values.detach().tolist()
     return dict(zip(("loss", *names, "scale"), values))
 
 
-def save_checkpoint(
-    args: argparse.Namespace,
-    iteration: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors only (Rein + head); DEVIATION 8: the frozen VFM is rebuilt from
+    --pretrained (the official checkpoints hold the same subset [C reins_dinov2.py::state_dict])."""
+    model = common.unwrap(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def frozen_fingerprint(model: nn.Module) -> float:
+    """A cheap checksum of the frozen VFM, stored in checkpoints to catch a resume with other
+    --pretrained / --backbone weights."""
+    vfm = common.unwrap(model).backbone.vfm
+    return float(sum(p.double().abs().sum() for p in vfm.parameters()))
+
+
+def save_checkpoint(args: argparse.Namespace, iteration: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None) -> None:  # fmt: skip
     """out/last.pt (process 0): the trained tensors, DEVIATION 8: not the frozen VFM, whose
     fingerprint is kept instead; DEVIATION 10: written before each evaluation and at the end."""
-    common.save_checkpoint(
-        Path(args.out) / "last.pt",
-        method="rein",
-        iteration=iteration,
-        model_state=trainable_state(model),
-        optimizer=optimizer,
-        scaler=scaler,
-        args=args,
-        extra={
-            "frozen_fingerprint": frozen_fingerprint(model),
-            "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)",
-        },
-    )
+    extra = {"frozen_fingerprint": frozen_fingerprint(model),
+             "omitted_keys": "backbone.vfm.* (frozen VFM, rebuilt from --pretrained)"}  # fmt: skip
+    common.save_checkpoint(Path(args.out) / "last.pt", method="rein", iteration=iteration,
+                           model_state=trainable_state(model), optimizer=optimizer, scaler=scaler,
+                           args=args, extra=extra)  # fmt: skip
 
 
 def check_checkpoint(ckpt: dict, args: argparse.Namespace) -> None:
@@ -689,58 +606,73 @@ def load_trained(model: nn.Module, ckpt: dict, args: argparse.Namespace) -> None
             f"--resume {args.resume}: the frozen VFM differs from the one it was trained with; "
             f"pass the same --pretrained ({ckpt['args'].get('pretrained')}) and --seed"
         )
-    common.load_state_strict(
-        model,
-        ckpt["model"],
-        args.resume,
-        "use the same --backbone, --rein-tokens, --rein-rank and --full-rank as the run that "
-        "wrote it",
-        may_lack=("backbone.vfm.",),
+    hint = "use the same --backbone, --rein-tokens, --rein-rank and --full-rank as the run that "
+    common.load_state_strict(model, ckpt["model"], args.resume, hint + "wrote it",
+                             may_lack=("backbone.vfm.",))  # fmt: skip
+
+
+def train(args: argparse.Namespace, dist: common.Dist, log: common.RunLog, net: nn.Module,
+          optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+          loader: common.TrainLoader, targets: dict[str, torch.utils.data.Dataset], start: int,
+          criterion: SetCriterion, amp_ctx: Callable) -> dict:  # fmt: skip
+    """Iterations start..--iters of `net` (DDP, compiled); returns the last evaluation's results."""
+    model = common.unwrap(net)
+    # PLUMBING: a progress bar on rank 0; `saved` = (path, iteration) of this run's last checkpoint
+    results, saved, done, clock = {}, None, start, None
+    bar = tqdm(
+        total=args.iters, initial=start, desc="train", disable=not dist.is_main, **common.BAR
     )
-
-
-def train(
-    args: argparse.Namespace,
-    dist: common.Dist,
-    log: common.RunLog,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    loader: common.TrainLoader,
-    targets: dict[str, torch.utils.data.Dataset],
-    start: int,
-    criterion: SetCriterion,
-    autocast_ctx: Callable,
-) -> dict:
-    """Iterations start..--iters; returns the last evaluation's results."""
-    results = {}
-    bar = common.progress(args.iters, start, dist.is_main)
-    for it in range(start, args.iters):
-        # PLUMBING: the next batch; gradients cleared before the forward pass
-        batch = next(loader)
-        optimizer.zero_grad(set_to_none=True)
-        # METHOD: learning rate of this iteration [C configs param_scheduler: PolyLR, LinearLR]
-        lr = set_lr(optimizer, it, args)
-        # METHOD: frozen VFM + Rein -> Mask2Former; every prediction checked before the matcher
-        # sees it; 30 weighted set-prediction loss terms [C rein_mask2former.py, configs]
-        images = batch[0].to(dist.device, non_blocking=True)
-        labels = batch[1].to(dist.device, non_blocking=True)
-        with autocast_ctx():
-            outputs = model(images)
-        common.check_finite_outputs(it + 1, predictions(outputs))
-        losses = criterion(outputs, semantic_to_targets(labels, common.NUM_CLASSES))
-        loss = sum(losses.values())
-        terms = loss_terms(loss, losses, model)
-        # PLUMBING: stop on a non-finite loss, backward, step, log
-        common.check_finite(it + 1, terms)
-        common.backward_and_step(loss, optimizer, scaler)
-        common.log_step(log, bar, it + 1, args, lr, terms)
-        # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
-        if common.eval_due(it + 1, args):
-            save_checkpoint(args, it + 1, model, optimizer, scaler)
-            results = evaluate(model, targets, args, dist)
-            common.report_results(results, it + 1, log)
-    bar.close()
+    try:
+        for it in range(start, args.iters):
+            # PLUMBING: the next batch; gradients cleared before the forward pass
+            batch = next(loader)
+            optimizer.zero_grad(set_to_none=True)
+            # METHOD: learning rate of this iteration [C configs param_scheduler: PolyLR, LinearLR]
+            lr = set_lr(optimizer, it, args)
+            # METHOD: frozen VFM + Rein -> Mask2Former; every prediction checked before the
+            # matcher sees it; 30 weighted set-prediction loss terms [C rein_mask2former.py]
+            images = batch[0].to(dist.device, non_blocking=True)
+            labels = batch[1].to(dist.device, non_blocking=True)
+            with amp_ctx():
+                outputs = net(images)
+            bad = nonfinite_predictions(outputs)
+            if bad:
+                raise common.DivergenceError(it + 1, saved, predictions=bad)
+            losses = criterion(outputs, semantic_to_targets(labels, NUM_CLASSES))
+            loss = sum(losses.values())
+            terms = loss_terms(loss, losses, model)
+            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise common.DivergenceError(it + 1, saved, terms)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            # PLUMBING: the optimizer step (through the scaler in fp16)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            # PLUMBING: progress; a `train` record every --log-every iterations and at the end
+            done, now = it + 1, time.perf_counter()
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            clock = clock or (done, now)  # seconds per step count from the first step's end
+            if done % args.log_every == 0 or done == args.iters:
+                seconds = (now - clock[1]) / (done - clock[0]) if done > clock[0] else None
+                log.log({"type": "train", "iter": done, "lr": lr, **terms, "time_s": seconds})
+                clock = (done, now)
+            # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
+            if done == args.iters or (args.eval_every > 0 and done % args.eval_every == 0):
+                save_checkpoint(args, done, model, optimizer, scaler)
+                saved = (Path(args.out) / "last.pt", done)
+                # METHOD: Rein's evaluation: per-target resize, sliding windows [C configs test_cfg]
+                results = evaluate(model, targets, args, dist)
+                # PLUMBING: the table on rank 0, an `eval` record and results.json
+                common.print0(common.format_results(results, done))
+                log.write_results(results, done)
+    except KeyboardInterrupt:  # PLUMBING: Ctrl-C says where the run stopped and how to go on
+        raise common.Interrupted(done, args.iters, saved) from None
+    finally:
+        bar.close()
     return results
 
 
@@ -767,9 +699,8 @@ class _RescaledTarget(torch.utils.data.Dataset):
     copies: image PIL-bicubic, label nearest [C tools/convert_datasets/mapillary_resize.py]), then
     mmcv Resize keep_ratio of the image only (cv2 bilinear)."""
 
-    def __init__(
-        self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None, pre_halve: bool
-    ) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, scale: tuple[int, int] | None,
+                 pre_halve: bool) -> None:  # fmt: skip
         self.dataset, self.scale, self.pre_halve = dataset, scale, pre_halve
 
     def __len__(self) -> int:
@@ -807,64 +738,45 @@ def slide_segment(
     windows of an image run in batches of `window_batch`."""
     b, _, h, w = image.shape
     windows = common.slide_windows(h, w, crop, stride)
-    scores = image.new_zeros((b, common.NUM_CLASSES, h, w), dtype=torch.float32)
+    scores = image.new_zeros((b, NUM_CLASSES, h, w), dtype=torch.float32)
     count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
     for start in range(0, len(windows), window_batch):
         chunk = windows[start : start + window_batch]
-        crops = torch.cat(
-            [image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk]
-        )  # (n·B, 3, ch, cw)
-        out = segment(model, crops).view(len(chunk), b, common.NUM_CLASSES, *crops.shape[-2:])
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n·B, 3, ..)
+        out = segment(model, crops).view(len(chunk), b, NUM_CLASSES, *crops.shape[-2:])
         for (y1, y2, x1, x2), s in zip(chunk, out):
             scores[:, :, y1:y2, x1:x2] += s
             count[:, :, y1:y2, x1:x2] += 1
     return scores / count
 
 
-def make_predictor(
-    model: nn.Module, args: argparse.Namespace, autocast_ctx: Callable
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
-
-    def predict(image: torch.Tensor) -> torch.Tensor:
-        x = common.normalize(image, common.IMAGENET_MEAN, common.IMAGENET_STD)
-        with autocast_ctx():
-            if args.inference == "whole":
-                return segment(model, x)
-            return slide_segment(model, x, args.crop, args.stride)
-
-    return predict
-
-
 def evaluate(
-    model: nn.Module,
-    targets: dict[str, torch.utils.data.Dataset],
-    args: argparse.Namespace,
+    model: nn.Module, targets: dict[str, torch.utils.data.Dataset], args: argparse.Namespace,
     dist: common.Dist,
-) -> dict[str, dict]:
+) -> dict[str, dict]:  # fmt: skip
     """Per target: mIoU (nanmean over the 19 classes, one confusion matrix) and per-class IoU;
     scores bilinearly resized to the label size, then argmax [C rein/dg_metrics.py::DGIoUMetric].
     DEVIATION 9: the global random streams are left as they were."""
     net = common.unwrap(model)
     was_training = net.training
     net.eval()
-    autocast_ctx, _ = common.autocast(dist.device, args.amp)
-    predict = make_predictor(net, args, autocast_ctx)
+    amp_ctx, _ = common.autocast(dist.device, args.amp)
+
+    def predict(image: torch.Tensor) -> torch.Tensor:
+        """uint8 (1, 3, h, w) on the device -> class scores (1, K, h, w)."""
+        x = common.normalize(image, common.IMAGENET_MEAN, common.IMAGENET_STD)
+        with amp_ctx():
+            if args.inference == "whole":
+                return segment(net, x)
+            return slide_segment(net, x, args.crop, args.stride)
+
     results = {}
     with common.rng_neutral():
         for name, dataset in targets.items():
             results[name] = common.evaluate_dataset(
-                predict,
-                dataset,
-                resize=common.EvalResize(),
-                dist=dist,
-                miou_mode="nanmean",
-                workers=args.workers,
-                batch_size=args.eval_batch_size,
-                save_preds=args.save_preds,
-                save_dir=Path(args.out) / "preds" / name,
-                desc=name,
-            )
+                predict, dataset, resize=common.EvalResize(), dist=dist, miou_mode="nanmean",
+                workers=args.workers, batch_size=args.eval_batch_size, save_preds=args.save_preds,
+                save_dir=Path(args.out) / "preds" / name, desc=name)  # fmt: skip
     net.train(was_training)
     return results
 
@@ -885,17 +797,14 @@ RECIPES = {
                        batch_size=8, lr=6e-5, warmup_iters=10000),
 }  # fmt: skip
 
-# Toy defaults (CPU, about two minutes on 2 cores). ViT-S, the smallest DINOv2 (ViT-L cannot
-# train on a CPU in minutes; the 4-block `test` ViT did not learn in 250 steps: ~3 mIoU). A step
-# costs about as much as reading the head's 20M weights, whatever the crop, so the savings are:
-# 50 tokens (= queries; the toy has 8 classes) and crop 48 with 144 points (0.56x the step time
-# of 100 tokens at crop 64), fused AdamW (--fast on: 3x faster optimizer step on a CPU), and the
-# targets evaluated at half size (EVAL_SCALES). lr 5e-4 and 250 steps: Rein's queries start nearly
-# identical (tiny tokens A·B behind shared linear layers) and separate only after ~150 steps;
-# with the paper's 1e-4, or 200-220 steps, they separate late or not at all (3-9 mIoU on some
-# targets). The 144 target images are evaluated 16 at a time. PyTorch's thread count: on an idle
-# 2-core machine two threads take 0.89x the time of one (--cpu-threads 1 on a busy machine,
-# where a second thread only waits). Any flag written on the command line wins.
+# Toy defaults (CPU, about two minutes on 2 cores; two threads take 0.89x the time of one on an
+# idle machine, --cpu-threads 1 on a busy one). ViT-S, the smallest DINOv2 (the 4-block `test` ViT
+# reached ~3 mIoU in 250 steps). A step costs about a read of the head's 20M weights, whatever the
+# crop: 50 tokens (= queries; 8 toy classes), crop 48 and 144 points take 0.56x the time of 100
+# tokens at crop 64; fused AdamW (--fast on) makes the optimizer step 3x faster on a CPU; targets
+# are evaluated at half size (EVAL_SCALES), 16 images at a time. lr 5e-4, 250 steps: Rein's queries
+# start nearly identical (tiny A·B behind shared linear layers) and separate only after ~150
+# steps; with 1e-4 or 200-220 steps, late or never (3-9 mIoU on some targets).
 TOY_DEFAULTS = dict(backbone="dinov2_s", rein_tokens=50, crop=48, num_points=144, batch_size=2,
                     iters=250, lr=5e-4, fast="on", eval_every=0, workers=0, log_every=10,
                     targets=",".join(common.TOY_TARGETS), inference="whole",
@@ -903,11 +812,10 @@ TOY_DEFAULTS = dict(backbone="dinov2_s", rein_tokens=50, crop=48, num_points=144
 
 
 def presets(first: argparse.Namespace) -> dict:
-    """The defaults of --recipe, then the toy settings when --source toy."""
-    table = dict(RECIPES[first.recipe])
-    if first.source == "toy":
-        table.update(TOY_DEFAULTS)
-    return table
+    """The defaults of --recipe, then the toy settings when --source toy, and the stride that
+    follows the crop in force (first.crop is None unless --crop was written)."""
+    table = dict(RECIPES[first.recipe], **(TOY_DEFAULTS if first.source == "toy" else {}))
+    return dict(table, stride=default_stride(first.crop or table["crop"]))
 
 
 def default_stride(crop: int) -> int:
@@ -954,8 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
       "the headline LoRAReins)")
     a("--lr", type=common.positive_float, default=gta["lr"],
       help="AdamW learning rate (default %(default)s; official: 1e-4, citys2acdc 6e-5 [C configs])")
-    a("--weight-decay", type=float, default=WEIGHT_DECAY,
-      help="AdamW weight decay, >= 0 (default %(default)s [C configs])")
+    a("--weight-decay", type=common.nonnegative_float, default=WEIGHT_DECAY,
+      help="AdamW weight decay (default %(default)s [C configs])")
     a("--warmup-iters", type=common.nonnegative_int, default=gta["warmup_iters"],
       help="linear warm-up iterations from lr x 1e-6 (default %(default)s; official: 0, "
       "citys2acdc 10000 [C configs])")
@@ -977,13 +885,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--recipe and --source toy choose the defaults (common.parse_with_presets); the stride's
-    default then follows the crop in force."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = common.parse_with_presets(parser, [a for a in argv if a not in ("-h", "--help")],
-                                      presets)  # fmt: skip
-    parser.set_defaults(stride=default_stride(first.crop))
+    # One pre-parse reads what chooses a preset (--recipe, --source toy, --crop: a namespace that
+    # holds crop=None keeps argparse from filling in its default), its defaults are installed
+    # with set_defaults, then the one real parse (a flag written always wins).
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")],
+                                       argparse.Namespace(crop=None))  # fmt: skip
+    parser.set_defaults(**presets(first))
     return parser.parse_args(argv)
 
 
@@ -1000,8 +909,6 @@ def check_args(args: argparse.Namespace) -> None:
             f"--stride {args.stride} is larger than --crop {args.crop}: the windows would leave "
             f"pixels unscored; use at most {args.crop} (default {default_stride(args.crop)})"
         )
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise common.UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not common.parse_targets(args):
         raise common.UsageError("--targets is empty; name at least one evaluation target")
     if args.resume and args.official_ckpt:
@@ -1049,11 +956,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     common.print0("targets: " + ", ".join(f"{k} {len(v)} images" for k, v in targets.items()))
     log = common.RunLog(args.out, args, {"parameters": counts}, enabled=dist.is_main)
-    autocast_ctx, scaler = common.autocast(dist.device, args.amp)
+    amp_ctx, scaler = common.autocast(dist.device, args.amp)
     if ckpt is not None:
         load_trained(model, ckpt, args)
     if args.eval_only:
-        common.report_results(evaluate(model, targets, args, dist), None, log)
+        results = evaluate(model, targets, args, dist)
+        common.print0(common.format_results(results))
+        log.write_results(results, None)
         return
     optimizer = build_optimizer(model, args, dist)
     start = 0 if ckpt is None else common.restore_training_state(ckpt, optimizer, scaler)
@@ -1066,7 +975,7 @@ def main(argv: list[str] | None = None) -> None:
     net = common.maybe_compile(net, args)
     net.train()  # the VFM stays in eval mode (ReinsBackbone.train)
     criterion = build_criterion(args.num_points).to(dist.device)
-    train(args, dist, log, net, optimizer, scaler, loader, targets, start, criterion, autocast_ctx)
+    train(args, dist, log, net, optimizer, scaler, loader, targets, start, criterion, amp_ctx)
 
 
 # `python rein.py` runs main() from the last line of this file, once the appendices are defined.
@@ -1861,8 +1770,7 @@ DINOV2_UNUSED_KEYS = ("mask_token",)
 
 
 def read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, out of the mmengine / EVA wrappers ('state_dict', 'model',
-    'module')."""
+    """The tensors of a weights file, out of the mmengine / EVA wrappers (state_dict, model...)."""
     sd = common.read_weights_file(path, what, hint)
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -1872,133 +1780,119 @@ def read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.T
     return sd
 
 
-def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, 3, 14, 14) -> (C, 3, 16, 16) bicubic, values not rescaled
-    [C convert_dinov2_large_512x512.py]."""
-    if weight.shape[-1] == patch_size and weight.shape[-2] == patch_size:
-        return weight
-    return F.interpolate(weight.float(), size=(patch_size, patch_size), mode="bicubic",
-                         align_corners=False)  # fmt: skip
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1+g0², C) -> (1, 1+grid², C): patch part bicubic to grid x grid by size, class part
-    kept (37x37 -> 32x32 for 512, 64x64 for 1024) [C convert_dinov2_large_512x512.py]."""
-    n, c = pos_embed.shape[1] - 1, pos_embed.shape[2]
-    g0 = int(math.sqrt(n))
-    if g0 == grid:
-        return pos_embed
-    patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
-    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, c)], 1)
+def resample_vfm_state(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """Rein's converters [C convert_dinov2_large_512x512.py, convert_eva2_512x512.py]: the patch
+    embedding (C, 3, 14, 14) -> (C, 3, 16, 16) bicubic, values not rescaled; the position
+    embedding (1, 1+g0², C) -> (1, 1+grid², C), its patch part bicubic to grid x grid by size,
+    the class part kept (37x37 -> 32x32 for 512, 64x64 for 1024). Other tensors as they are."""
+    sd, p = dict(sd), PATCH_SIZE
+    weight = sd.get("patch_embed.proj.weight")
+    if weight is not None and tuple(weight.shape[-2:]) != (p, p):
+        weight = F.interpolate(weight.float(), size=(p, p), mode="bicubic", align_corners=False)
+        sd["patch_embed.proj.weight"] = weight
+    pos_embed = sd.get("pos_embed")
+    if pos_embed is not None and int(math.sqrt(pos_embed.shape[1] - 1)) != grid:
+        g0, c = int(math.sqrt(pos_embed.shape[1] - 1)), pos_embed.shape[2]
+        patch = pos_embed[:, 1:].float().reshape(1, g0, g0, c).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+        patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, c)  # (1, grid², C)
+        sd["pos_embed"] = torch.cat([pos_embed[:, :1], patch], 1)
+    return sd
 
 
 def convert_dinov2_state(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
     """Original (or Rein-converted) DINOv2 names/shapes -> timm VisionTransformer at patch 16.
     Names are the same except ViT-G's SwiGLU (w12 -> fc1, w3 -> fc2); mask_token is dropped."""
     out = {}
-    for k, v in sd.items():
-        if k in DINOV2_UNUSED_KEYS:
-            continue
+    for k, v in resample_vfm_state(sd, grid).items():
         k = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", k)
-        k = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", k)
-        if k == "patch_embed.proj.weight":
-            v = resample_patch_embed(v, PATCH_SIZE)
-        elif k == "pos_embed":
-            v = resample_pos_embed(v, grid)
-        out[k] = v
-    return out
+        out[re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", k)] = v
+    return {k: v for k, v in out.items() if k not in DINOV2_UNUSED_KEYS}
 
 
-def convert_eva02_state(
-    sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int
-) -> dict[str, torch.Tensor]:
-    """EVA02 (timm or original EVA-02 names): the same resampling as Rein's converter
-    [C convert_eva2_512x512.py], then timm's own renaming of the EVA-02 layer names."""
+def convert_eva02_state(sd: dict[str, torch.Tensor], vfm: nn.Module, grid: int) -> dict:
+    """EVA02 (timm or original EVA-02 names): the same resampling as Rein's converter, then timm's
+    own renaming of the EVA-02 layer names."""
     from timm.models.eva import checkpoint_filter_fn
 
-    sd = dict(sd)
-    if "patch_embed.proj.weight" in sd:
-        sd["patch_embed.proj.weight"] = resample_patch_embed(
-            sd["patch_embed.proj.weight"], PATCH_SIZE
-        )
-    if "pos_embed" in sd:
-        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid)
-    return checkpoint_filter_fn(sd, vfm)
+    return checkpoint_filter_fn(resample_vfm_state(sd, grid), vfm)
 
 
 def vfm_file(backbone: str) -> tuple[str, str]:
     """What a VFM weights file is called in messages, and how to get one."""
     official = VFM_SIZES[backbone]["weights"]
     get = f"download {official} into checkpoints/, " if official else ""
-    return (
-        f"{backbone} weight file",
-        f"{get}pass --pretrained PATH, or --pretrained none for random init",
-    )
+    hint = f"{get}pass --pretrained PATH, or --pretrained none for random init"
+    return f"{backbone} weight file", hint
 
 
 RELEASE_FILE = ("Rein checkpoint", "a released Rein file such as dinov2_rein_and_head.pth or "
                 "iter_40000_published.pth")  # fmt: skip
 
 
-def load_vfm_weights(
-    model: ReinSegmentor,
-    path: str | Path,
-    backbone: str,
-    img_size: int,
-    state: dict[str, torch.Tensor] | None = None,
-) -> None:
+def build_model(args: argparse.Namespace) -> ReinSegmentor:
+    """The segmentor with its frozen VFM's weights (--pretrained) and, with --official-ckpt, a
+    released Rein checkpoint. The files are read first, so a missing or unreadable one fails
+    before the model is built. Built from a fixed seed so every process (and a resumed run)
+    starts from the same random init."""
+    path = None if args.pretrained == "none" else args.pretrained
+    if path == "auto":
+        if VFM_SIZES[args.backbone]["weights"] is None:
+            raise common.UsageError(
+                f"--backbone {args.backbone} has no official weights; use --pretrained none"
+            )
+        path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
+    vfm_state = read_state_dict(path, *vfm_file(args.backbone)) if path else None
+    release = args.official_ckpt
+    release_state = read_state_dict(release, *RELEASE_FILE) if release else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = ReinSegmentor(
+            args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
+        )
+    if path is not None:
+        load_vfm_weights(model, path, args.backbone, args.crop, vfm_state)
+    if release:
+        load_official_rein(model, release, args.backbone, args.crop, release_state)
+    return model
+
+
+def load_vfm_weights(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int,
+                     state: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """Load the frozen VFM's weights from `path` (or `state`, its tensors already read): exactly
     the VFM's keys, none missing, none left over."""
     sd = read_state_dict(path, *vfm_file(backbone)) if state is None else state
     if any(k.startswith("backbone.") for k in sd):  # a full segmentor file: take its VFM part
-        sd = {
-            k[9:]: v
-            for k, v in sd.items()
-            if k.startswith("backbone.") and not k.startswith("backbone.reins.")
-        }
-    vfm = model.backbone.vfm
-    grid = img_size // PATCH_SIZE
-    if model.backbone.is_eva:
-        sd = convert_eva02_state(sd, vfm, grid)
-    else:
-        sd = convert_dinov2_state(sd, grid)
+        sd = {k[9:]: v for k, v in sd.items()
+              if k.startswith("backbone.") and not k.startswith("backbone.reins.")}  # fmt: skip
+    vfm, grid, eva = model.backbone.vfm, img_size // PATCH_SIZE, model.backbone.is_eva
+    sd = convert_eva02_state(sd, vfm, grid) if eva else convert_dinov2_state(sd, grid)
     common.load_state_strict(vfm, sd, str(path), f"check --backbone (now {backbone})")
 
 
 # Our decode_head names -> mmdet Mask2FormerHead names [mmdet mask2former_head.py,
 # msdeformattn_pixel_decoder.py; ConvModule keeps its conv as `.conv` and GroupNorm as `.gn`;
 # mmcv MultiheadAttention wraps nn.MultiheadAttention as `.attn`; FFN = layers.0.0 / layers.1].
+# Per layer: our sub-module -> theirs.
+_ENCODER_LAYER = [("self_attn", "self_attn"), ("norm1", "norms.0"), ("norm2", "norms.1"),
+                  ("linear1", "ffn.layers.0.0"), ("linear2", "ffn.layers.1")]  # fmt: skip
+_DECODER_LAYER = [("cross_attn", "cross_attn.attn"), ("self_attn", "self_attn.attn"),
+                  ("norm_cross", "norms.0"), ("norm_self", "norms.1"), ("norm_ffn", "norms.2"),
+                  ("linear1", "ffn.layers.0.0"), ("linear2", "ffn.layers.1")]  # fmt: skip
 _HEAD_KEY_RULES = [
     (r"pixel_decoder\.input_proj\.(\d)\.0\.", r"pixel_decoder.input_convs.\1.conv."),
     (r"pixel_decoder\.input_proj\.(\d)\.1\.", r"pixel_decoder.input_convs.\1.gn."),
     (r"pixel_decoder\.level_embed$", r"pixel_decoder.level_encoding.weight"),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.",
-     r"pixel_decoder.encoder.layers.\1.self_attn."),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.norm1\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.norm2\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.linear1\.",
-     r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.linear2\.",
-     r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
+    *[(rf"pixel_decoder\.encoder_layers\.(\d+)\.{a}\.", rf"pixel_decoder.encoder.layers.\1.{b}.")
+      for a, b in _ENCODER_LAYER],
     (r"pixel_decoder\.lateral_conv\.0\.", r"pixel_decoder.lateral_convs.0.conv."),
     (r"pixel_decoder\.lateral_conv\.1\.", r"pixel_decoder.lateral_convs.0.gn."),
     (r"pixel_decoder\.output_conv\.0\.", r"pixel_decoder.output_convs.0.conv."),
     (r"pixel_decoder\.output_conv\.1\.", r"pixel_decoder.output_convs.0.gn."),
     (r"pixel_decoder\.mask_features\.", r"pixel_decoder.mask_feature."),
     (r"transformer_decoder\.level_embed\.", r"level_embed."),
-    (r"transformer_decoder\.layers\.(\d+)\.cross_attn\.",
-     r"transformer_decoder.layers.\1.cross_attn.attn."),
-    (r"transformer_decoder\.layers\.(\d+)\.self_attn\.",
-     r"transformer_decoder.layers.\1.self_attn.attn."),
-    (r"transformer_decoder\.layers\.(\d+)\.norm_cross\.",
-     r"transformer_decoder.layers.\1.norms.0."),
-    (r"transformer_decoder\.layers\.(\d+)\.norm_self\.", r"transformer_decoder.layers.\1.norms.1."),
-    (r"transformer_decoder\.layers\.(\d+)\.norm_ffn\.", r"transformer_decoder.layers.\1.norms.2."),
-    (r"transformer_decoder\.layers\.(\d+)\.linear1\.",
-     r"transformer_decoder.layers.\1.ffn.layers.0.0."),
-    (r"transformer_decoder\.layers\.(\d+)\.linear2\.",
-     r"transformer_decoder.layers.\1.ffn.layers.1."),
+    *[(rf"transformer_decoder\.layers\.(\d+)\.{a}\.", rf"transformer_decoder.layers.\1.{b}.")
+      for a, b in _DECODER_LAYER],
     (r"transformer_decoder\.decoder_norm\.", r"transformer_decoder.post_norm."),
     (r"transformer_decoder\.class_embed\.", r"cls_embed."),
     (r"transformer_decoder\.mask_embed\.", r"mask_embed."),
@@ -2024,13 +1918,8 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     return {k: official_name(k) for k in trainable_state(model)}
 
 
-def load_official_rein(
-    model: ReinSegmentor,
-    path: str | Path,
-    backbone: str,
-    img_size: int,
-    state: dict[str, torch.Tensor] | None = None,
-) -> None:
+def load_official_rein(model: ReinSegmentor, path: str | Path, backbone: str, img_size: int,
+                       state: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """A released Rein checkpoint ({'state_dict': backbone.reins.* + decode_head.*}, optionally
     with the DINOv2 keys as backbone.*) from `path` (or `state`, its tensors already read): every
     trained tensor must be present, nothing unknown."""
@@ -2040,8 +1929,7 @@ def load_official_rein(
         load_vfm_weights(model, path, backbone, img_size, sd)
         sd = {k: v for k, v in sd.items() if k.startswith(("backbone.reins.", "decode_head."))}
     to_ours = {v: k for k, v in official_key_map(model).items()}
-    missing = sorted(set(to_ours) - set(sd))
-    unexpected = sorted(set(sd) - set(to_ours))
+    missing, unexpected = sorted(set(to_ours) - set(sd)), sorted(set(sd) - set(to_ours))
     own = model.state_dict()
     wrong = sorted(k for k in set(sd) & set(to_ours) if own[to_ours[k]].shape != sd[k].shape)
     if missing or unexpected or wrong:
@@ -2067,18 +1955,16 @@ BENCH_SETTINGS = {"gpu": ("dinov2_l", 4, 512, MASK_POINTS, (512, 1024)),
 
 def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     """--bench: JSON records (common.benchmark: FLOPs, throughput, MFU on GPU, peak memory) of a
-    training step, with the share of its time spent in the frozen backbone (VFM + Rein forward
-    and backward), in MSDeformAttn and in the loss (criterion with the matcher); of sliding-window
-    evaluation; of MSDeformAttn alone. GPU: the paper setting (DINOv2-L, batch 4, crop 512, 12,544
-    points), evaluation of a 1024x512 Cityscapes-sized image. CPU: ViT-S, batch 2, crop 128, 1,024
-    points, a 256x128 toy-sized image."""
+    training step, with the shares of its time in the frozen backbone (VFM + Rein forward and
+    backward), MSDeformAttn and the loss (criterion with the matcher); of sliding-window evaluation;
+    of MSDeformAttn alone. Settings: BENCH_SETTINGS."""
     device = dist.device
     gpu = device.type == "cuda"
     backbone, batch, crop, points, (h, w) = BENCH_SETTINGS["gpu" if gpu else "cpu"]
     steps = 10 if gpu else 3
     timing = dict(device=device, precision=common.bench_precision(args, device),
                   peak=args.peak_tflops)  # fmt: skip
-    autocast_ctx, scaler = common.autocast(device, args.amp)
+    amp_ctx, scaler = common.autocast(device, args.amp)
     torch.manual_seed(0)
     model = ReinSegmentor(backbone, crop).to(device).train()
     net = common.maybe_compile(model, args)
@@ -2091,14 +1977,20 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_ctx():
+        with amp_ctx():
             outputs = net(images)
-        common.backward_and_step(sum(criterion(outputs, targets).values()), optimizer, scaler)
+        loss = sum(criterion(outputs, targets).values())
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
 
     # The parts of the step, each timed alone on the step's inputs and shapes.
     def backbone_step() -> None:  # VFM + Rein forward, backward from unit output gradients
         model.zero_grad(set_to_none=True)
-        with autocast_ctx():
+        with amp_ctx():
             features, queries = model.backbone(images)
         outs = [*features, queries]
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
@@ -2113,7 +2005,7 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
         outs = [layer.self_attn(src, ref, src, shapes) for layer in layers]
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
 
-    with autocast_ctx():
+    with amp_ctx():
         fixed = model(images)
     leaves = [fixed, *fixed["aux_outputs"]]
     leaves = [{k: d[k].detach().float().requires_grad_() for k in ("pred_logits", "pred_masks")}
@@ -2155,7 +2047,7 @@ def bench(args: argparse.Namespace, dist: common.Dist) -> None:
     image = torch.randn(1, 3, h, w, device=device)
 
     def eval_step() -> None:
-        with torch.inference_mode(), autocast_ctx():
+        with torch.inference_mode(), amp_ctx():
             slide_segment(model, image, crop, stride)
 
     windows = len(common.slide_windows(h, w, crop, stride))

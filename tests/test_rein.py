@@ -237,6 +237,66 @@ def test_gradients_reach_only_rein_and_head_and_vfm_stays_in_eval():
     assert model.backbone.reins.scale.grad.abs() > 0
 
 
+SECTIONS_1_2_CODE = """
+import json
+
+torch.manual_seed(0)
+reins = Reins(4, 32, token_length=10)  # the `test` VFM's 4 layers of width 32, 10 tokens
+x = torch.randn(2, 1 + 16, 32)  # (B, 1+N, C): class token first
+out = reins(x, 2)
+tokens = reins.get_tokens(2)
+attn = torch.softmax(x[:, 1:] @ tokens.t() / 32**0.5, dim=-1)
+delta = reins.mlp_delta_f(attn[..., 1:] @ reins.mlp_token2feat(tokens[1:]) + x[:, 1:])
+known = torch.cat([x[:, :1], x[:, 1:] + 1e-3 * delta], dim=1)  # the value at init, s = 1e-3
+(out.square().sum() + reins.link_queries().square().sum()).backward()
+grads = [reins.learnable_tokens_a.grad, reins.learnable_tokens_b.grad, reins.scale.grad]
+with torch.no_grad():
+    reins.mlp_delta_f.weight.zero_()
+    reins.mlp_delta_f.bias.zero_()
+    zeroed = reins(x, 2)
+backbone = ReinsBackbone("test", 64, Reins(4, 32, token_length=10)).train()
+features, queries = backbone(torch.randn(2, 3, 64, 48))
+sum(f.sum() for f in features).backward()
+print(json.dumps({
+    "shape": list(out.shape), "known": torch.allclose(out, known, atol=1e-6),
+    "cls_kept": torch.equal(out[:, 0], x[:, 0]), "moved": bool((out != x).any()),
+    "grads": [[bool(g.isfinite().all()), g.abs().sum().item()] for g in grads],
+    "zeroed_is_identity": torch.equal(zeroed, x),
+    "pyramid": [list(f.shape) for f in features], "queries": list(queries.shape),
+    "vfm_eval": not backbone.vfm.training,
+    "vfm_grads": [p.grad for p in backbone.vfm.parameters()].count(None),
+    "vfm_params": len(list(backbone.vfm.parameters())),
+    "token_grad": backbone.reins.learnable_tokens_a.grad.abs().sum().item(),
+    "counts": rein_parameter_counts(Reins(24, 1024)),
+}))
+"""
+
+
+def test_sections_1_2_run_without_common(tmp_path):
+    """Sections 1-2 pasted into a file of their own (torch and timm only, common.py cannot be
+    imported): the Rein layer forward and backward on random tokens, then inside the tiny VFM."""
+    from conftest import run_sections_1_2
+
+    got = json.loads(run_sections_1_2("rein.py", SECTIONS_1_2_CODE, tmp_path).splitlines()[-1])
+    assert got["shape"] == [2, 17, 32] and got["cls_kept"] and got["moved"]
+    assert got["known"]  # f + s · MLP_delta(S[:, 1:] · MLP_token(T[1:]) + f), s = 1e-3 at init
+    for finite, size in got["grads"]:  # A, B and s all learn
+        assert finite and size > 0
+    assert got["zeroed_is_identity"]  # MLP_delta = 0: Rein leaves the features as they are
+    assert got["pyramid"] == [[2, 32, 16, 12], [2, 32, 8, 6], [2, 32, 4, 3], [2, 32, 2, 1]]
+    assert got["queries"] == [10, 256] and got["vfm_eval"] and got["token_grad"] > 0
+    assert got["vfm_grads"] == got["vfm_params"] > 0  # the VFM stays frozen
+    assert got["counts"] == {"rein": 2_530_817, "linking": 459_264, "rein_with_linking": 2_990_081}
+
+
+def test_top_of_the_file_names_nothing_of_common():
+    """Docstring, imports, constants, sections 1 and 2: no `common.` name (STYLE: pasteable)."""
+    lines = (ROOT / "rein.py").read_text().splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("# 3. "))
+    top = "\n".join(lines[:end])
+    assert "common." not in top and "# 2. Model" in top
+
+
 def test_pos_embed_interpolation_rule():
     torch.manual_seed(0)
     pos = torch.randn(1, 1 + 4 * 4, 8)
@@ -726,7 +786,7 @@ def one_error_line(run) -> str:
         (["--lr", "0"], "argument --lr: must be > 0.0, got 0"),
         (["--crop", "100"], "--crop 100 is not a multiple of the patch size 16; use e.g. 96"),
         (["--crop", "64", "--stride", "65"], "--stride 65 is larger than --crop 64"),
-        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+        (["--weight-decay", "-0.1"], "argument --weight-decay: must be >= 0.0, got -0.1"),
         (["--targets", ","], "--targets is empty"),
         (["--resume", "x.pt", "--official-ckpt", "y.pth"], "pass one of them"),
     ],
