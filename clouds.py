@@ -9,10 +9,10 @@ source + Stable Diffusion images of 100 LLM prompts, labelled by a head-only EMA
 whose pseudo-labels SAM refines; the student sees a colour-jittered view.
 
 Paper -> code (section 1 holds the paper's components in the paper's order):
-  generated data: LLM prompts -> Stable Diffusion  read_prompts, generate_images, GeneratedImages
+  generated data: LLM prompts -> Stable Diffusion  generate_images (Appendix B), GeneratedImages
   mixing generated and source images               repeat_factors, JointTrainSet
   EMA teacher                                      EMATeacher
-  SAM refinement of the pseudo-labels              refine_pseudo_label_with_sam, build_sam_predictor
+  SAM refinement of the pseudo-labels              refine_pseudo_label_with_sam (SAM: Appendix B)
   self-training step                               train_step
   frozen CLIP + Mask2Former head (Appendix A)      FrozenCLIPEncoder, build_head, segment,
                                                    Mask2FormerHead, SetCriterion
@@ -33,11 +33,6 @@ CPU toy run (tiny random encoder, fake SAM; about a minute on 2 cores):
   python clouds.py --source toy --pretrained none --phase warmup --out out/toy_warmup
   python clouds.py --source toy --pretrained none --phase joint --init out/toy_warmup/last.pt \\
       --make-toy-generated 60 --out out/toy_joint
-
-Prompts: prompt_llama70b.txt of the official repository (Apache-2.0, (c) Telecom Paris,
-Y. Benigmim), not shipped: download it, pass --prompts (its md5 is checked). --sam: mobile_sam
-(released default), vit_h / vit_l / vit_b (segment_anything), none (the "without SAM" ablation),
-fake (tests, demo: the pseudo-label component under each prompt's first point).
 
 Deviations from the official code (`DEVIATION n:` in the code):
   1. Only the CLIP image trunk is built: the open-vocabulary parts (text tower, void embedding,
@@ -75,6 +70,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -83,16 +79,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 import common
 
-NUM_CLASSES = common.NUM_CLASSES  # 19 Cityscapes trainIds; the head adds a no-object class
-IGNORE_INDEX = common.IGNORE_INDEX  # 255
+NUM_CLASSES = 19  # Cityscapes trainIds; the head adds a no-object class
+IGNORE_INDEX = 255
 
 # [C configs/segmentation/clouds_config.yaml] MODEL.PIXEL_MEAN / PIXEL_STD = OpenAI CLIP x 255
 PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
@@ -126,9 +124,8 @@ RECIPE = {
 # queries, 256 matcher/criterion points, fake SAM with the 5000 px threshold scaled from 768^2 to
 # 64^2 images (35 px), no evaluation before training, the fast path (fused AdamW) on CPU too.
 TOY_DEFAULTS = dict(
-    crop=64, batch_size=4, backbone="test", sam="fake", sam_min_area=35, num_points=256,
-    num_queries=10, workers=0, pretrained="none", log_every=1, eval_before=False, fast="on",
-    eval_batch_size=16,
+    crop=64, batch_size=4, backbone="test", sam="fake", sam_min_area=35, num_points=256, workers=0,
+    num_queries=10, pretrained="none", log_every=1, eval_before=False, fast="on", eval_batch_size=16
 )  # fmt: skip
 # [C configs/joint_training/*/*.yaml] DATASETS.TARGET_FACTOR: repeat factor of each generated
 # image (source images 1.0) in detectron2's WeightedTrainingSampler
@@ -137,10 +134,6 @@ GEN_FACTOR = {"gta": 2.0, "synthia": 0.7, "cityscapes": 0.2, "toy": 1.0}
 SD_FOLDER = os.path.join("stable_diffusion", "sd_llama70b_v2")
 GENERATED_DIR = {"gta": SD_FOLDER, "synthia": SD_FOLDER, "cityscapes": SD_FOLDER,
                  "toy": "toy_generated"}  # fmt: skip
-# [C configs/*] DATASETS.TEST
-TARGETS = {"gta": "cityscapes,bdd,mapillary", "synthia": "cityscapes,bdd,mapillary",
-           "cityscapes": "acdc-night,acdc-rain,acdc-snow,acdc-fog,cityscapes",
-           "toy": ",".join(common.TOY_TARGETS)}  # fmt: skip
 # [C configs/*/*.yaml DATASETS.TRAIN, register_*.py] the frames each source trains on: GTA5's
 # CLOUDS list (24,904 of 24,966), all 9,400 SYNTHIA frames [C configs/warmup/synthia/
 # train_syn.yaml -> register_synthia_semantic.py], Cityscapes train (2,975)
@@ -165,146 +158,18 @@ EMA_ALPHA = 0.999  # SAM.ALPHA_EMA
 EMA_EVERY = 100  # ITERATION_UPDATE
 SAM_MIN_AREA = 5000  # SAM.SIZE_THRESHOLD (components must be strictly larger)
 SAM_POINTS = 5  # SAM.NUM_POINTS
-SEGMENT_ANYTHING = ("segment_anything", "pip install segment-anything")  # vit_h / vit_l / vit_b
-SAM_DEFAULT_CHECKPOINTS = {"mobile_sam": "weights/mobile_sam.pt",  # [C sam.py] ./weights/...
-                           "vit_h": "weights/sam_vit_h_4b8939.pth",
-                           "vit_l": "weights/sam_vit_l_0b3195.pth",
-                           "vit_b": "weights/sam_vit_b_01ec64.pth"}  # fmt: skip
-
-# Generation [C generate_txt_im.py]
-PROMPTS_MD5 = "bed7a3432ccdf99180913134fb92431e"  # prompt_llama70b.txt at bac4305c31c6
-PROMPTS_LINES = 100
-PROMPTS_BYTES = 5831
-GEN_ARGS = dict(height=768, width=768, num_inference_steps=50, guidance_scale=7.5)
-GEN_NUM_IMAGES = 5000  # --num-images per call (5,000 in total [unverified])
 
 # Evaluation [C mapper_test.py: ResizeShortestEdge(1024)]; mIoU over classes with GT pixels
 # [C semantic_evaluation.py]. toy: short side 48 (0.375 of the toy images; CPU-sized).
 EVAL_SHORT_SIDE = {"gta": 1024, "synthia": 1024, "cityscapes": 1024, "toy": 48}
-# SYNTHIA runs are scored with 19 classes [C configs]; the usual 16- and 13-class means beside
-SYNTHIA_SUBSETS = {"16": common.SYNTHIA16, "13": common.SYNTHIA13}
 
 
 # =============================================================================================
 # 1. The method
 # =============================================================================================
-# Generated data: LLM prompts -> Stable Diffusion images [C generate_txt_im.py,
-# register_sd_semantic.py], mixed with the source by repeat factors.
-
-
-def check_prompts_file(path: str | Path) -> str | None:
-    """None if `path` is the official prompt_llama70b.txt, else what differs (one line)."""
-    data = Path(path).read_bytes()
-    md5 = hashlib.md5(data).hexdigest()
-    lines = len(data.decode("utf-8", errors="replace").splitlines())
-    if (md5, lines, len(data)) == (PROMPTS_MD5, PROMPTS_LINES, PROMPTS_BYTES):
-        return None
-    return (
-        f"{path} is not the official prompt_llama70b.txt (md5 {md5}, {lines} lines, {len(data)} "
-        f"bytes; official {PROMPTS_MD5}, {PROMPTS_LINES} lines, {PROMPTS_BYTES} bytes)"
-    )
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line, stripped, empty lines skipped [C generate_txt_im.py::
-    read_sentences_from_file]; a file other than the official one gets one warning line."""
-    if not os.path.isfile(path):
-        raise common.UsageError(
-            f"--prompts {path}: no such file; download the official prompt_llama70b.txt"
-        )
-    if warning := check_prompts_file(path):
-        common.warn(warning)
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise common.UsageError(f"--prompts {path} holds no prompt (one prompt per line)")
-    return prompts
-
-
-def generated_image_name(j: int, part: int, num_images: int, num_prompts: int) -> str:
-    """[C generate_txt_im.py] image j of job `part` uses prompt j mod P."""
-    return f"im_{j + part * num_images}_p{j % num_prompts}.png"
-
-
-def generate_images(
-    pipe: Callable,
-    prompts: Sequence[str],
-    out_dir: str | Path,
-    num_images: int,
-    part: int = 0,
-    seed: int = 0,
-    make_generator: Callable[[int], object] | None = None,
-) -> list[Path]:
-    """Stable Diffusion 2 over the prompts, round-robin, one image per call with GEN_ARGS
-    [C generate_txt_im.py::main]; `pipe(prompt, **GEN_ARGS, generator).images[0]` is a PIL image.
-    Existing files are kept (restartable jobs). DEVIATION 7: image k = j + part * num_images
-    uses seed + k (official: no seed)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for j in range(num_images):
-        path = out / generated_image_name(j, part, num_images, len(prompts))
-        if not path.exists():
-            k = j + part * num_images
-            generator = make_generator(seed + k) if make_generator is not None else None
-            pipe(prompts[j % len(prompts)], **GEN_ARGS, generator=generator).images[0].save(path)
-        written.append(path)
-    return written
-
-
-def load_sd_pipeline(sd_path: str, device: str) -> tuple[Callable, Callable[[int], object]]:
-    """diffusers StableDiffusionPipeline + EulerDiscreteScheduler from a local Stable Diffusion 2
-    folder (stabilityai/stable-diffusion-2 layout), fp16 on CUDA, no download
-    [C generate_txt_im.py]. Returns the pipeline and a seeded-generator factory."""
-    try:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    except ImportError:
-        msg = "generation needs diffusers (pip install diffusers transformers)"
-        raise common.UsageError(msg) from None
-    if not os.path.isdir(sd_path):
-        raise common.UsageError(f"--sd-path {sd_path}: no such folder (a local SD 2 copy)")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    local = dict(local_files_only=True)  # no download
-    scheduler = EulerDiscreteScheduler.from_pretrained(sd_path, subfolder="scheduler", **local)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        sd_path, scheduler=scheduler, torch_dtype=dtype, **local
-    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, lambda s: torch.Generator(device).manual_seed(s)
-
-
-class GeneratedImages(Dataset):
-    """A folder of generated PNGs, no labels [C register_sd_semantic.py]: every *.png directly in
-    `root` or in `root/images` (the official layout), sorted by name."""
-
-    def __init__(self, root: str | Path) -> None:
-        root = Path(root)
-        self.files = sorted(root.glob("*.png")) + sorted((root / "images").glob("*.png"))
-        if not self.files:
-            what = "no *.png in it (nor in images/)" if root.is_dir() else "no such folder"
-            raise common.UsageError(
-                f"--generated {root}: {what}; the joint phase needs the generated images "
-                "(`python clouds.py generate`, or the released folder)"
-            )
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return common.read_image(self.files[index]), self.files[index].stem
-
-
-def make_toy_generated(out_dir: str | Path, num_images: int, size: int, seed: int = 0) -> Path:
-    """Stand-in for the diffusion model on the toy data: new square street scenes drawn by the toy
-    renderer in the three target looks (city, fog, night), unlabelled, named like the official
-    files with the look as "prompt" (im_{j}_p{j mod 3}.png)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    looks = common.TOY_DOMAINS[1:]
-    for j in range(num_images):
-        rng = np.random.default_rng([seed, 7919, j])
-        image = common.toy_render(common.toy_scene(rng, size, size), looks[j % len(looks)], rng)
-        Image.fromarray(image).save(out / generated_image_name(j, 0, num_images, len(looks)))
-    return out
+# Foundation models around a CLIP segmenter: Stable Diffusion images of LLM prompts (made offline:
+# Appendix B; read by GeneratedImages, section 3) join the source by repeat factors; a mean
+# teacher labels them, SAM refines its labels, the student learns from both [C clouds.py].
 
 
 def repeat_factors(n_source: int, n_generated: int, gen_factor: float) -> list[float]:
@@ -347,27 +212,16 @@ class EMATeacher:
         # [C clouds.py::predict_inference] y_hat(p) = argmax_c sum_q p_q(c) * sigmoid(m_q(p))
         return segment(backbone, self.head, clean).argmax(1)
 
-    def state_dict(self) -> dict:  # DEVIATION 4: saved (official: not), for an exact --resume
-        return {"head": self.head.state_dict(), "iteration": self.iteration}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.head.load_state_dict(state["head"])
-        self.iteration = int(state["iteration"])
-
 
 # predictor(image uint8 (H, W, 3), points (K, P, 2) float (x, y)) -> (masks (K, 3, H, W) bool,
 # scores (K, 3)): any SAM backend behind one interface
 SamPredictor = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
-def refine_pseudo_label_with_sam(
-    pseudo_label: torch.Tensor,
-    image: np.ndarray,
-    predictor: SamPredictor,
-    rng: np.random.Generator,
-    min_area: int = SAM_MIN_AREA,
-    num_points: int = SAM_POINTS,
-) -> dict[str, torch.Tensor]:
+def refine_pseudo_label_with_sam(pseudo_label: torch.Tensor, image: np.ndarray,
+                                 predictor: SamPredictor, rng: np.random.Generator,
+                                 min_area: int = SAM_MIN_AREA,
+                                 num_points: int = SAM_POINTS) -> dict:  # fmt: skip
     """Teacher pseudo-label (H, W) -> refined set targets {labels (C,), masks (C, H, W) float}
     [C my_utils/mask_utils.py: separate_shapes_list, get_fixed_points, select_best_masks,
     remove_intersecting_pixels, transform_masks; clouds.py::CLOUDS.forward]:
@@ -420,60 +274,11 @@ def refine_pseudo_label_with_sam(
     return {"labels": labels, "masks": union.to(device).float()}  # (C,), (C, H, W)
 
 
-def fake_sam_predictor(label_map: torch.Tensor) -> SamPredictor:
-    """Test/demo backend (`--sam fake`): for each prompt, mask 1 (score 0.9) is the 4-connected
-    component of `label_map` under the prompt's first point, mask 0 (0.5) that point's whole class,
-    mask 2 (0.1) empty. Refinement with it keeps exactly the large components."""
-    lm = label_map.cpu().numpy()
-    labelled = {}  # class -> its 4-connected components, computed once
-
-    def predict(image: np.ndarray, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        k = len(points_xy)
-        masks = np.zeros((k, 3, *lm.shape), dtype=bool)
-        for i, (x, y) in enumerate(points_xy[:, 0].astype(int)):
-            c = lm[y, x]
-            if c not in labelled:
-                labelled[c] = ndimage.label(lm == c)[0]
-            masks[i, 0] = lm == c
-            masks[i, 1] = labelled[c] == labelled[c][y, x]
-        scores = torch.tensor([[0.5, 0.9, 0.1]]).expand(k, 3)
-        return torch.from_numpy(masks), scores
-
-    return predict
-
-
-def build_sam_predictor(kind: str, checkpoint: str | None, device: torch.device) -> SamPredictor:
-    """SAM behind the predictor interface: `mobile_sam` ("vit_t", the released default [C sam.py,
-    config.py SAM.MOBILE=True]) or `segment_anything` (vit_h / vit_l / vit_b); ResizeLongestSide
-    (1024) + SAM normalisation (set_image), points scaled into that frame, multimask_output=True,
-    masks binarised at logit 0. checkpoint None: the official weights/... path.
-    DEVIATION 2: eval mode (official: MobileSAM left in train mode, BatchNorm batch statistics)."""
-    package, how = ("mobile_sam", "install MobileSAM") if kind == "mobile_sam" else SEGMENT_ANYTHING
-    try:
-        sam_lib = importlib.import_module(package)
-    except ImportError:
-        raise common.UsageError(
-            f"--sam {kind} needs the `{package}` package ({how}); or --sam none (no-SAM ablation)"
-        ) from None
-    checkpoint = checkpoint or SAM_DEFAULT_CHECKPOINTS[kind]
-    if not os.path.isfile(checkpoint):
-        raise common.UsageError(f"--sam-checkpoint {checkpoint}: no such file ({kind} weights)")
-    model = sam_lib.sam_model_registry["vit_t" if kind == "mobile_sam" else kind](checkpoint)
-    predictor = sam_lib.SamPredictor(model.to(device).eval().requires_grad_(False))
-
-    @torch.no_grad()
-    def predict(image: np.ndarray, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        predictor.set_image(image)  # RGB (H, W, 3) uint8
-        coords = torch.as_tensor(points_xy, dtype=torch.float32, device=device)
-        coords = predictor.transform.apply_coords_torch(coords, image.shape[:2])  # x, y * 1024/long
-        labels = torch.ones(coords.shape[:2], device=device)  # all positive
-        masks, iou, _ = predictor.predict_torch(coords, labels, multimask_output=True)
-        return masks, iou  # (K, 3, H, W) bool, (K, 3)
-
-    return predict
-
-
 # The self-training step [C clouds.py::CLOUDS.forward].
+
+
+class NonFinitePredictions(FloatingPointError):
+    """A nan or inf in the predictions, caught before the matcher; args: their names."""
 
 
 @dataclasses.dataclass
@@ -499,11 +304,9 @@ def pad_to(x: torch.Tensor, size_hw: Sequence[int], value: float) -> torch.Tenso
 PREDICTIONS = ("pred_logits", "pred_masks")  # what the matcher reads of each prediction
 
 
-def train_step(
-    model: CLOUDS, batch: tuple, iteration: int, args: argparse.Namespace
-) -> tuple[torch.Tensor, dict[str, float]]:
+def train_step(model: CLOUDS, batch: tuple, iteration: int, args: argparse.Namespace) -> tuple:
     """Forward pass and loss of one mixed batch (student images, clean teacher views of the
-    generated ones, labels, is_generated) -> (loss, terms for the log)."""
+    generated ones, labels, is_generated) -> (loss, terms for the log), or NonFinitePredictions."""
     images, clean, labels, is_generated = batch
     device = next(model.head.parameters()).device
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -516,10 +319,13 @@ def train_step(
     features = model.backbone(x)
     with model.autocast():
         outputs = model.student(features)
-    # the matcher (scipy) must never see a NaN: stop on non-finite predictions first
-    for i, out in enumerate([outputs, *outputs["aux_outputs"]]):  # the final ones first
-        prefix = f"aux_outputs[{i - 1}]." if i else ""
-        common.check_finite_outputs(iteration + 1, {prefix + k: out[k] for k in PREDICTIONS})
+    # the matcher (scipy) must never see a NaN: stop on non-finite predictions (one device sync),
+    # naming those of the first set that holds one (the final set, then aux_outputs[0], ...)
+    sets, n = [outputs, *outputs["aux_outputs"]], len(PREDICTIONS)
+    finite = torch.stack([torch.isfinite(s[k]).all() for s in sets for k in PREDICTIONS]).tolist()
+    for i in range(len(sets)):
+        if bad := [k for j, k in enumerate(PREDICTIONS) if not finite[i * n + j]]:
+            raise NonFinitePredictions(*(f"aux_outputs[{i - 1}].{k}" if i else k for k in bad))
     targets = semantic_to_targets(pad_to(labels, x.shape[-2:], IGNORE_INDEX))
     # the teacher labels the clean generated views; SAM refines each pseudo-label; the refined
     # targets replace the all-255 labels of those images
@@ -585,8 +391,7 @@ class FrozenCLIPEncoder(nn.Module):
     def __init__(self, size: str, pretrained: str = "none", device: str = "cpu") -> None:
         super().__init__()
         model_name, _, self.channels = BACKBONES[size]
-        self.size = size
-        self.memory_format = torch.contiguous_format
+        self.size, self.memory_format = size, torch.contiguous_format
         self.is_convnext = model_name is not None and model_name.startswith("convnext")
         if model_name is None:
             with torch.device(device):
@@ -622,11 +427,7 @@ class FrozenCLIPEncoder(nn.Module):
             x = v.act1(v.bn1(v.conv1(x)))  # (B, 32, H/2, W/2)
             x = v.act3(v.bn3(v.conv3(v.act2(v.bn2(v.conv2(x))))))
             x, stages = v.avgpool(x), (v.layer1, v.layer2, v.layer3, v.layer4)  # (B, 64, H/4, W/4)
-        feats = []
-        for stage in stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
+        return [x := stage(x) for stage in stages]
 
 
 def normalize_and_pad(images: torch.Tensor) -> torch.Tensor:
@@ -636,9 +437,7 @@ def normalize_and_pad(images: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(PIXEL_STD, device=images.device).view(1, 3, 1, 1)
     x = (images.float() - mean) / std
     h, w = x.shape[-2:]
-    pad_h = (SIZE_DIVISIBILITY - h % SIZE_DIVISIBILITY) % SIZE_DIVISIBILITY
-    pad_w = (SIZE_DIVISIBILITY - w % SIZE_DIVISIBILITY) % SIZE_DIVISIBILITY
-    return F.pad(x, (0, pad_w, 0, pad_h))  # (B, 3, H', W')
+    return F.pad(x, (0, -w % SIZE_DIVISIBILITY, 0, -h % SIZE_DIVISIBILITY))  # (B, 3, H', W')
 
 
 def build_head(backbone: FrozenCLIPEncoder, num_queries: int = NUM_QUERIES) -> Mask2FormerHead:
@@ -668,6 +467,42 @@ def segment(backbone: FrozenCLIPEncoder, head: nn.Module, images: torch.Tensor) 
 # RandomFlip]. Draws come from the loader's per-sample generator `g`: a resumed run sees the same.
 
 
+def generated_image_name(j: int, part: int, num_images: int, num_prompts: int) -> str:
+    """[C generate_txt_im.py] image j of job `part` uses prompt j mod P."""
+    return f"im_{j + part * num_images}_p{j % num_prompts}.png"
+
+
+class GeneratedImages(Dataset):
+    """A folder of generated PNGs, no labels [C register_sd_semantic.py]: every *.png directly in
+    `root` or in `root/images` (the official layout), sorted by name."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        self.files = sorted(root.glob("*.png")) + sorted((root / "images").glob("*.png"))
+        if not self.files:
+            what = "no *.png in it (nor in images/)" if root.is_dir() else "no such folder"
+            msg = f"--generated {root}: {what}; the joint phase needs the generated images "
+            raise common.UsageError(msg + "(`python clouds.py generate`, or the released folder)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return common.read_image(self.files[index]), self.files[index].stem
+
+
+def make_toy_generated(out_dir: str | Path, num_images: int, size: int, seed: int = 0) -> Path:
+    """Stand-in for the diffusion model on the toy data: unlabelled toy street scenes in the three
+    target looks (city, fog, night), named like the official files with the look as "prompt"."""
+    (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    looks = common.TOY_DOMAINS[1:]
+    for j in range(num_images):
+        rng = np.random.default_rng([seed, 7919, j])
+        image = common.toy_render(common.toy_scene(rng, size, size), looks[j % len(looks)], rng)
+        Image.fromarray(image).save(out / generated_image_name(j, 0, num_images, len(looks)))
+    return out
+
+
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=g).item()
 
@@ -676,13 +511,9 @@ def _coin(g: torch.Generator) -> bool:
     return bool(torch.randint(2, (), generator=g).item())
 
 
-def resize_scale(
-    image: torch.Tensor,
-    label: torch.Tensor,
-    g: torch.Generator,
-    target_hw: tuple[int, int] | None,
-    scale_range: tuple[float, float] = SCALE_RANGE,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_scale(image: torch.Tensor, label: torch.Tensor, g: torch.Generator,
+                 target_hw: tuple[int, int] | None,
+                 scale_range: tuple[float, float] = SCALE_RANGE) -> tuple:  # fmt: skip
     """detectron2 ResizeScale. The targets are the native source sizes, so this rescales by s (for
     GTA5's 1046-row frames the width term decides). Image bilinear, label nearest."""
     h, w = image.shape[-2:]
@@ -694,13 +525,9 @@ def resize_scale(
     return resize_image_label(image, label, (out_h, out_w))
 
 
-def resize_image_label(
-    image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def resize_image_label(image: torch.Tensor, label: torch.Tensor | None, size_hw: tuple) -> tuple:
     """PIL semantics: bilinear (antialiased when shrinking) image, nearest (pixel-centre) label."""
-    from torchvision.transforms.functional import InterpolationMode, resize
-
-    image = resize(image, list(size_hw), InterpolationMode.BILINEAR, antialias=True)
+    image = TF.resize(image, list(size_hw), TF.InterpolationMode.BILINEAR, antialias=True)
     if label is not None:
         label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest-exact")
         label = label[0, 0].long()  # (H, W)
@@ -709,14 +536,12 @@ def resize_image_label(
 
 def fixed_size_crop(
     image: torch.Tensor, label: torch.Tensor, g: torch.Generator, crop: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple:
     """detectron2 FixedSizeCrop((crop, crop), pad=True): ONE u ~ U(0,1) scales both axes' maximum
-    offsets (crop corners on a diagonal: a detectron2 quirk, kept), then bottom/right padding with
-    0 (image) and 255 (label)."""
+    offsets (crop corners on a diagonal: a detectron2 quirk, kept), then padding with 0 / 255."""
     h, w = image.shape[-2:]
     u = torch.rand((), generator=g).item()
-    top = int(np.round(max(h - crop, 0) * u))
-    left = int(np.round(max(w - crop, 0) * u))
+    top, left = (int(np.round(max(n - crop, 0) * u)) for n in (h, w))
     image = image[:, top : top + crop, left : left + crop]
     label = label[top : top + crop, left : left + crop]
     pad_h, pad_w = crop - image.shape[1], crop - image.shape[2]
@@ -726,14 +551,10 @@ def fixed_size_crop(
     return image, label
 
 
-def color_aug_ssd(
-    image: torch.Tensor,
-    g: torch.Generator,
-    brightness_delta: float = 32,
-    contrast_range: tuple[float, float] = (0.5, 1.5),
-    saturation_range: tuple[float, float] = (0.5, 1.5),
-    hue_delta: int = 18,
-) -> torch.Tensor:
+def color_aug_ssd(image: torch.Tensor, g: torch.Generator, brightness_delta: float = 32,
+                  contrast_range: tuple[float, float] = (0.5, 1.5),
+                  saturation_range: tuple[float, float] = (0.5, 1.5),
+                  hue_delta: int = 18) -> torch.Tensor:  # fmt: skip
     """SSD photometric distortion [PointRend ColorAugSSDTransform, C mapper_train.py]:
     brightness (p .5, +U(-32, 32)); then, with p .5, contrast -> saturation -> hue, else
     saturation -> hue -> contrast; contrast (p .5) x U(.5, 1.5); saturation (p .5) S x U(.5, 1.5)
@@ -771,9 +592,7 @@ def color_aug_ssd(
 
 def hflip(g: torch.Generator, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """detectron2 RandomFlip: horizontal, p 0.5, the same decision for every given tensor."""
-    if _coin(g):
-        return tuple(t.flip(-1) for t in tensors)
-    return tensors
+    return tuple(t.flip(-1) for t in tensors) if _coin(g) else tensors
 
 
 class SourceTransform:
@@ -783,28 +602,23 @@ class SourceTransform:
     def __init__(self, crop: int, target_hw: tuple[int, int] | None) -> None:
         self.crop, self.target_hw = crop, target_hw
 
-    def __call__(
-        self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, g: torch.Generator) -> tuple:
         image, label = resize_scale(image, label, g, self.target_hw)
         image, label = fixed_size_crop(image, label, g, self.crop)
-        image = color_aug_ssd(image, g)
-        return hflip(g, image, label)
+        return hflip(g, color_aug_ssd(image, g), label)
 
 
 def generated_views(image: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generated image: RandomFlip only (no resize, no crop), then a clean copy for the teacher
-    and a ColorAugSSD copy of the same flipped image for the student [C mapper_train.py:
-    augs_sd + augs_photometric]. Returns (student view, teacher view)."""
+    """Generated image: RandomFlip only, then (ColorAugSSD view for the student, clean view for the
+    teacher) of the same flipped image [C mapper_train.py: augs_sd + augs_photometric]."""
     (image,) = hflip(g, image)
     return color_aug_ssd(image, g), image
 
 
 class JointTrainSet(Dataset):
-    """Labelled source images followed by generated images, one index space for the repeat-factor
-    sampler. Item: (student view, teacher view or None, label, is_generated); generated images get
-    an all-255 label, replaced by pseudo-labels in the training step
-    [C mapper_train.py::MapperTrain.__call__]."""
+    """Source images, then generated ones, one index space for the repeat-factor sampler. Item:
+    (student view, teacher view or None, label, is_generated); a generated image's all-255 label is
+    replaced by pseudo-labels in the training step [C mapper_train.py::MapperTrain.__call__]."""
 
     def __init__(self, source: Dataset, generated: Dataset | None, crop: int, target_hw) -> None:
         self.source, self.generated, self.crop = source, generated, crop
@@ -846,16 +660,13 @@ def build_train_set(args: argparse.Namespace) -> tuple[JointTrainSet, list[float
     source = common.build_dataset(args.source, args.data, split, gta_list="clouds")
     generated = GeneratedImages(args.generated) if args.phase == "joint" else None
     train_set = JointTrainSet(source, generated, args.crop, RESIZE_TARGET[args.source])
-    data = f"data: {len(source)} source images ({args.source} {split})"
-    if generated is None:
-        common.print0(data)
-        return train_set, None
-    factors = repeat_factors(len(source), len(generated), args.gen_factor)
-    share = sum(factors[len(source) :]) / sum(factors)
-    common.print0(
-        f"{data} + {len(generated)} generated (repeat factor {args.gen_factor}): "
-        f"expected generated share {share:.1%}"
-    )
+    data, factors = f"data: {len(source)} source images ({args.source} {split})", None
+    if generated is not None:
+        factors = repeat_factors(len(source), len(generated), args.gen_factor)
+        share = sum(factors[len(source) :]) / sum(factors)
+        data += f" + {len(generated)} generated (repeat factor {args.gen_factor}): "
+        data += f"expected generated share {share:.1%}"
+    common.print0(data)
     return train_set, factors
 
 
@@ -871,16 +682,11 @@ def param_groups(head: nn.Module, weight_decay: float = WEIGHT_DECAY) -> list[di
     """AdamW groups: weight decay 0.05, except 0 for normalisation layers (WEIGHT_DECAY_NORM) and
     nn.Embedding tables (WEIGHT_DECAY_EMBED: query_feat, query_embed, the decoder's level_embed).
     The pixel decoder's level_embed is a plain Parameter and decays, as in the official code."""
-    decay, no_decay = [], []
+    groups = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
     for module in head.modules():
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                no_wd = isinstance(module, (*NORM_TYPES, nn.Embedding))
-                (no_decay if no_wd else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        no_wd = isinstance(module, (*NORM_TYPES, nn.Embedding))
+        groups[no_wd]["params"] += [p for p in module.parameters(recurse=False) if p.requires_grad]
+    return groups
 
 
 def lr_at(iteration: int, base_lr: float, schedule: str, max_iters: int) -> float:
@@ -899,56 +705,72 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, args: argparse.Name
     return lr
 
 
-def save_checkpoint(args, iteration: int, model: CLOUDS, optimizer, scaler) -> None:
-    """out/last.pt (written by rank 0): head (+ test encoder), optimizer, scaler, teacher and its
-    counter."""
-    teacher = model.teacher.state_dict() if model.teacher is not None else None
-    extra = {"teacher": teacher, "backbone_omitted": model.backbone.size != "test"}
-    path, state = os.path.join(args.out, "last.pt"), model_state(model)
-    common.save_checkpoint(
-        path,
-        method="clouds",
-        iteration=iteration,
-        model_state=state,
-        optimizer=optimizer,
-        scaler=scaler,
-        args=args,
-        extra=extra,
-    )
-
-
 def train(args, dist, log, model: CLOUDS, optimizer, scaler, loader, targets, start) -> dict:
     """One self-training step per iteration; checkpoint, then evaluation, every --eval-every
     iterations and at the end. targets: {name: dataset}."""
-    results = {}
-    bar = common.progress(args.iters, start, dist.is_main)
-    for it in range(start, args.iters):
-        # PLUMBING: the next batch; gradients cleared before the forward pass
-        batch = next(loader)
-        optimizer.zero_grad(set_to_none=True)
-        # METHOD: learning rate of this iteration [C train_net.py::build_lr_scheduler]
-        lr = set_lr(optimizer, it, args)
-        # METHOD: EMA teacher, pseudo-labels, SAM, set criterion [C clouds.py::CLOUDS.forward]
-        loss, terms = train_step(model, batch, it, args)
-        # PLUMBING: stop on a non-finite loss, backward, step, log
-        common.check_finite(it + 1, terms)
-        # METHOD: full-model gradient clipping, L2 norm 0.01 [C SOLVER.CLIP_GRADIENTS]
-        terms["grad_norm"] = common.backward_and_step(
-            loss, optimizer, scaler, max_norm=GRAD_CLIP, params=model.head.parameters()
-        )
-        common.log_step(log, bar, it + 1, args, lr, terms)
-        # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
-        if common.eval_due(it + 1, args):
-            save_checkpoint(args, it + 1, model, optimizer, scaler)
-            results = evaluate(model, targets, args, dist)
-            common.report_results(results, it + 1, log)
-    bar.close()
+    # PLUMBING: a progress bar on rank 0; `saved` = (path, iteration) of this run's last checkpoint
+    results, saved, done, clock = {}, None, start, None
+    bar = tqdm(
+        total=args.iters, initial=start, desc="train", disable=not dist.is_main, **common.BAR
+    )
+    try:
+        for it in range(start, args.iters):
+            # PLUMBING: the next batch; gradients cleared before the forward pass
+            batch = next(loader)
+            optimizer.zero_grad(set_to_none=True)
+            # METHOD: learning rate of this iteration [C train_net.py::build_lr_scheduler]
+            lr = set_lr(optimizer, it, args)
+            # METHOD: EMA teacher, student, pseudo-labels, SAM, set criterion [C clouds.py::CLOUDS]
+            try:
+                loss, terms = train_step(model, batch, it, args)
+            except NonFinitePredictions as e:  # stopped before the matcher
+                raise common.DivergenceError(it + 1, saved, predictions=e.args) from None
+            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise common.DivergenceError(it + 1, saved, terms)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            # METHOD: full-model gradient clipping, L2 norm 0.01 [C SOLVER.CLIP_GRADIENTS]
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.head.parameters(), GRAD_CLIP)
+            terms["grad_norm"] = float(norm)
+            # PLUMBING: the optimizer step (through the scaler in fp16)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            # PLUMBING: progress; a `train` record every --log-every iterations and at the end
+            done, now = it + 1, time.perf_counter()
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            clock = clock or (done, now)  # seconds per step count from the first step's end
+            if done % args.log_every == 0 or done == args.iters:
+                seconds = (now - clock[1]) / (done - clock[0]) if done > clock[0] else None
+                log.log({"type": "train", "iter": done, "lr": lr, **terms, "time_s": seconds})
+                clock = (done, now)
+            # PLUMBING: checkpoint, then evaluate, every --eval-every iterations and at the end
+            if done == args.iters or (args.eval_every > 0 and done % args.eval_every == 0):
+                save_checkpoint(args, done, model, optimizer, scaler)
+                saved = (Path(args.out) / "last.pt", done)
+                # METHOD: every target of --targets [C train_net.py: TEST.EVAL_PERIOD]
+                results = evaluate(model, targets, args, dist)
+                # PLUMBING: the table on rank 0, an `eval` record and results.json
+                common.print0(common.format_results(results, done))
+                log.write_results(results, done)
+    except KeyboardInterrupt:  # PLUMBING: Ctrl-C says where the run stopped and how to go on
+        raise common.Interrupted(done, args.iters, saved) from None
+    finally:
+        bar.close()
     return results
 
 
 # =============================================================================================
 # 5. Evaluation
 # =============================================================================================
+
+# SYNTHIA runs are scored with 19 classes [C configs]; the usual 16- and 13-class means beside
+SYNTHIA_SUBSETS = {"16": common.SYNTHIA16, "13": common.SYNTHIA13}
 
 
 def evaluate(model: CLOUDS, targets: dict, args: argparse.Namespace, dist: common.Dist) -> dict:
@@ -967,19 +789,12 @@ def evaluate(model: CLOUDS, targets: dict, args: argparse.Namespace, dist: commo
     model.head.eval()
     with common.rng_neutral():
         for name, dataset in targets.items():
+            save_dir = os.path.join(args.out, "preds", name) if args.save_preds else None
             results[name] = common.evaluate_dataset(
-                predict,
-                dataset,
-                resize=resize,
-                dist=dist,
-                miou_mode="present_gt",
-                workers=min(args.workers, 2),
-                batch_size=args.eval_batch_size,
-                save_preds=args.save_preds,
-                save_dir=os.path.join(args.out, "preds", name) if args.save_preds else None,
-                subsets=SYNTHIA_SUBSETS if args.source == "synthia" else None,
-                desc=name,
-            )
+                predict, dataset, resize=resize, dist=dist, miou_mode="present_gt",
+                workers=min(args.workers, 2), batch_size=args.eval_batch_size,
+                save_preds=args.save_preds, save_dir=save_dir, desc=name,
+                subsets=SYNTHIA_SUBSETS if args.source == "synthia" else None)  # fmt: skip
     model.head.train()
     return results
 
@@ -988,6 +803,10 @@ def evaluate(model: CLOUDS, targets: dict, args: argparse.Namespace, dist: commo
 # 6. Command line and main
 # =============================================================================================
 
+# [C configs/*] DATASETS.TEST
+TARGETS = {"gta": "cityscapes,bdd,mapillary", "synthia": "cityscapes,bdd,mapillary",
+           "cityscapes": "acdc-night,acdc-rain,acdc-snow,acdc-fog,cityscapes",
+           "toy": ",".join(common.TOY_TARGETS)}  # fmt: skip
 # flags that shape the model: a resumed run must use the checkpoint's values
 MODEL_FLAGS = ("backbone", "num_queries")
 # flags only the joint phase reads
@@ -1019,9 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(official: MODEL.WEIGHTS [C configs/joint_training])")
     a("--backbone", choices=tuple(BACKBONES), default=CONVNEXT_L, help="frozen CLIP encoder, "
       "test = tiny random (default %(default)s; official: convnext_large_d_320 [C configs])")
-    a("--lr", type=common.positive_float, default=recipe["lr"],
-      help="base learning rate (default %(default)s; official: 1e-5 GTA5/SYNTHIA, 1e-4 "
-      "Cityscapes [C configs SOLVER.BASE_LR])")
+    a("--lr", type=common.positive_float, default=recipe["lr"], help="base learning rate (default "
+      "%(default)s; official: 1e-5 GTA5/SYNTHIA, 1e-4 Cityscapes [C configs SOLVER.BASE_LR])")
     a("--lr-schedule", choices=("constant", "poly"), default=recipe["lr_schedule"], help="(default "
       "%(default)s; official: constant GTA5/Cityscapes, poly 0.9 SYNTHIA [C configs])")
     a("--generated", default=os.path.join("data", SD_FOLDER),
@@ -1031,8 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gen-factor", type=common.positive_float, default=GEN_FACTOR["gta"],
       help="repeat factor of each generated image (default %(default)s; official: 2.0 GTA5, 0.7 "
       "SYNTHIA, 0.2 Cityscapes [C configs DATASETS.TARGET_FACTOR])")
-    a("--ema-alpha", type=float, default=EMA_ALPHA, help="teacher EMA decay, in [0, 1] (default "
-      "%(default)s; official: 0.999 [C config.py SAM.ALPHA_EMA])")
+    a("--ema-alpha", type=common.unit_float, default=EMA_ALPHA, help="teacher EMA decay, in "
+      "[0, 1] (default %(default)s; official: 0.999 [C config.py SAM.ALPHA_EMA])")
     a("--ema-every", type=common.positive_int, default=EMA_EVERY, help="iterations between "
       "teacher updates (default %(default)s; official: 100 [C config.py ITERATION_UPDATE])")
     a("--sam", choices=("mobile_sam", "vit_h", "vit_l", "vit_b", "fake", "none"),
@@ -1047,9 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="random positive points per component (default %(default)s; official: 5 [C config.py])")
     a("--num-queries", type=common.positive_int, default=NUM_QUERIES,
       help="object queries (default %(default)s; official: 100 [C clouds_config.yaml])")
-    a("--num-points", type=common.positive_int, default=TRAIN_NUM_POINTS,
-      help="matcher/criterion points per mask (default %(default)s; official: 12544 "
-      "[C mask2former_config.yaml TRAIN_NUM_POINTS])")
+    a("--num-points", type=common.positive_int, default=TRAIN_NUM_POINTS, help="matcher/criterion "
+      "points per mask (default %(default)s; official: 12544 [C mask2former_config.yaml])")
     a("--eval-before", action=argparse.BooleanOptionalAction, default=True,
       help="evaluate before the first iteration (default %(default)s; official: yes, the sanity "
       "check of [C train_net.py], yasserben/CLOUDS GitHub issue #4)")
@@ -1060,11 +877,10 @@ def build_parser() -> argparse.ArgumentParser:
 def presets(first: argparse.Namespace) -> dict:
     """Defaults of the chosen --source and --phase: the official recipe [C configs], or the toy
     settings; installed before the final parse, so --help shows them."""
-    source = first.source
-    folder = GENERATED_DIR[source]
-    defaults = dict(RECIPE[(source, first.phase)], gen_factor=GEN_FACTOR[source])
-    defaults.update(targets=TARGETS[source], generated=os.path.join(first.data, folder))
-    if source == "toy":
+    src = first.source
+    defaults = dict(RECIPE[(src, first.phase)], gen_factor=GEN_FACTOR[src], targets=TARGETS[src])
+    defaults["generated"] = os.path.join(first.data, GENERATED_DIR[src])
+    if src == "toy":
         return {**defaults, **TOY_DEFAULTS}
     return {**defaults, "pretrained": BACKBONES[first.backbone][1]}
 
@@ -1072,18 +888,20 @@ def presets(first: argparse.Namespace) -> dict:
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Parse with the presets; reject combinations the flags cannot express. Returns the args and
     the warning lines for values this configuration does not use."""
-    parser = build_parser()
-    args = common.parse_with_presets(parser, argv, presets)
-    checks = (  # (what is wrong, the one-line error)
+    parser, argv = build_parser(), list(sys.argv[1:] if argv is None else argv)
+    # One pre-parse reads what chooses a preset (--source, --phase, --backbone, --data); its
+    # defaults are installed with set_defaults, then the one real parse (a flag written wins).
+    first, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    parser.set_defaults(**presets(first))
+    args = parser.parse_args(argv)
+    for bad, message in (  # (what is wrong, the one-line error)
         (args.phase == "joint" and not (args.init or args.resume or args.eval_only or args.bench),
          "--phase joint needs --init WARMUP_CHECKPOINT (the last.pt of a --phase warmup run)"),
         (args.init and args.resume, "give --init (start a joint run) or --resume, not both"),
         (args.make_toy_generated and args.source != "toy",
          "--make-toy-generated is for --source toy; real runs read --generated"),
         (args.crop < SIZE_DIVISIBILITY, f"--crop {args.crop}: use at least {SIZE_DIVISIBILITY}"),
-        (not 0.0 <= args.ema_alpha <= 1.0, f"--ema-alpha {args.ema_alpha}: must be in [0, 1]"),
-    )  # fmt: skip
-    for bad, message in checks:
+    ):  # fmt: skip
         if bad:
             raise common.UsageError(message)
     notes = []
@@ -1095,38 +913,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     elif args.sam_checkpoint and args.sam in ("none", "fake"):
         notes.append(f"--sam-checkpoint is not used with --sam {args.sam}")
     return args, notes
-
-
-def build_model(
-    args: argparse.Namespace, dist: common.Dist, resume: dict | None = None
-) -> tuple[CLOUDS, torch.amp.GradScaler | None, dict]:
-    """Encoder and head with their weights (Appendix B; `resume`: the --resume checkpoint), the
-    teacher (joint phase), SAM, the criterion, and the speed switches: channels_last encoder
-    (--fast), compiled head (--compile)."""
-    backbone, head, weights = load_weights(args)
-    backbone.memory_format = common.memory_format(args, dist)
-    backbone.to(dist.device, memory_format=backbone.memory_format)
-    head = head.to(dist.device)
-    teacher = EMATeacher(head, args.ema_alpha, args.ema_every) if args.phase == "joint" else None
-    sam = None
-    if args.phase == "joint" and args.sam in SAM_DEFAULT_CHECKPOINTS and not args.eval_only:
-        sam = build_sam_predictor(args.sam, args.sam_checkpoint, dist.device)
-    criterion = SetCriterion(num_classes=NUM_CLASSES, num_points=args.num_points).to(dist.device)
-    autocast, scaler = common.autocast(dist.device, args.amp)
-    student = common.wrap_ddp(common.maybe_compile(head, args), dist)
-    model = CLOUDS(backbone, head, student, criterion, teacher, sam, autocast, dist.rank)
-    if resume is not None:
-        restore_run(model, resume, f"--resume {args.resume}")
-    return model, scaler, weights
-
-
-def parameter_counts(model: CLOUDS) -> dict:
-    backbone, head = common.count_parameters(model.backbone), common.count_parameters(model.head)
-    counts = {"total": backbone[0] + head[0], "trainable": backbone[1] + head[1]}
-    counts.update(backbone=backbone[0], head=head[0])
-    if model.teacher is not None:
-        counts["teacher_head (EMA, not trained)"] = common.count_parameters(model.teacher.head)[0]
-    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1151,50 +937,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     targets = {t: common.build_dataset(t, args.data, "val") for t in common.parse_targets(args)}
     train_set, factors = (None, None) if args.eval_only else build_train_set(args)
     model, scaler, weights = build_model(args, dist, ckpt)
-    counts = parameter_counts(model)
+    (b, b_train), (h, h_train) = map(common.count_parameters, (model.backbone, model.head))
+    counts = {"total": b + h, "trainable": b_train + h_train, "backbone": b, "head": h}
+    if model.teacher is not None:
+        counts["teacher_head (EMA, not trained)"] = common.count_parameters(model.teacher.head)[0]
     common.print0("args: " + json.dumps(common.args_to_primitives(args), sort_keys=True))
     common.print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     per_gpu = args.batch_size // dist.world_size
     common.print0(f"batch: {args.batch_size} global, {per_gpu} per process x {dist.world_size}")
     log = common.RunLog(args.out, args, {"parameters": counts, "weights": weights}, dist.is_main)
+    start = int(ckpt["iter"]) if ckpt is not None else 0
+    # --eval-before: the official sanity check [C train_net.py], CLOUDS issue #4 (RNG-neutral)
+    if args.eval_only or (start == 0 and args.eval_before):
+        results, iteration = evaluate(model, targets, args, dist), (None if args.eval_only else 0)
+        common.print0(common.format_results(results, iteration))
+        log.write_results(results, iteration)
     if args.eval_only:
-        common.report_results(evaluate(model, targets, args, dist), None, log)
         return
     options = common.optimizer_options(args, dist, "adamw")  # fused AdamW on the fast path
     # betas 0.9 / 0.999, eps 1e-8 [detectron2 build_optimizer]
     optimizer = torch.optim.AdamW(param_groups(model.head), lr=args.lr, **options)
-    start = int(ckpt["iter"]) if ckpt is not None else 0
-    loader = common.TrainLoader(
-        train_set, args.batch_size, dist, args.seed, args.workers, start, factors, collate_joint
-    )
+    loader = common.TrainLoader(train_set, args.batch_size, dist, args.seed, args.workers, start,
+                                factors, collate_joint)  # fmt: skip
     if ckpt is not None:  # after everything that draws random numbers at start-up
         common.restore_training_state(ckpt, optimizer, scaler)
-    if start == 0 and args.eval_before:  # official sanity check [C train_net.py], CLOUDS issue #4
-        common.report_results(evaluate(model, targets, args, dist), 0, log)
     train(args, dist, log, model, optimizer, scaler, loader, targets, start)
-
-
-def generate_main(argv: Sequence[str]) -> None:
-    """`python clouds.py generate ...`: a folder of generated images [C generate_txt_im.py]."""
-    # fmt: off
-    p = common.make_parser("The CLOUDS image folder: Stable Diffusion 2 on the LLM prompts.")
-    a = p.add_argument
-    a("--prompts", required=True, help="prompt_llama70b.txt of the official repository")
-    a("--out", required=True, help="output folder of PNGs (give it to --generated)")
-    a("--sd-path", required=True, help="local Stable Diffusion 2 folder (no download)")
-    a("--num-images", type=common.positive_int, default=GEN_NUM_IMAGES,
-      help="images of this job (default %(default)s [C generate_txt_im.py])")
-    a("--part", type=common.nonnegative_int, default=0,
-      help="job index: names start at part * num-images (default %(default)s)")
-    a("--seed", type=int, default=0, help="image k uses seed + k (default %(default)s)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="(default %(default)s)")
-    # fmt: on
-    args = p.parse_args(argv)
-    prompts = read_prompts(args.prompts)
-    pipe, gen = load_sd_pipeline(args.sd_path, args.device)
-    paths = generate_images(pipe, prompts, args.out, args.num_images, args.part, args.seed, gen)
-    print(f"{len(paths)} images in {args.out}")
 
 
 # =============================================================================================
@@ -1991,48 +1758,32 @@ OFFICIAL_HEAD_RENAMES = (
     (r"^pixel_decoder\.adapter_1\.norm\.", "pixel_decoder.lateral_conv.1."),
     (r"^pixel_decoder\.layer_1\.weight$", "pixel_decoder.output_conv.0.weight"),
     (r"^pixel_decoder\.layer_1\.norm\.", "pixel_decoder.output_conv.1."),
-    (
-        r"^predictor\.transformer_cross_attention_layers\.(\d+)\.multihead_attn\.",
-        r"transformer_decoder.layers.\1.cross_attn.",
-    ),
-    (
-        r"^predictor\.transformer_cross_attention_layers\.(\d+)\.norm\.",
-        r"transformer_decoder.layers.\1.norm_cross.",
-    ),
-    (
-        r"^predictor\.transformer_self_attention_layers\.(\d+)\.self_attn\.",
-        r"transformer_decoder.layers.\1.self_attn.",
-    ),
-    (
-        r"^predictor\.transformer_self_attention_layers\.(\d+)\.norm\.",
-        r"transformer_decoder.layers.\1.norm_self.",
-    ),
-    (
-        r"^predictor\.transformer_ffn_layers\.(\d+)\.norm\.",
-        r"transformer_decoder.layers.\1.norm_ffn.",
-    ),
+    (r"^predictor\.transformer_cross_attention_layers\.(\d+)\.multihead_attn\.",
+     r"transformer_decoder.layers.\1.cross_attn."),
+    (r"^predictor\.transformer_cross_attention_layers\.(\d+)\.norm\.",
+     r"transformer_decoder.layers.\1.norm_cross."),
+    (r"^predictor\.transformer_self_attention_layers\.(\d+)\.self_attn\.",
+     r"transformer_decoder.layers.\1.self_attn."),
+    (r"^predictor\.transformer_self_attention_layers\.(\d+)\.norm\.",
+     r"transformer_decoder.layers.\1.norm_self."),
+    (r"^predictor\.transformer_ffn_layers\.(\d+)\.norm\.",
+     r"transformer_decoder.layers.\1.norm_ffn."),
     (r"^predictor\.transformer_ffn_layers\.(\d+)\.", r"transformer_decoder.layers.\1."),
     # MLP(256, 256, 256, 3).layers.{0,1,2} -> Sequential(Linear, ReLU, Linear, ReLU, Linear).{0,2,4}
-    (
-        r"^predictor\.mask_embed\.layers\.(\d)\.",
-        lambda m: f"transformer_decoder.mask_embed.{2 * int(m[1])}.",
-    ),
+    (r"^predictor\.mask_embed\.layers\.(\d)\.",
+     lambda m: f"transformer_decoder.mask_embed.{2 * int(m[1])}."),
     (r"^predictor\.", "transformer_decoder."),
-)
+)  # fmt: skip
 # Parts of a released checkpoint deliberately not loaded, with the reason printed.
 OFFICIAL_DROPPED = (
-    (
-        r"^backbone\.clip_model\.visual\.(head|trunk\.head|attnpool)\.",
-        "CLIP image projection / attention pool (only the disabled geometric ensemble uses it)",
-    ),
-    (
-        r"^backbone\.clip_model\.(?!visual\.)",
-        "CLIP text tower + logit scale (open-vocabulary path, off)",
-    ),
+    (r"^backbone\.clip_model\.visual\.(head|trunk\.head|attnpool)\.",
+     "CLIP image projection / attention pool (only the disabled geometric ensemble uses it)"),
+    (r"^backbone\.clip_model\.(?!visual\.)",
+     "CLIP text tower + logit scale (open-vocabulary path, off)"),
     (r"^void_embedding\.", "void class embedding (open-vocabulary path, never updated)"),
     (r"^criterion\.", "criterion buffers (rebuilt from eos_coef)"),
     (r"^sam\.", "SAM weights (loaded from --sam-checkpoint)"),
-)
+)  # fmt: skip
 
 
 def rename_official_head_key(key: str) -> str:
@@ -2066,10 +1817,8 @@ def split_official_state_dict(obj: dict) -> tuple[dict, dict, dict, dict[str, li
         else:
             unknown.append(key)
     if unknown:
-        raise common.CheckpointError(
-            f"unexpected keys in the CLOUDS checkpoint: {unknown[:5]} ({len(unknown)} in all); "
-            "is it a CLOUDS model_final.pth?"
-        )
+        msg = f"unexpected keys in the CLOUDS checkpoint: {unknown[:5]} ({len(unknown)} in all)"
+        raise common.CheckpointError(msg + "; is it a CLOUDS model_final.pth?")
     return backbone, head, teacher, dropped
 
 
@@ -2077,14 +1826,12 @@ def strip(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_official_checkpoint(
-    obj: dict, backbone: FrozenCLIPEncoder, head: nn.Module, teacher: EMATeacher | None = None
-) -> dict:
+def load_official_checkpoint(obj: dict, backbone: FrozenCLIPEncoder, head: nn.Module,
+                             teacher: EMATeacher | None = None) -> dict:  # fmt: skip
     """A released CLOUDS checkpoint onto our modules: zero missing / unexpected keys for the parts
     kept; prints what was deliberately dropped. Returns counts for the log."""
     backbone_sd, head_sd, teacher_sd, dropped = split_official_state_dict(obj)
-    hint = "does --backbone match the checkpoint?"
-    load = functools.partial(common.load_state_strict, hint=hint)
+    load = functools.partial(common.load_state_strict, hint="does --backbone match the checkpoint?")
     report = {"head_tensors": load(head, head_sd, "CLOUDS checkpoint head")}
     if backbone_sd:
         visual = strip(backbone_sd, "visual.")
@@ -2101,10 +1848,8 @@ def load_official_checkpoint(
 def read_weights(path: str) -> dict:
     """--pretrained FILE: a released CLOUDS .pth, a CLIP state dict (open_clip .bin / .pt /
     .safetensors, maybe under "state_dict") or OpenAI's TorchScript archive (RN50.pt, ...)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
+    if path.endswith(".safetensors"):  # an optional dependency, imported when used
+        return importlib.import_module("safetensors.torch").load_file(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             scripted = any(name.endswith("/constants.pkl") for name in archive.namelist())
@@ -2126,21 +1871,16 @@ def load_clip_weights(backbone: FrozenCLIPEncoder, state: dict, path: str) -> in
     clip = {f"backbone.clip_model.{k}": v for k, v in state.items()}
     visual, _, _, dropped = split_official_state_dict(clip)
     if not visual:
-        raise common.CheckpointError(
-            f"--pretrained {path} holds no visual.* tensors: not CLIP weights (pass a CLIP "
-            "weights file, a CLOUDS .pth, an open_clip tag or none)"
-        )
+        msg = f"--pretrained {path} holds no visual.* tensors: not CLIP weights (pass a CLIP "
+        raise common.CheckpointError(msg + "weights file, a CLOUDS .pth, an open_clip tag or none)")
     visual, own = strip(visual, "visual."), backbone.visual.state_dict()
     # BatchNorm counters a file may lack (unused: the encoder never trains)
     counters = {k: v for k, v in own.items() if k.endswith("num_batches_tracked")}
     hint = f"is it the CLIP image encoder of --backbone {backbone.size}?"
     common.load_state_strict(backbone.visual, counters | visual, f"--pretrained {path}", hint)
-    n = len(visual)
-    unused = sum(len(keys) for keys in dropped.values())
-    common.print0(
-        f"CLIP weights: loaded {n} tensors from {path} into the frozen {backbone.size} encoder "
-        f"({unused} text-tower / projection tensors not used)"
-    )
+    n, unused = len(visual), sum(len(keys) for keys in dropped.values())
+    common.print0(f"CLIP weights: loaded {n} tensors from {path} into the frozen {backbone.size} "
+                  f"encoder ({unused} text-tower / projection tensors not used)")  # fmt: skip
     return n
 
 
@@ -2153,10 +1893,8 @@ def pretrained_kind(args: argparse.Namespace) -> str:
     if os.path.isfile(name):
         return "file"
     if os.sep in name or name.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise common.CheckpointError(
-            f"--pretrained {name}: no such file (pass a CLIP weights file, a CLOUDS .pth, an "
-            "open_clip tag or none)"
-        )
+        msg = f"--pretrained {name}: no such file (pass a CLIP weights file, a CLOUDS .pth, an "
+        raise common.CheckpointError(msg + "open_clip tag or none)")
     if args.backbone == "test":
         common.warn(f"--pretrained {name} is not used: the test encoder has no released weights")
         return "none"
@@ -2186,6 +1924,25 @@ def load_weights(args: argparse.Namespace) -> tuple[FrozenCLIPEncoder, Mask2Form
     return backbone, head, report
 
 
+def build_model(args: argparse.Namespace, dist: common.Dist, resume: dict | None = None) -> tuple:
+    """(CLOUDS, GradScaler or None, weights report): encoder and head with their weights, teacher,
+    SAM, criterion, channels_last encoder (--fast), compiled head (--compile); `resume` applied."""
+    backbone, head, weights = load_weights(args)
+    backbone.memory_format = common.memory_format(args, dist)
+    backbone.to(dist.device, memory_format=backbone.memory_format)
+    head = head.to(dist.device)
+    teacher = EMATeacher(head, args.ema_alpha, args.ema_every) if args.phase == "joint" else None
+    real_sam = args.phase == "joint" and args.sam in SAM_DEFAULT_CHECKPOINTS and not args.eval_only
+    sam = build_sam_predictor(args.sam, args.sam_checkpoint, dist.device) if real_sam else None
+    criterion = SetCriterion(num_classes=NUM_CLASSES, num_points=args.num_points).to(dist.device)
+    autocast, scaler = common.autocast(dist.device, args.amp)
+    student = common.wrap_ddp(common.maybe_compile(head, args), dist)
+    model = CLOUDS(backbone, head, student, criterion, teacher, sam, autocast, dist.rank)
+    if resume is not None:
+        restore_run(model, resume, f"--resume {args.resume}")
+    return model, scaler, weights
+
+
 def model_state(model: CLOUDS) -> dict:
     """Checkpoint `model`: the head; the frozen CLIP encoder is omitted (its weights come from
     --pretrained), except the tiny random `test` encoder, saved as backbone.*."""
@@ -2195,16 +1952,24 @@ def model_state(model: CLOUDS) -> dict:
     return state
 
 
+def save_checkpoint(args, iteration: int, model: CLOUDS, optimizer, scaler) -> None:
+    """out/last.pt (rank 0): head (+ test encoder), optimizer, scaler, teacher and its counter."""
+    # DEVIATION 4: the teacher and its counter are saved (official: not), for an exact --resume
+    t = model.teacher
+    teacher = {"head": t.head.state_dict(), "iteration": t.iteration} if t is not None else None
+    extra = {"teacher": teacher, "backbone_omitted": model.backbone.size != "test"}
+    common.save_checkpoint(os.path.join(args.out, "last.pt"), method="clouds", iteration=iteration,
+                           model_state=model_state(model), optimizer=optimizer, scaler=scaler,
+                           args=args, extra=extra)  # fmt: skip
+
+
 def read_resume(args: argparse.Namespace) -> dict:
-    """--resume: a checkpoint of this file, of this phase and these model flags (checked before
-    anything is built)."""
+    """--resume: a checkpoint of this file, this phase and these model flags (read first)."""
     ckpt = common.load_checkpoint(args.resume, "clouds")
     phase = ckpt["args"].get("phase")
     if phase != args.phase and not args.eval_only:
-        raise common.UsageError(
-            f"--resume {args.resume} is a --phase {phase} checkpoint; resume it with that phase "
-            "(a joint run starts from a warm-up checkpoint with --init)"
-        )
+        msg = f"--resume {args.resume} is a --phase {phase} checkpoint; resume it with that phase "
+        raise common.UsageError(msg + "(a joint run starts from a warm-up checkpoint with --init)")
     common.check_resume_args(ckpt, args, MODEL_FLAGS)
     return ckpt
 
@@ -2213,17 +1978,15 @@ def restore_run(model: CLOUDS, ckpt: dict, source: str) -> None:
     """A checkpoint of this file onto the model: head, test encoder, teacher and its counter."""
     load_model_state(model.backbone, model.head, ckpt, source)
     if model.teacher is not None and ckpt.get("teacher") is not None:
-        model.teacher.load_state_dict(ckpt["teacher"])
+        model.teacher.head.load_state_dict(ckpt["teacher"]["head"])
+        model.teacher.iteration = int(ckpt["teacher"]["iteration"])
 
 
 def load_model_state(backbone: FrozenCLIPEncoder, head: nn.Module, ckpt: dict, source: str) -> int:
     """A checkpoint of this file onto the head (+ the test encoder); when it does not fit, one line
     naming the model flags it was trained with."""
-    trained = ckpt["args"]
-    hint = (
-        f"it was trained with --backbone {trained.get('backbone')} --num-queries "
-        f"{trained.get('num_queries')}"
-    )
+    trained = [ckpt["args"].get(k) for k in MODEL_FLAGS]  # backbone, num_queries
+    hint = "it was trained with --backbone {} --num-queries {}".format(*trained)
     n = common.load_state_strict(head, strip(ckpt["model"], "head."), source, hint)
     if backbone.size == "test":
         n += common.load_state_strict(backbone, strip(ckpt["model"], "backbone."), source, hint)
@@ -2240,13 +2003,160 @@ def read_init(args: argparse.Namespace) -> dict:
         return obj
     ckpt = obj if isinstance(obj, dict) and obj.get("method") == "clouds" else None
     ckpt = ckpt or common.load_checkpoint(path, "clouds")  # its one-line reason
-    phase = ckpt["args"].get("phase")
-    if phase == "joint" and not args.eval_only:
-        raise common.UsageError(
-            f"--init {path} is a --phase joint checkpoint: start a joint run from the warm-up "
-            f"run's last.pt (--resume {path} continues that joint run)"
-        )
+    if ckpt["args"].get("phase") == "joint" and not args.eval_only:
+        msg = f"--init {path} is a --phase joint checkpoint: start a joint run from the warm-up "
+        raise common.UsageError(msg + f"run's last.pt (--resume {path} continues that joint run)")
     return ckpt
+
+
+# ---------------------------------------------------------------- the other foundation models
+# SAM, and Stable Diffusion 2 on the LLM prompts for the generated folder (`python clouds.py
+# generate`) [C sam.py, generate_txt_im.py]. --sam: mobile_sam (released default), vit_h / vit_l /
+# vit_b, none (the "without SAM" ablation), fake (tests, demo). --prompts: prompt_llama70b.txt of
+# the official repository (Apache-2.0, (c) Telecom Paris, Y. Benigmim), not shipped: download it.
+
+SEGMENT_ANYTHING = ("segment_anything", "pip install segment-anything")  # vit_h / vit_l / vit_b
+SAM_DEFAULT_CHECKPOINTS = {"mobile_sam": "weights/mobile_sam.pt",  # [C sam.py] ./weights/...
+                           "vit_h": "weights/sam_vit_h_4b8939.pth",
+                           "vit_l": "weights/sam_vit_l_0b3195.pth",
+                           "vit_b": "weights/sam_vit_b_01ec64.pth"}  # fmt: skip
+PROMPTS_MD5 = "bed7a3432ccdf99180913134fb92431e"  # prompt_llama70b.txt at bac4305c31c6
+PROMPTS_LINES = 100
+PROMPTS_BYTES = 5831
+GEN_ARGS = dict(height=768, width=768, num_inference_steps=50, guidance_scale=7.5)
+GEN_NUM_IMAGES = 5000  # --num-images per call (5,000 in total [unverified])
+
+
+def build_sam_predictor(kind: str, checkpoint: str | None, device: torch.device) -> SamPredictor:
+    """SAM behind the predictor interface: `mobile_sam` ("vit_t", the released default [C sam.py,
+    config.py SAM.MOBILE=True]) or `segment_anything` (vit_h / vit_l / vit_b); ResizeLongestSide
+    (1024) + SAM normalisation, points scaled into that frame, 3 masks binarised at logit 0.
+    DEVIATION 2: eval mode (official: MobileSAM left in train mode, BatchNorm batch statistics)."""
+    package, how = ("mobile_sam", "install MobileSAM") if kind == "mobile_sam" else SEGMENT_ANYTHING
+    try:
+        sam_lib = importlib.import_module(package)
+    except ImportError:
+        msg = f"--sam {kind} needs the `{package}` package ({how}); or --sam none (no-SAM ablation)"
+        raise common.UsageError(msg) from None
+    checkpoint = checkpoint or SAM_DEFAULT_CHECKPOINTS[kind]
+    if not os.path.isfile(checkpoint):
+        raise common.UsageError(f"--sam-checkpoint {checkpoint}: no such file ({kind} weights)")
+    model = sam_lib.sam_model_registry["vit_t" if kind == "mobile_sam" else kind](checkpoint)
+    predictor = sam_lib.SamPredictor(model.to(device).eval().requires_grad_(False))
+
+    @torch.no_grad()
+    def predict(image: np.ndarray, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        predictor.set_image(image)  # RGB (H, W, 3) uint8
+        coords = torch.as_tensor(points_xy, dtype=torch.float32, device=device)
+        coords = predictor.transform.apply_coords_torch(coords, image.shape[:2])  # x, y * 1024/long
+        labels = torch.ones(coords.shape[:2], device=device)  # all positive
+        masks, iou, _ = predictor.predict_torch(coords, labels, multimask_output=True)
+        return masks, iou  # (K, 3, H, W) bool, (K, 3)
+
+    return predict
+
+
+def fake_sam_predictor(label_map: torch.Tensor) -> SamPredictor:
+    """Test/demo backend (`--sam fake`): for each prompt, mask 1 (score 0.9) is the 4-connected
+    component of `label_map` under the prompt's first point, mask 0 (0.5) that point's whole class,
+    mask 2 (0.1) empty. Refinement with it keeps exactly the large components."""
+    lm = label_map.cpu().numpy()
+    labelled = {}  # class -> its 4-connected components, computed once
+
+    def predict(image: np.ndarray, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        k = len(points_xy)
+        masks = np.zeros((k, 3, *lm.shape), dtype=bool)
+        for i, (x, y) in enumerate(points_xy[:, 0].astype(int)):
+            c = lm[y, x]
+            if c not in labelled:
+                labelled[c] = ndimage.label(lm == c)[0]
+            masks[i, 0] = lm == c
+            masks[i, 1] = labelled[c] == labelled[c][y, x]
+        scores = torch.tensor([[0.5, 0.9, 0.1]]).expand(k, 3)
+        return torch.from_numpy(masks), scores
+
+    return predict
+
+
+def check_prompts_file(path: str | Path) -> str | None:
+    """None if `path` is the official prompt_llama70b.txt, else what differs (one line)."""
+    data = Path(path).read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    lines = len(data.decode("utf-8", errors="replace").splitlines())
+    if (md5, lines, len(data)) == (PROMPTS_MD5, PROMPTS_LINES, PROMPTS_BYTES):
+        return None
+    ours = f"md5 {md5}, {lines} lines, {len(data)} bytes"
+    official = f"{PROMPTS_MD5}, {PROMPTS_LINES} lines, {PROMPTS_BYTES} bytes"
+    return f"{path} is not the official prompt_llama70b.txt ({ours}; official {official})"
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line, stripped, empty lines skipped [C generate_txt_im.py::
+    read_sentences_from_file]; a file other than the official one gets one warning line."""
+    if not os.path.isfile(path):
+        msg = f"--prompts {path}: no such file; download the official prompt_llama70b.txt"
+        raise common.UsageError(msg)
+    if warning := check_prompts_file(path):
+        common.warn(warning)
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise common.UsageError(f"--prompts {path} holds no prompt (one prompt per line)")
+    return prompts
+
+
+def generate_images(pipe: Callable, prompts: Sequence[str], out_dir: str | Path, num_images: int,
+                    part: int = 0, seed: int = 0,
+                    make_generator: Callable | None = None) -> list[Path]:  # fmt: skip
+    """Stable Diffusion 2 (`pipe(prompt, **GEN_ARGS, generator).images[0]`) over the prompts,
+    round-robin [C generate_txt_im.py::main]; existing files are kept (restartable jobs).
+    DEVIATION 7: image k = j + part * num_images uses seed + k (official: no seed)."""
+    (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
+    written = []
+    for j in range(num_images):
+        path = out / generated_image_name(j, part, num_images, len(prompts))
+        if not path.exists():
+            k = j + part * num_images
+            generator = make_generator(seed + k) if make_generator is not None else None
+            pipe(prompts[j % len(prompts)], **GEN_ARGS, generator=generator).images[0].save(path)
+        written.append(path)
+    return written
+
+
+def generate_main(argv: Sequence[str]) -> None:
+    """`python clouds.py generate ...`: a folder of generated images [C generate_txt_im.py]."""
+    # fmt: off
+    p = common.make_parser("The CLOUDS image folder: Stable Diffusion 2 on the LLM prompts.")
+    a = p.add_argument
+    a("--prompts", required=True, help="prompt_llama70b.txt of the official repository")
+    a("--out", required=True, help="output folder of PNGs (give it to --generated)")
+    a("--sd-path", required=True, help="local Stable Diffusion 2 folder (no download)")
+    a("--num-images", type=common.positive_int, default=GEN_NUM_IMAGES,
+      help="images of this job (default %(default)s [C generate_txt_im.py])")
+    a("--part", type=common.nonnegative_int, default=0,
+      help="job index: names start at part * num-images (default %(default)s)")
+    a("--seed", type=int, default=0, help="image k uses seed + k (default %(default)s)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="(default %(default)s)")
+    # fmt: on
+    args = p.parse_args(argv)
+    prompts = read_prompts(args.prompts)
+    # diffusers StableDiffusionPipeline + EulerDiscreteScheduler from a local Stable Diffusion 2
+    # folder (stabilityai/stable-diffusion-2 layout), fp16 on CUDA, no download
+    try:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    except ImportError:
+        msg = "generation needs diffusers (pip install diffusers transformers)"
+        raise common.UsageError(msg) from None
+    if not os.path.isdir(args.sd_path):
+        raise common.UsageError(f"--sd-path {args.sd_path}: no such folder (a local SD 2 copy)")
+    sd, device, local = args.sd_path, args.device, dict(local_files_only=True)  # no download
+    scheduler = EulerDiscreteScheduler.from_pretrained(sd, subfolder="scheduler", **local)
+    fp16 = dict(torch_dtype=torch.float16 if device.startswith("cuda") else torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(sd, scheduler=scheduler, **fp16, **local)
+    pipe.to(device).set_progress_bar_config(disable=True)
+    gen = lambda seed: torch.Generator(device).manual_seed(seed)  # noqa: E731
+    paths = generate_images(pipe, prompts, args.out, args.num_images, args.part, args.seed, gen)
+    print(f"{len(paths)} images in {args.out}")
 
 
 # =============================================================================================
@@ -2275,26 +2185,22 @@ SHARES_HOW = (
 
 
 def step_shares(model: CLOUDS, step: Callable, data: tuple, device: torch.device, n: int) -> dict:
-    """Share of one training step spent in the frozen backbone, in MSDeformAttn and in the loss:
-    each part is run alone on inputs captured from one step and timed like the step
-    (common.time_step, median of n); share = part time / step time."""
+    """Share of one training step spent in the frozen backbone, in MSDeformAttn and in the loss
+    (how: SHARES_HOW; median of n)."""
     attn_inputs, loss_inputs = [], []
     heads = [model.head] + ([model.teacher.head] if model.teacher is not None else [])
     attns = [layer.self_attn for h in heads for layer in h.pixel_decoder.encoder_layers]
     detached = lambda x: [t.detach() if torch.is_tensor(t) else t for t in x]  # noqa: E731
-    hooks = [
-        a.register_forward_pre_hook(lambda m, x: attn_inputs.append((m, detached(x))))
-        for a in attns
-    ]
+    hooks = [a.register_forward_pre_hook(lambda m, x: attn_inputs.append((m, detached(x))))
+             for a in attns]  # fmt: skip
     hooks.append(model.criterion.register_forward_pre_hook(lambda m, x: loss_inputs.extend(x)))
     step()
     for hook in hooks:
         hook.remove()
     leaf = lambda t: t.detach().requires_grad_()  # noqa: E731
-    (outputs, targets), attn_inputs = loss_inputs, attn_inputs
-    outputs = {k: leaf(outputs[k]) for k in ("pred_logits", "pred_masks")} | {
-        "aux_outputs": [{k: leaf(v) for k, v in aux.items()} for aux in outputs["aux_outputs"]]
-    }
+    outputs, targets = loss_inputs
+    aux = [{k: leaf(v) for k, v in a.items()} for a in outputs["aux_outputs"]]
+    outputs = {k: leaf(outputs[k]) for k in PREDICTIONS} | {"aux_outputs": aux}
 
     def backbone() -> None:  # the student batch and the teacher's clean views
         for images in data[:2]:
@@ -2323,23 +2229,18 @@ def step_shares(model: CLOUDS, step: Callable, data: tuple, device: torch.device
 
 
 def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
-    """Training step (student + teacher in the joint record) at the paper setting on a GPU:
-    ConvNeXt-L, batch 8, 768 crops, 2 generated images; on a CPU the test encoder, batch 2, 128
-    crops. Each record: step time, images/s, FLOPs, achieved throughput, MFU (GPU), peak memory,
-    and the shares of backbone, MSDeformAttn and loss. Then SAM refinement's CPU work."""
-    device = dist.device
-    ns = argparse.Namespace(**vars(args))
-    if device.type == "cuda":
-        ns.backbone = args.backbone if args.backbone != "test" else "convnext_large_d_320"
-        batch, crop = GLOBAL_BATCH, CROP
-    else:
-        ns.backbone, batch, crop = "test", 2, 128
+    """Training step (student + teacher in the joint record) on a GPU at the paper setting
+    (ConvNeXt-L, batch 8, 768 crops, 2 generated), on a CPU the test encoder, batch 2, 128 crops:
+    time, images/s, FLOPs, MFU (GPU), memory, component shares. Then SAM refinement's CPU work."""
+    device, ns = dist.device, argparse.Namespace(**vars(args))
+    gpu = device.type == "cuda"
+    ns.backbone = (args.backbone if args.backbone != "test" else CONVNEXT_L) if gpu else "test"
+    batch, crop, steps = (GLOBAL_BATCH, CROP, 10) if gpu else (2, 128, 3)
     ns.pretrained, ns.init, ns.phase, ns.sam, ns.eval_only = "none", None, "joint", "fake", False
     joint, scaler, _ = build_model(ns, dist)
-    optimizer = torch.optim.AdamW(
-        param_groups(joint.head), lr=args.lr, **common.optimizer_options(args, dist, "adamw")
-    )
-    steps = 10 if device.type == "cuda" else 3
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # a no-op without fp16
+    options = common.optimizer_options(args, dist, "adamw")
+    optimizer = torch.optim.AdamW(param_groups(joint.head), lr=args.lr, **options)
     for name, num_generated, sam in (("warmup", 0, "none"), ("joint", max(1, batch // 4), "fake")):
         model = joint if num_generated else dataclasses.replace(joint, teacher=None)
         step_args = argparse.Namespace(**{**vars(ns), "sam": sam})
@@ -2348,33 +2249,21 @@ def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
         def step(model: CLOUDS = model, data: tuple = data, step_args=step_args) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss, _ = train_step(model, data, 1, step_args)
-            params = model.head.parameters()
-            common.backward_and_step(loss, optimizer, scaler, max_norm=GRAD_CLIP, params=params)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.head.parameters(), GRAD_CLIP)
+            scaler.step(optimizer)
+            scaler.update()
 
         shares = step_shares(model, step, data, device, steps)
-        common.benchmark(
-            f"clouds/{name}_step",
-            step,
-            device=device,
-            warmup=2,
-            steps=steps,
-            images_per_step=batch,
-            precision=common.bench_precision(args, device),
-            peak=args.peak_tflops,
-            extra={
-                "backbone": ns.backbone,
-                "batch": batch,
-                "crop": crop,
-                "generated": num_generated,
-                "queries": ns.num_queries,
-                "num_points": ns.num_points,
-                "fast": common.fast_path(args, dist),
-                **shares,
-            },
-        )
-    # SAM refinement on a 768x768 pseudo-label of 6x6 blocks: (a) the refinement's own CPU work
-    # (components, points, best-of-3, overlaps, unions) with SAM's answer precomputed, (b) with the
-    # fake predictor, whose component search is part of the timing
+        extra = dict(backbone=ns.backbone, batch=batch, crop=crop, generated=num_generated,
+                     queries=ns.num_queries, num_points=ns.num_points,
+                     fast=common.fast_path(args, dist), **shares)  # fmt: skip
+        common.benchmark(f"clouds/{name}_step", step, device=device, warmup=2, steps=steps,
+                         images_per_step=batch, precision=common.bench_precision(args, device),
+                         peak=args.peak_tflops, extra=extra)  # fmt: skip
+    # SAM refinement of a 768x768 pseudo-label of 6x6 blocks: (a) its own CPU work (components,
+    # points, best-of-3, overlaps, unions), SAM's answer precomputed; (b) with the fake predictor
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 6, (1, 1, 6, 6), generator=g).float()
     label = F.interpolate(blocks, size=(768, 768), mode="nearest")[0, 0].long()
@@ -2391,16 +2280,10 @@ def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
     (num_components,) = answers
     for name, predictor in (("precomputed_sam", precomputed), ("fake_predictor", fake)):
         rng = np.random.default_rng(0)
-        common.benchmark(
-            f"clouds/sam_refine_{name}",
-            functools.partial(refine_pseudo_label_with_sam, label, image, predictor, rng),
-            device=torch.device("cpu"),
-            warmup=1,
-            steps=5,
-            images_per_step=1,
-            flops=False,
-            extra={"size": 768, "components": num_components},
-        )
+        refine = functools.partial(refine_pseudo_label_with_sam, label, image, predictor, rng)
+        common.benchmark(f"clouds/sam_refine_{name}", refine, device=torch.device("cpu"), warmup=1,
+                         steps=5, images_per_step=1, flops=False,
+                         extra={"size": 768, "components": num_components})  # fmt: skip
 
 
 if __name__ == "__main__":
