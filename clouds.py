@@ -725,7 +725,9 @@ def train(args, dist, log, model: CLOUDS, optimizer, scaler, loader, targets, st
                 loss, terms = train_step(model, batch, it, args)
             except NonFinitePredictions as e:  # stopped before the matcher
                 raise common.DivergenceError(it + 1, saved, predictions=e.args) from None
-            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            # PLUMBING: the global batch's terms (all processes stop together on a non-finite
+            # loss), then backward (scaled in fp16)
+            terms = common.global_mean(terms, dist)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise common.DivergenceError(it + 1, saved, terms)
             (loss if scaler is None else scaler.scale(loss)).backward()

@@ -223,6 +223,10 @@ def run_cli(main: Callable[[list[str] | None], Any]) -> None:
     except UsageError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # torchrun: another process of the run stopped (its line is above)
+        if not (torch_dist.is_initialized() and "closed by peer" in str(e)):
+            raise
+        sys.exit(2)
     except KeyboardInterrupt as e:
         where = f" at iteration {e.done} of {e.iters}" if isinstance(e, Interrupted) else ""
         saved = getattr(e, "saved", None)
@@ -502,7 +506,8 @@ class _PairDataset(Dataset):
 
     def __init__(self, kind: str, pairs: list[tuple[Path, Path]], decode: Callable,
                  transform: Transform | None, sizes: str | None, split: str):  # fmt: skip
-        self.decode, self.transform, self.pairs, self.skipped = decode, transform, pairs, []
+        self.kind, self.decode, self.transform, self.pairs = kind, decode, transform, pairs
+        self.skipped = []
         if (sizes or size_policy(split)) != "off":
             self.pairs, self.skipped = _check_sizes(kind, pairs, sizes or size_policy(split))
 
@@ -517,6 +522,30 @@ class _PairDataset(Dataset):
         if self.transform is not None:
             image, label = self.transform(image, label, torch.Generator().manual_seed(seed))
         return image, label, image_path.stem
+
+
+# What each reader expects its label files to hold (a wrong encoding decodes to 255 everywhere).
+LABEL_ENCODINGS = {
+    "gta": "palette PNGs whose index is the Cityscapes labelId (7 = road, 26 = car)",
+    "synthia": "16-bit RGB PNGs with the SYNTHIA class id in R (RAND-CITYSCAPES GT/LABELS)",
+    "cityscapes": "*_gtFine_labelIds.png (labelIds, 7 = road) or *_labelTrainIds.png (0-18)",
+    "bdd": "8-bit PNG masks of trainIds 0-18, 255 = ignore (labels/sem_seg/masks)",
+    "mapillary": "v1.2 palette PNGs whose index is one of the 66 v1.2 class ids",
+    "acdc": "*_gt_labelTrainIds.png (0-18) or *_gt_labelIds.png (Cityscapes labelIds)",
+}
+
+
+def check_labels(dataset: _PairDataset, count: int = 8) -> None:
+    """Stop with one line when the first `count` labels of a training set hold no pixel of the
+    19 classes: the files are not in the encoding the reader expects, and training on them would
+    learn nothing (a zero or undefined loss at every step)."""
+    pairs = dataset.pairs[:count]
+    if pairs and all(bool((dataset.decode(label) == IGNORE_INDEX).all()) for _, label in pairs):
+        raise DataFileError(
+            f"{dataset.kind}: the first {len(pairs)} label files (e.g. {pairs[0][1]}) hold no "
+            f"pixel of the 19 classes once decoded; the reader expects "
+            f"{LABEL_ENCODINGS[dataset.kind]}: check that the labels are the original files"
+        )
 
 
 def _check_sizes(kind: str, pairs: list[tuple[Path, Path]], policy: str) -> tuple[list, list]:
@@ -1077,9 +1106,9 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images.float() - mean_t) / std_t
 
 
-def _sample_seed(seed: int, position: int) -> int:
+def _sample_seed(seed: int, position: int, salt: str = "") -> int:
     """A per-sample seed that depends only on (run seed, position in the sample stream)."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{salt}{seed}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -1320,16 +1349,27 @@ def evaluate_dataset(predict: Callable[[Tensor], Tensor], dataset: Dataset, *,
     return result
 
 
+def target_mean(results: dict[str, dict]) -> tuple[float | None, list[str]]:
+    """The mean mIoU over a run's targets and their names. The source validation split
+    ("source-val") is scored to monitor training, not as a target: it is left out, here in the
+    run's own table and in `tools.py compare` alike."""
+    names = [name for name in results if name != "source-val"]
+    return (float(np.mean([results[n]["miou"] for n in names])) if names else None), names
+
+
 def format_results(results: dict[str, dict], iteration: int | None = None) -> str:
     """What an evaluation prints: "iteration N" (when given), a table with one row per target
-    (mIoU and any subset means), the mean over targets, then each target's per-class IoUs."""
+    (mIoU and any subset means), the mean over targets (target_mean), then each target's
+    per-class IoUs."""
     lines = [] if iteration is None else [f"iteration {iteration}"]
     lines.append(f"{'target':<14} {'mIoU':>7}")
     for name, r in results.items():
         extra = "  ".join(f"{k}={v:.2f}" for k, v in r.items() if k.startswith("miou_"))
         lines.append(f"{name:<14} {r['miou']:7.2f}  {extra}".rstrip())
-    if len(results) > 1:
-        lines.append(f"{'mean':<14} {np.mean([r['miou'] for r in results.values()]):7.2f}")
+    mean, names = target_mean(results)
+    if len(names) > 1:
+        left_out = ", source-val left out" if "source-val" in results else ""
+        lines.append(f"{'mean':<14} {mean:7.2f}  over {len(names)} targets{left_out}")
     for name, r in results.items():
         ious = ", ".join(f"{k} {v:.1f}" for k, v in r["per_class_iou"].items() if v is not None)
         lines.append(f"  {name}: {ious}")
@@ -1458,6 +1498,27 @@ def convert_sync_bn(model: nn.Module, dist: Dist) -> nn.Module:
     if dist.enabled and dist.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def step_generators(seed: int, iteration: int, global_batch: int, dist: Dist) -> list:
+    """One torch.Generator (on the device) per sample of this process's share of the global
+    batch, seeded by the run seed, the iteration and the sample's position in the global batch
+    only: the random draws of a training step (sampled points, style mixing) are the same on any
+    number of processes, and on resume."""
+    per_rank = global_batch // dist.world_size
+    first = iteration * global_batch + dist.rank * per_rank
+    return [torch.Generator(dist.device).manual_seed(_sample_seed(seed, first + k, "step:"))
+            for k in range(per_rank)]  # fmt: skip
+
+
+def global_mean(values: dict[str, float], dist: Dist) -> dict[str, float]:
+    """The mean of each value over the processes (one all-reduce): the loss terms of the global
+    batch, the same on every process, so a non-finite loss stops all of them together."""
+    if not dist.enabled:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t)
+    return dict(zip(values, (t / dist.world_size).tolist()))
 
 
 def wrap_ddp(model: nn.Module, dist: Dist, find_unused: bool = False) -> nn.Module:

@@ -695,7 +695,9 @@ def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net
                 common.warn(f"iteration {it + 1}: every label pixel of the batch is 255: zero loss")
                 loss = logits.sum() * 0.0
             terms = {"loss": loss.item()}
-            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            # PLUMBING: the global batch's terms (all processes stop together on a non-finite
+            # loss), then backward (scaled in fp16)
+            terms = common.global_mean(terms, dist)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise common.DivergenceError(it + 1, saved, terms)
             (loss if scaler is None else scaler.scale(loss)).backward()

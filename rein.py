@@ -641,7 +641,9 @@ def train(args: argparse.Namespace, dist: common.Dist, log: common.RunLog, net: 
             losses = criterion(outputs, semantic_to_targets(labels, NUM_CLASSES))
             loss = sum(losses.values())
             terms = loss_terms(loss, losses, model)
-            # PLUMBING: stop on a non-finite loss, then backward (scaled in fp16)
+            # PLUMBING: the global batch's terms (all processes stop together on a non-finite
+            # loss), then backward (scaled in fp16)
+            terms = common.global_mean(terms, dist)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise common.DivergenceError(it + 1, saved, terms)
             (loss if scaler is None else scaler.scale(loss)).backward()

@@ -117,19 +117,16 @@ def expected_count(root: Path, name: str, split: str, gta_list: str) -> int | No
     return OFFICIAL_COUNTS.get((name, split, gta_list))
 
 
-# The (image, label, decode) pairs of a --decode run, left here before the pool forks so the
-# workers inherit them (a Mapillary decoder is a closure: it cannot be pickled to a worker).
-DECODE_JOBS: list = []
-
-
-def decode_job(index: int) -> tuple[int, str | None, bool]:
-    """Decode one (image, label) pair in a checker worker: (index, error or None, sizes differ)."""
-    image_path, label_path, decode = DECODE_JOBS[index]
+def decode_job(job: tuple) -> tuple[int, str | None, bool, bool]:
+    """Decode one (image, label) pair in a checker worker: (index, error or None, sizes differ,
+    the label holds no pixel of the 19 classes)."""
+    index, image_path, label_path, decode = job
     try:
         image, label = common.read_image(image_path), decode(label_path)
     except UsageError as e:
-        return index, common.one_line(e), False
-    return index, None, tuple(image.shape[-2:]) != tuple(label.shape[-2:])
+        return index, common.one_line(e), False, False
+    empty = bool((label == common.IGNORE_INDEX).all())
+    return index, None, tuple(image.shape[-2:]) != tuple(label.shape[-2:]), empty
 
 
 def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) -> int:
@@ -181,28 +178,37 @@ def check_data(data_root: str | Path, decode: bool = False, workers: int = 4) ->
         for image_path, label_path in ds.pairs:
             if image_path not in seen:
                 seen.add(image_path)
-                jobs.append((image_path, label_path, ds.decode, folder))
+                jobs.append((image_path, label_path, ds.decode, folder, ds.kind))
     head = ["dataset", "split", "layout", "images", "labels", "official", "no label", "no image"]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print0("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     if decode and jobs:
-        DECODE_JOBS[:] = [job[:3] for job in jobs]
-        failures, mismatched = [], []
+        failures, mismatched, empty = [], [], []
+        work = [(i, *job[:3]) for i, job in enumerate(jobs)]
         with multiprocessing.get_context("fork").Pool(max(workers, 1)) as pool:
-            done = pool.imap_unordered(decode_job, range(len(jobs)), chunksize=8)
-            for index, error, differ in tqdm(done, total=len(jobs), desc="decode", **common.BAR):
+            done = pool.imap_unordered(decode_job, work, chunksize=8)
+            for index, error, differ, unlabelled in tqdm(done, total=len(jobs), desc="decode",
+                                                         **common.BAR):  # fmt: skip
                 if error:
                     failures.append(error)
                 elif differ:
                     mismatched.append(jobs[index])
+                if unlabelled:
+                    empty.append(jobs[index])
+        for kind in dict.fromkeys(job[4] for job in empty):  # a wrong encoding decodes to 255
+            files = [job[1] for job in empty if job[4] == kind]
+            problems.append(f"{kind}: {len(files)} label files hold no pixel of the 19 classes "
+                            f"(e.g. {files[0]}); the reader expects "
+                            f"{common.LABEL_ENCODINGS[kind]}")  # fmt: skip
         problems += failures
-        for image_path, label_path, _, folder in mismatched:
+        for image_path, label_path, _, folder, _ in mismatched:
             note = "note (skipped in training)" if folder in ("gta5", "toy") else "error"
             line = f"{note}: image and label sizes differ: {image_path} / {label_path}"
             (print0 if folder in ("gta5", "toy") else problems.append)(line)
         print0(f"decoded {len(jobs)} image/label pairs: {len(failures)} unreadable, "
-               f"{len(mismatched)} of different sizes")  # fmt: skip
+               f"{len(mismatched)} of different sizes, {len(empty)} labels with no "
+               "class pixel")  # fmt: skip
     for line in problems:
         print0(f"problem: {line}")
     print0("all datasets look complete" if not problems else f"{len(problems)} problems found")
@@ -273,7 +279,7 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> s
     labels = run_labels(loaded)
     targets = list(dict.fromkeys(t for r in loaded for t in r["results"] if t != "source-val"))
     miou = [[r["results"].get(t, {}).get("miou") for t in targets] for r in loaded]
-    means = [mean_or_none(row) for row in miou]
+    means = [common.target_mean(r["results"])[0] for r in loaded]  # the runs' own tables' mean
     # mean IoU of each class over a run's targets (None where no target scores it)
     per_class = [[mean_or_none([r["results"][t]["per_class_iou"].get(c) for t in targets
                                 if t in r["results"]]) for c in CLASS_NAMES]
@@ -286,6 +292,7 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> s
     lines = ["| run | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 2) + "|"]
     lines += [f"| {label} | " + " | ".join(map(cell, row)) + f" | {cell(mean)} |"
               for label, row, mean in zip(labels, miou, means)]  # fmt: skip
+    lines += ["", "mean: over each run's targets, source-val left out (as in the run's table)"]
     lines += ["", "| class (IoU, mean over targets) | " + " | ".join(labels) + " |",
               "|---" * (len(labels) + 1) + "|"]  # fmt: skip
     lines += [f"| {CLASS_NAMES[i]} | " + " | ".join(cell(run[i]) for run in per_class) + " |"

@@ -45,6 +45,11 @@ Helper: `run_sections_1_2(name, code, tmp_path)` runs the top of a method file (
 imports but `import common`, constants, sections 1 and 2) followed by `code` in a fresh
 interpreter that cannot import common.py, and returns its stdout.
 
+Helpers for several processes: `torchrun(script, *args, cwd=..., nproc=2)` runs a method script
+under `torchrun --standalone --nproc_per_node 2` on the CPU (Gloo) and returns the completed
+process; `max_tensor_diff(a, b)` is the largest absolute difference between the model tensors of
+two checkpoints (their keys must match).
+
 Marker: `@pytest.mark.gpu` for tests that need CUDA; they are skipped when it is unavailable.
 torchvision's per-call deprecation warning of its image decoders is filtered out.
 """
@@ -517,6 +522,34 @@ def run_script(_script_server, tmp_path):
 # =============================================================================================
 # The gpu marker
 # =============================================================================================
+
+
+# =============================================================================================
+# Several processes (Gloo on the CPU)
+# =============================================================================================
+
+
+def torchrun(script: str, *args, cwd: Path, nproc: int = 2, timeout: float = 240):
+    """`torchrun --standalone --nproc_per_node N script args` (a free port per run), each process
+    on one CPU thread; returns the CompletedProcess (text stdout and stderr)."""
+    import os
+    import subprocess
+
+    launcher = Path(sys.executable).with_name("torchrun")
+    cmd = [str(launcher), "--standalone", f"--nproc_per_node={nproc}", str(REPO / script)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def max_tensor_diff(a: str | Path, b: str | Path) -> float:
+    """Largest |a - b| over the model tensors of two checkpoints (floating-point tensors)."""
+    sa = torch.load(a, map_location="cpu", weights_only=True)["model"]
+    sb = torch.load(b, map_location="cpu", weights_only=True)["model"]
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item()
+               for k in sa if sa[k].is_floating_point())  # fmt: skip
 
 
 # =============================================================================================

@@ -621,7 +621,16 @@ def test_evaluate_dataset_constant_prediction(data_root, cityscapes_tree):
     assert "miou_16" in result
     table = common.format_results({"cityscapes": result, "bdd": {**result, "miou": 10.0}})
     assert "cityscapes" in table and f"{result['miou']:.2f}" in table
-    assert table.splitlines()[3].split() == ["mean", f"{(result['miou'] + 10) / 2:.2f}"]
+    mean = f"{(result['miou'] + 10) / 2:.2f}"
+    assert table.splitlines()[3].split() == ["mean", mean, "over", "2", "targets"]
+    # the source validation split is scored, but not a target: the mean leaves it out
+    with_val = {"source-val": {**result, "miou": 90.0}, "cityscapes": result,
+                "bdd": {**result, "miou": 10.0}}  # fmt: skip
+    assert common.target_mean(with_val) == (pytest.approx(float(mean), abs=5e-3),
+                                            ["cityscapes", "bdd"])  # fmt: skip
+    assert f"mean {mean} over 2 targets, source-val left out" in " ".join(
+        common.format_results(with_val).split()
+    )
 
 
 def test_evaluate_dataset_batches_images_of_one_size():
@@ -1971,3 +1980,42 @@ def test_gpu_confusion_matrix_and_autocast_match_cpu():
             torch.bfloat16,
             torch.float16,
         )
+
+
+# =============================================================================================
+# Several processes: per-sample draws, the global loss, labels that decode to nothing
+# =============================================================================================
+
+
+def test_step_generators_depend_on_the_sample_not_the_process():
+    one = common.Dist(world_size=1)
+    draws = [torch.rand(3, generator=g) for g in common.step_generators(5, 7, 4, one)]
+    halves = [common.Dist(rank=rank, world_size=2) for rank in (0, 1)]
+    split = [torch.rand(3, generator=g) for d in halves for g in common.step_generators(5, 7, 4, d)]
+    assert len(draws) == 4 and all(torch.equal(a, b) for a, b in zip(draws, split))
+    assert len({tuple(d.tolist()) for d in draws}) == 4  # every sample its own stream
+    other = [torch.rand(3, generator=g) for g in common.step_generators(5, 8, 4, one)]
+    assert not any(torch.equal(a, b) for a, b in zip(draws, other))  # and every iteration
+
+
+def test_global_mean_in_one_process_is_the_identity():
+    terms = {"loss": 1.5, "loss_ce": 0.25}
+    assert common.global_mean(terms, common.Dist()) == terms
+
+
+def test_check_labels_names_dataset_file_and_the_expected_encoding(make_tree):
+    import conftest
+
+    tree = make_tree("gta5")
+    dataset = common.GTA5(tree.root, "train", sizes="off")
+    common.check_labels(dataset)  # the real encoding: fine
+    for _, label in dataset.pairs:  # trainIds (1 = sidewalk) where labelIds are expected
+        conftest.write_palette_png(label, np.full((32, 64), 1, np.uint8))
+    with pytest.raises(common.DataFileError) as e:
+        common.check_labels(common.GTA5(tree.root, "train", sizes="off"))
+    first = common.GTA5(tree.root, "train", sizes="off").pairs[0][1]
+    assert str(e.value) == (
+        f"gta: the first {len(dataset.pairs)} label files (e.g. {first}) hold no pixel of the "
+        "19 classes once decoded; the reader expects palette PNGs whose index is the Cityscapes "
+        "labelId (7 = road, 26 = car): check that the labels are the original files"
+    )

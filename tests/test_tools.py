@@ -80,7 +80,7 @@ def test_check_data_on_complete_toy_data_exits_0(toy_data, capsys):
     rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()}
     assert rows[("toy", "train")][-3:] == ["240", "240", "240"]  # images, labels, expected
     assert rows[("toy-night", "val")][-3:] == ["48", "48", "48"]
-    assert "decoded 432 image/label pairs: 0 unreadable, 0 of different sizes" in out
+    assert "decoded 432 image/label pairs: 0 unreadable, 0 of different sizes, 0 labels" in out
     assert out.rstrip().endswith("all datasets look complete")
 
 
@@ -113,6 +113,22 @@ def test_check_data_finds_missing_orphan_corrupt_and_mismatched_files(tmp_path, 
     assert f"problem: error: image and label sizes differ: {lindau} / {small}" in out
     assert "note (skipped in training): image and label sizes differ" in out  # GTA5's 00003
     assert "problem: cityscapes val: 2 images, the official split has 500" in out
+
+
+def test_check_data_decode_finds_labels_in_another_encoding(tmp_path, capsys):
+    import conftest
+
+    gta = conftest.WRITERS["gta5"](tmp_path / "data" / "gta5")
+    # trainIds written where labelIds are expected: 0 (road) and 13 (car) are void labelIds
+    for name in ("00001", "00002"):
+        label = gta.root / "labels" / f"{name}.png"
+        conftest.write_palette_png(label, np.where(gta.labels[name] == 255, 0, 2))
+    assert tools.check_data(tmp_path / "data", decode=True, workers=2) == 1
+    out = capsys.readouterr().out
+    assert "labels with no class pixel" in out and ", 2 labels with no class pixel" in out
+    line = next(x for x in out.splitlines() if "hold no pixel" in x)
+    assert line.startswith("problem: gta: 2 label files hold no pixel of the 19 classes (e.g. ")
+    assert line.endswith(common.LABEL_ENCODINGS["gta"])
 
 
 def test_check_data_command_exit_code_and_bad_root(run_script, tmp_path):
