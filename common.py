@@ -1,10 +1,5 @@
 """Building blocks shared by famix.py, rein.py and clouds.py (the commands are in tools.py).
-
-Class tables and label maps, image/label reading and the six dataset readers, a toy domain-shift
-dataset, joint image/label augmentation primitives, a deterministic (exactly resumable) training
-loader, confusion-matrix mIoU and inference, device / AMP / DDP / seed helpers, the shared
-command-line flags, atomic checkpoints, weight files, the run log, benchmark timing with FLOPs
-and MFU, and one-line errors. Functions and plain Datasets; no module-level mutable state.
+Functions and plain Datasets, one numbered section per topic; no module-level mutable state.
 
 Where the three official repositories disagree (GTA5 training list, Mapillary 66 -> 19 table,
 mIoU averaging rule, SYNTHIA 19/16/13 classes) each variant is a named option here and every
@@ -20,10 +15,12 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -51,6 +48,7 @@ try:  # torchvision's libpng/libjpeg decoders (deprecated since 0.29 in favour o
     from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
 except ImportError:  # pragma: no cover - only on a torchvision without them
     decode_image = decode_png = None
+
 
 # =============================================================================================
 # 1. Classes, palettes, label maps
@@ -155,9 +153,7 @@ class DataFileError(UsageError):
 
 
 class DivergenceError(UsageError):
-    """A non-finite loss (`terms`: name -> value) or prediction (`predictions`: names): the run
-    stops before the bad values reach the weights. `saved`: (path, iteration) of the last
-    checkpoint this run wrote, or None."""
+    """A non-finite loss or prediction: stop before the weights take it; `saved`: (path, iter)."""
 
     def __init__(self, iteration: int, saved, terms: dict | None = None, predictions=()):
         if predictions:
@@ -171,8 +167,7 @@ class DivergenceError(UsageError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C inside a training loop: `done` of `iters` iterations, and `saved` = (path,
-    iteration) of the last checkpoint the run wrote, or None."""
+    """Ctrl-C inside a training loop after `done` of `iters` iterations; `saved` as above."""
 
     def __init__(self, done: int, iters: int, saved):
         super().__init__()
@@ -187,8 +182,7 @@ def checkpoint_note(saved) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of an error, also when a DataLoader worker raised it: the main process then
-    gets the worker's whole traceback as the message, whose last line holds the original."""
+    """An error's message; for a DataLoader worker's, the original (its traceback's last line)."""
     text = str(error)
     if "\nOriginal Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
@@ -197,8 +191,7 @@ def one_line(error: BaseException) -> str:
 
 
 def resume_command(argv: Sequence[str], checkpoint: str | Path) -> str:
-    """The command that continues this run: the same flags without --resume, --init and
-    --overwrite, then --resume CHECKPOINT (under torchrun's launcher when distributed)."""
+    """This run's command less --resume, --init and --overwrite, plus --resume CHECKPOINT."""
     kept, skip = [], False
     for token in argv:
         name = token.split("=", 1)[0]
@@ -215,9 +208,7 @@ def resume_command(argv: Sequence[str], checkpoint: str | Path) -> str:
 
 
 def run_cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run `main(argv)` as a command: a UsageError becomes one line on stderr, exit code 2.
-    Ctrl-C (an Interrupted knows where the loop stopped) says how to continue, exit code 130:
-    the checkpoint on disk is whole (only ever replaced atomically), the progress bars closed."""
+    """Run `main`: a UsageError is one line on stderr (exit 2); Ctrl-C says how to resume (130)."""
     try:
         main(None)
     except UsageError as e:
@@ -259,8 +250,7 @@ BAR = {"dynamic_ncols": True, "leave": False, "file": sys.stderr, "mininterval":
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr, exit code 2 (argparse would print
-    its whole usage first); its add_subparsers makes parsers of the same class."""
+    """Errors as one line on stderr, exit code 2 (argparse prints its whole usage first)."""
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -296,9 +286,7 @@ def add_shared_flags(parser: argparse.ArgumentParser, *, source: str, targets: s
                      log_every: int, workers: int = 4,
                      sources: Sequence[str] = ("gta", "synthia", "cityscapes", "toy"),
                      cite: dict[str, str] | None = None) -> None:  # fmt: skip
-    """The flags every method file has, with the method's paper defaults passed in (so they are
-    visible in the method file). Each help ends with the default in force (%(default)s: a preset
-    installed by set_defaults shows too) and `cite[name]`, e.g. cite={"iters": "paper: 40000"}."""
+    """The shared flags with the method's paper defaults; each help ends with its `cite[name]`."""
     cite = cite or {}
 
     def h(text: str, name: str) -> str:
@@ -386,9 +374,7 @@ def decode_error(path: str | Path, what: str, error: BaseException) -> DataFileE
 
 
 def read_image(path: str | Path) -> Tensor:
-    """RGB uint8 (3, H, W). torchvision's libpng/libjpeg decoder: the same pixels as Pillow's
-    `convert("RGB")` (used by FAMix and detectron2) for PNG, about a third faster on full-size
-    frames; Pillow is the fallback for other formats (and gives the error of a broken file)."""
+    """RGB uint8 (3, H, W); torchvision decodes Pillow's pixels a third faster, Pillow the rest."""
     if decode_image is not None:
         with contextlib.suppress(RuntimeError):
             return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
@@ -443,7 +429,6 @@ def map_ids(ids: np.ndarray, lut: np.ndarray) -> Tensor:
 
 
 def read_label(path: str | Path, lut: np.ndarray) -> Tensor:
-    """trainIds of an 8-bit id PNG through a lookup table."""
     return map_ids(read_id_png(path), lut)
 
 
@@ -494,15 +479,13 @@ def _layout_error(kind: str, root: Path, missing: str) -> DatasetLayoutError:
 
 
 def size_policy(split: str) -> str:
-    """An image/label pair of different sizes: a training split skips it (it cannot be cropped
-    jointly) and counts it; an evaluation split is scored whole or not at all: an error."""
+    """Pairs of different sizes: training skips them (no joint crop), evaluation stops: an error."""
     return "skip" if split in ("train", "all") else "error"
 
 
 class _PairDataset(Dataset):
-    """(image path, label path) pairs, a label decoder and an optional transform. Image and
-    label sizes are compared from the file headers when the reader is built (`sizes`: "skip",
-    "error" or "off"; None = size_policy(split)); `skipped` names the pairs left out."""
+    """(image, label) path pairs, a label decoder, a transform. Sizes are compared from the file
+    headers (`sizes`: "skip", "error", "off"; None = size_policy(split)); `skipped`: left out."""
 
     def __init__(self, kind: str, pairs: list[tuple[Path, Path]], decode: Callable,
                  transform: Transform | None, sizes: str | None, split: str):  # fmt: skip
@@ -536,9 +519,7 @@ LABEL_ENCODINGS = {
 
 
 def check_labels(dataset: _PairDataset, count: int = 8) -> None:
-    """Stop with one line when the first `count` labels of a training set hold no pixel of the
-    19 classes: the files are not in the encoding the reader expects, and training on them would
-    learn nothing (a zero or undefined loss at every step)."""
+    """Stop if the first `count` labels hold no pixel of the 19 classes (a wrong encoding)."""
     pairs = dataset.pairs[:count]
     if pairs and all(bool((dataset.decode(label) == IGNORE_INDEX).all()) for _, label in pairs):
         raise DataFileError(
@@ -568,8 +549,7 @@ def _check_sizes(kind: str, pairs: list[tuple[Path, Path]], policy: str) -> tupl
 
 def _pairs(kind: str, root: Path, images: list[Path], labels_of: Callable[[Path], list[Path]],
            empty: str) -> list[tuple[Path, Path]]:  # fmt: skip
-    """Each image with the first of its candidate labels that exists; a layout error when there
-    is no image (`empty` says what was looked for) or an image has no label."""
+    """Each image with the first of its candidate labels that exists (`empty`: no image found)."""
     if not images:
         raise _layout_error(kind, root, empty)
     pairs = [(image, next((c for c in labels_of(image) if c.is_file()), None)) for image in images]
@@ -582,12 +562,10 @@ def _pairs(kind: str, root: Path, images: list[Path], labels_of: Callable[[Path]
 
 class GTA5(_PairDataset):
     """GTA5 (Playing for Data): images/NNNNN.png <-> labels/NNNNN.png (palette index = labelId).
-    `image_list`, the official training list of each method: "all" every images/*.png (Rein:
-    24,966) [Rein gta_512x512.py]; "clouds" all minus GTA5_CLOUDS_EXCLUDED (24,904) [CLOUDS
-    gta_list]; "famix" root/gtav_split_{split}.txt (12,382 train / 1,000 val; copy the two files
-    from the FAMix repository's datasets/gta5_list/ into the root) [FAMix]. 4,826 frames are
-    1914x1046 instead of 1914x1052: pairs whose image and label sizes differ are skipped in every
-    split (FAMix's validation crops both to 1046x1914 before scoring)."""
+    `image_list`: "all" = images/*.png (24,966) [Rein gta_512x512.py]; "clouds" = all minus
+    GTA5_CLOUDS_EXCLUDED (24,904) [CLOUDS gta_list]; "famix" = root/gtav_split_{split}.txt (12,382
+    train / 1,000 val, from FAMix's datasets/gta5_list/) [FAMix]. 4,826 frames are 1914x1046, not
+    1914x1052: pairs of different sizes are skipped in every split (FAMix crops to 1046x1914)."""
 
     def __init__(self, root: str | Path, split: str = "train", image_list: str = "all",
                  transform: Transform | None = None, sizes: str | None = None):  # fmt: skip
@@ -607,9 +585,8 @@ class GTA5(_PairDataset):
         else:
             raise UsageError(f"unknown GTA5 image list {image_list!r}; use all, clouds or famix")
         images = [root / "images" / f"{n}.png" for n in names]
-        for image in images:
-            if not image.is_file():
-                raise DatasetLayoutError(f"gta: {image} is listed but missing")
+        if missing := next((image for image in images if not image.is_file()), None):
+            raise DatasetLayoutError(f"gta: {missing} is listed but missing")
         labels, suffixes = root / "labels", (".png", "_labelTrainIds.png")
         pairs = _pairs("gta", root, images, lambda p: [labels / (p.stem + s) for s in suffixes],
                        "no images/*.png")  # fmt: skip
@@ -618,9 +595,9 @@ class GTA5(_PairDataset):
 
 class Synthia(_PairDataset):
     """SYNTHIA-RAND-CITYSCAPES, 9,400 frames of 1280x760, 16-bit labels (class id in R). Flat
-    layout RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400) with an optional
-    synthia_split_val.txt of the 2,820 val names (RobustNet split, FAMix), or the split layout
-    RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix: 6,580 / 2,820) [FAMix synthia.py]."""
+    RGB/*.png + GT/LABELS/*.png (CLOUDS; "all" = 9,400), optional synthia_split_val.txt of the
+    2,820 val names (RobustNet split, FAMix); or RGB/{train,val}/ + GT/LABELS/{train,val}/ (FAMix:
+    6,580 / 2,820) [FAMix synthia.py]."""
 
     def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None,
                  sizes: str | None = None):  # fmt: skip
@@ -645,9 +622,8 @@ class Synthia(_PairDataset):
 
 
 class Cityscapes(_PairDataset):
-    """Cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png <-> gtFine/... _gtFine_labelIds.png
-    mapped on the fly (no createTrainIdLabelImgs step), else _gtFine_labelTrainIds.png. 2,975
-    train / 500 val."""
+    """Cityscapes, 2,975 train / 500 val: leftImg8bit/<split>/<city>/*_leftImg8bit.png <-> gtFine/
+    ... _gtFine_labelIds.png mapped on the fly (no createTrainIdLabelImgs), else _labelTrainIds."""
 
     def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
                  sizes: str | None = None):  # fmt: skip
@@ -668,10 +644,9 @@ class Cityscapes(_PairDataset):
 
 
 class BDD100K(_PairDataset):
-    """BDD100K 10K semantic segmentation (labels are already trainIds, 255 = ignore), in the
-    layout of the current release (images/10k/ + labels/sem_seg/masks/), of the old bdd100k_seg
-    (seg/images/ + seg/labels/<stem>_train_id.png) or FAMix's flattened images/ + labels/.
-    7,000 train / 1,000 val."""
+    """BDD100K 10K, 7,000 train / 1,000 val, labels already trainIds (255 = ignore), in the current
+    layout (images/10k/ + labels/sem_seg/masks/), the old bdd100k_seg (seg/images/ + seg/labels/
+    <stem>_train_id.png) or FAMix's flattened images/ + labels/."""
 
     def __init__(self, root: str | Path, split: str = "val", transform: Transform | None = None,
                  sizes: str | None = None):  # fmt: skip
@@ -683,10 +658,10 @@ class BDD100K(_PairDataset):
         if not found:
             raise _layout_error("bdd", root, f"no image/label folders for split {split!r}")
         image_dir, label_dir = found[0]
+        decode = functools.partial(read_label, lut=TRAINID_IDENTITY)
         pairs = _pairs("bdd", root, sorted(image_dir.glob("*.jpg")),
                        lambda p: [label_dir / (p.stem + s) for s in (".png", "_train_id.png")],
                        f"no {image_dir}/*.jpg")  # fmt: skip
-        decode = functools.partial(read_label, lut=TRAINID_IDENTITY)
         super().__init__("bdd", pairs, decode, transform, sizes, split)
 
 
@@ -863,8 +838,7 @@ def toy_render(label: np.ndarray, domain: str, rng: np.random.Generator) -> np.n
         # Textures: stripes on the road, window grid on buildings, leafy noise, sensor noise.
         image[label == 2] *= (0.75 + 0.25 * ((x // 6 + y // 5) % 2))[label == 2, None]
         image[label == 0] *= (0.9 + 0.1 * np.sin(x * 0.9 + y * 0.3))[label == 0, None]
-        leafy = rng.uniform(0.6, 1.3, (h, w))
-        image[label == 8] *= leafy[label == 8, None]
+        image[label == 8] *= rng.uniform(0.6, 1.3, (h, w))[label == 8, None]
         image += rng.normal(0, 10, image.shape)
     # Lane marks belong to the road class.
     image[(label == 0) & ((x + y // 2) % 24 < 2)] = 230 if domain != "night" else 140
@@ -890,11 +864,9 @@ def save_palette_png(path: Path, ids: np.ndarray) -> None:
 
 
 def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None = None) -> Path:
-    """Write <data_root>/toy (if missing or from another version/seed); returns its path.
-    toy/toy.json marks a folder this function wrote; it is written first (as "incomplete") and
-    completed last, so an interrupted write is redone. A toy/ without it is never deleted."""
-    root = Path(data_root) / "toy"
-    counts = counts or TOY_COUNTS
+    """Write <data_root>/toy unless there from this version and seed. toy/toy.json, written first
+    as "incomplete" and completed last, marks a folder of ours: only such a folder is rewritten."""
+    root, counts = Path(data_root) / "toy", counts or TOY_COUNTS
     stamp = {"version": TOY_VERSION, "seed": seed, "counts": counts, "size_wh": TOY_SIZE_WH}
     stamp = json.loads(json.dumps(stamp))  # tuples -> lists, as read back from the file
     stamp_file = root / "toy.json"
@@ -949,9 +921,6 @@ def make_toy_dataset(data_root: str | Path, seed: int = 0, counts: dict | None =
 # 5. Augmentation of (image uint8 (3,H,W), label int64 (H,W)), the deterministic loader
 # =============================================================================================
 
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "nearest": InterpolationMode.NEAREST}  # fmt: skip
-
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=g).item()
@@ -962,7 +931,8 @@ def resize_pair(image: Tensor, label: Tensor | None, size_hw: tuple[int, int],
     """Resize image (antialiased, like Pillow) and label (nearest, pixel-centre rule)."""
     size_hw = (int(size_hw[0]), int(size_hw[1]))
     if tuple(image.shape[-2:]) != size_hw:
-        image = TF.resize(image, list(size_hw), interpolation=_INTERP[image_interp], antialias=True)
+        interp = InterpolationMode(image_interp)  # "bilinear", "bicubic" or "nearest"
+        image = TF.resize(image, list(size_hw), interpolation=interp, antialias=True)
     if label is not None and tuple(label.shape[-2:]) != size_hw:
         label = F.interpolate(label[None, None].float(), size=size_hw, mode="nearest-exact")
         label = label[0, 0].long()
@@ -993,24 +963,19 @@ def random_scale(image: Tensor, label: Tensor, scale_range: tuple[float, float],
 def random_crop(image: Tensor, label: Tensor, crop_hw: tuple[int, int] | int,
                 g: torch.Generator, cat_max_ratio: float = 1.0, pad: bool = True,
                 max_tries: int = 10) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Random crop; with cat_max_ratio < 1, retry (up to 10 times, as mmseg RandomCrop) until no
-    class but ignore covers more than that share of the crop. Pads image with 0 and label with
-    255 on the bottom/right when smaller than the crop."""
+    """Random crop, padded (image 0, label 255) at the bottom/right if smaller. cat_max_ratio < 1:
+    draw again (up to 10 times, mmseg RandomCrop) while one class covers more of the crop."""
     ch, cw = (crop_hw, crop_hw) if isinstance(crop_hw, int) else crop_hw
     h, w = image.shape[-2:]
-
-    def draw() -> tuple[int, int]:
+    for _ in range(1 + (max_tries if cat_max_ratio < 1.0 else 0)):
         top = int(torch.randint(max(h - ch, 0) + 1, (), generator=g))
-        return top, int(torch.randint(max(w - cw, 0) + 1, (), generator=g))
-
-    top, left = draw()
-    for _ in range(max_tries if cat_max_ratio < 1.0 else 0):
+        left = int(torch.randint(max(w - cw, 0) + 1, (), generator=g))
+        if cat_max_ratio >= 1.0:
+            break
         window = label[top : top + ch, left : left + cw]
         counts = torch.bincount(window[window != IGNORE_INDEX].flatten(), minlength=1)
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
+        if (counts > 0).sum() > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
             break
-        top, left = draw()
     image = image[:, top : top + ch, left : left + cw]
     label = label[top : top + ch, left : left + cw]
     return pad_pair(image, label, (ch, cw)) if pad else (image, label)
@@ -1076,10 +1041,9 @@ def rgb_to_hsv_cv2(img: Tensor) -> Tensor:
 
 
 def hsv_to_rgb_cv2(hsv: Tensor) -> Tensor:
-    """Inverse of rgb_to_hsv_cv2: cv2 COLOR_HSV2BGR for uint8 as opencv-python 4.8 (the official
-    environment) computes it: float32 H*6/180, S/255, V/255 (as products with 1/255), sector
-    formulas, then * 255 truncated [OpenCV color_hsv HSV2RGB_b, its vectorised path]; returns
-    uint8 RGB (3, H, W). Float ties may differ by one grey level (7 of 196,608 random pixels)."""
+    """uint8 RGB (3, H, W) as cv2 COLOR_HSV2BGR in opencv-python 4.8 (the official environment):
+    float32 H*6/180, S*(1/255), V*(1/255), sector formulas, * 255 truncated [OpenCV color_hsv
+    HSV2RGB_b, vectorised path]. Float ties may differ by one level (7 of 196,608 pixels)."""
     h = hsv[0].float() * (6.0 / 180.0)
     s, v = hsv[1].float() * (1.0 / 255.0), hsv[2].float() * (1.0 / 255.0)
     sector = torch.floor(h)
@@ -1148,9 +1112,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """`next(loader)` gives the next per-rank batch. Which samples, and every augmentation draw
-    (the dataset's transform gets a generator seeded per sample), depend only on
-    (seed, iteration, position), so a run resumed at iteration t sees the same batches."""
+    """`next(loader)`: the next per-rank batch. The samples and their augmentation draws depend on
+    (seed, iteration, position) only: a run resumed at iteration t sees the same batches."""
 
     def __init__(self, dataset: Dataset, global_batch: int, dist: Dist, seed: int, workers: int,
                  start_iter: int = 0, repeat_factors: Sequence[float] | None = None,
@@ -1185,9 +1148,8 @@ class TrainLoader:
 
 
 class ConfusionMatrix:
-    """Dataset-level confusion matrix (rows = ground truth, columns = prediction); pixels whose
-    ground truth is 255 (or outside 0..C-1) are ignored, so predictions there never count.
-    IoU_c = TP / (TP + FP + FN)."""
+    """Dataset-level confusion matrix (rows = ground truth, columns = prediction); ground truth 255
+    (or outside 0..C-1) is ignored, predictions there never count. IoU_c = TP / (TP + FP + FN)."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, device: str | torch.device = "cpu"):
         self.num_classes = num_classes
@@ -1269,10 +1231,10 @@ def eval_resize(image: Tensor, label: Tensor, spec: EvalResize) -> tuple[Tensor,
     size = short_side_size(h, w, s) if kind == "short" else (s, int(w / h * s))
     image, new_label = resize_pair(image, label, size, spec.image_interp)
     label = new_label if (spec.resize_gt or kind == "height_crop") else label
-    if kind == "height_crop":  # the central s x s window; a narrower image is centred and padded
-        # (image 0, label 255). FAMix's own CenterCropPad pads labels with 0 (= road) and
-        # mis-centres portrait images: not copied.
-        s, (h, w) = spec.rule[1], image.shape[-2:]
+    if kind == "height_crop":  # the central s x s window (the height is s now); a narrower image
+        # is centred and padded (image 0, label 255). FAMix's own CenterCropPad pads labels with
+        # 0 (= road) and mis-centres portrait images: not copied.
+        w = image.shape[-1]
         if w >= s:
             x1 = (w - s) // 2
             image, label = image[..., x1 : x1 + s], label[..., x1 : x1 + s]
@@ -1280,9 +1242,6 @@ def eval_resize(image: Tensor, label: Tensor, spec: EvalResize) -> tuple[Tensor,
             left = (s - w) // 2
             image = F.pad(image, (left, s - w - left), value=0)
             label = F.pad(label, (left, s - w - left), value=IGNORE_INDEX)
-        if h > s:
-            y1 = (h - s) // 2
-            image, label = image[..., y1 : y1 + s, :], label[..., y1 : y1 + s, :]
     return image, label
 
 
@@ -1306,28 +1265,19 @@ def evaluate_dataset(predict: Callable[[Tensor], Tensor], dataset: Dataset, *,
                      align_corners: bool = False, workers: int = 2, batch_size: int = 1,
                      save_preds: int = 0, save_dir: str | Path | None = None,
                      subsets: dict | None = None, desc: str = "eval") -> dict:  # fmt: skip
-    """Score `predict` (uint8 (B,3,h,w) on the device -> logits (B,C,h',w')) on a dataset.
-    Logits are bilinearly resized to the label's size, then argmax. Up to `batch_size` images of
-    one size go through `predict` together (in eval mode no sample sees another). Returns
-    {"miou", "per_class_iou", "num_images"} plus "miou_<name>" for each `subsets` entry (e.g.
-    SYNTHIA16). Runs under inference_mode, with cuDNN's autotuner off (every image size would
-    be tuned)."""
+    """Score `predict` (uint8 (B,3,h,w) -> logits (B,C,h',w'), resized bilinearly to the label,
+    argmax), `batch_size` images of one size at a time, cuDNN autotuning off (it would tune every
+    size). Returns miou, per_class_iou, num_images and miou_<name> per `subsets` (SYNTHIA16)."""
     view = _EvalView(dataset, range(dist.rank, len(dataset), dist.world_size), resize)
-    # Own generator: evaluating does not consume the global RNG, so training resumes exactly
-    # whether or not an evaluation happened in between.
+    # own generator: evaluating leaves the global RNG alone (resume is exact either way)
     loader = DataLoader(view, batch_size=batch_size, num_workers=workers, collate_fn=list,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     cm = ConfusionMatrix(NUM_CLASSES, dist.device)
     tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     with tqdm(total=len(view), desc=desc, disable=not dist.is_main, **BAR) as bar:
-        for items in loader:
-            groups = []  # runs of consecutive items of one image size and one label size
-            for item in items:
-                if groups and [t.shape for t in groups[-1][0][:2]] == [t.shape for t in item[:2]]:
-                    groups[-1].append(item)
-                else:
-                    groups.append([item])
-            for group in groups:
+        for items in loader:  # runs of consecutive items of one image size and one label size:
+            for _, run in itertools.groupby(items, key=lambda item: (item[0].shape, item[1].shape)):
+                group = list(run)
                 images = torch.stack([image for image, *_ in group])  # (B, 3, h, w)
                 logits = predict(images.to(dist.device, non_blocking=True))
                 label_hw = group[0][1].shape[-2:]
@@ -1350,17 +1300,13 @@ def evaluate_dataset(predict: Callable[[Tensor], Tensor], dataset: Dataset, *,
 
 
 def target_mean(results: dict[str, dict]) -> tuple[float | None, list[str]]:
-    """The mean mIoU over a run's targets and their names. The source validation split
-    ("source-val") is scored to monitor training, not as a target: it is left out, here in the
-    run's own table and in `tools.py compare` alike."""
+    """Mean mIoU and names of the targets; "source-val" (a training monitor) is not a target."""
     names = [name for name in results if name != "source-val"]
     return (float(np.mean([results[n]["miou"] for n in names])) if names else None), names
 
 
 def format_results(results: dict[str, dict], iteration: int | None = None) -> str:
-    """What an evaluation prints: "iteration N" (when given), a table with one row per target
-    (mIoU and any subset means), the mean over targets (target_mean), then each target's
-    per-class IoUs."""
+    """What an evaluation prints: per target mIoU and subset means, their mean, per-class IoUs."""
     lines = [] if iteration is None else [f"iteration {iteration}"]
     lines.append(f"{'target':<14} {'mIoU':>7}")
     for name, r in results.items():
@@ -1376,19 +1322,13 @@ def format_results(results: dict[str, dict], iteration: int | None = None) -> st
     return "\n".join(lines)
 
 
-def colorize(label: Tensor | np.ndarray) -> np.ndarray:
-    """trainIds (H, W) -> RGB uint8 (H, W, 3) in the Cityscapes palette (255 black)."""
-    label = label.cpu().numpy() if isinstance(label, Tensor) else label
-    return PALETTE[np.clip(label, 0, 255).astype(np.uint8)]
-
-
 def save_prediction_strip(path: str | Path, image: Tensor, label: Tensor,
                           pred: Tensor) -> None:  # fmt: skip
-    """image | ground truth | prediction side by side (prediction alone also saved as _pred)."""
+    """image | ground truth | prediction in the Cityscapes palette, and the prediction as _pred."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = image.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-    gt, pr = colorize(label), colorize(pred)
+    gt, pr = (PALETTE[t.cpu().numpy().clip(0, 255).astype(np.uint8)] for t in (label, pred))
     h = max(img.shape[0], gt.shape[0], pr.shape[0])
     tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 0), (0, 0))) for t in (img, gt, pr)]
     Image.fromarray(np.concatenate(tiles, 1)).save(path)
@@ -1414,8 +1354,7 @@ class Dist:
 
 
 def setup_distributed(device_arg: str | None = None) -> Dist:
-    """One process by default; under torchrun (RANK/WORLD_SIZE in the environment) join the
-    process group (NCCL on GPUs, Gloo on CPU) and use cuda:LOCAL_RANK."""
+    """One process, or under torchrun (WORLD_SIZE set) NCCL on cuda:LOCAL_RANK / Gloo on CPU."""
     want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(
@@ -1434,8 +1373,7 @@ def setup_distributed(device_arg: str | None = None) -> Dist:
 
 
 def autocast(device: torch.device, enabled: bool) -> tuple[Callable, torch.amp.GradScaler | None]:
-    """Mixed precision: bf16 where the GPU supports it, else fp16 with a GradScaler; off on CPU
-    (returns a null context and no scaler; `setup` says so once)."""
+    """(autocast factory, scaler): bf16 where supported, else fp16 + GradScaler; off on CPU."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext, None
     if torch.cuda.is_bf16_supported():
@@ -1444,9 +1382,7 @@ def autocast(device: torch.device, enabled: bool) -> tuple[Callable, torch.amp.G
 
 
 def setup(args: argparse.Namespace) -> Dist:
-    """What every run does before its first tensor: CPU threads, processes and device, the speed
-    switches of the device (TF32 and cuDNN's autotuner on CUDA), seeds. A flag the device cannot
-    honour gets one warning line."""
+    """Before the first tensor: threads, device and processes, TF32, cuDNN autotuning, seeds."""
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     dist = setup_distributed(args.device)
@@ -1462,28 +1398,24 @@ def setup(args: argparse.Namespace) -> Dist:
 
 
 def fast_path(args: argparse.Namespace, dist: Dist) -> bool:
-    """--fast auto = on with CUDA: channels_last trunks, fused/foreach optimisers, cuDNN
-    autotuning. On CPU they are off by default (the tests compare both paths there)."""
+    """--fast auto = on with CUDA only (on CPU the tests compare both paths)."""
     return args.fast == "on" or (args.fast == "auto" and dist.device.type == "cuda")
 
 
 def memory_format(args: argparse.Namespace, dist: Dist) -> torch.memory_format:
-    """channels_last (NHWC) for convolutional trunks on the fast path: cuDNN's tensor-core
-    convolutions work in NHWC, so NCHW tensors are transposed around every convolution."""
+    """channels_last trunks on the fast path: cuDNN's tensor-core convolutions work in NHWC."""
     return torch.channels_last if fast_path(args, dist) else torch.contiguous_format
 
 
 def optimizer_options(args: argparse.Namespace, dist: Dist, kind: str) -> dict[str, bool]:
-    """Keyword arguments of the optimiser on the fast path: fused AdamW (one kernel for every
-    parameter tensor) or foreach SGD (one batched op per step instead of one per tensor)."""
+    """The optimiser's fast path: fused AdamW (one kernel for all tensors) or foreach SGD."""
     if not fast_path(args, dist):
         return {}
     return {"fused": True} if kind == "adamw" else {"foreach": True}
 
 
 def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """torch.compile of the trained parts with --compile (off by default: the first steps then
-    compile for minutes). State dicts are saved from the module itself (no _orig_mod prefix)."""
+    """torch.compile with --compile (off by default: it compiles for minutes)."""
     return torch.compile(module) if args.compile else module
 
 
@@ -1501,10 +1433,7 @@ def convert_sync_bn(model: nn.Module, dist: Dist) -> nn.Module:
 
 
 def step_generators(seed: int, iteration: int, global_batch: int, dist: Dist) -> list:
-    """One torch.Generator (on the device) per sample of this process's share of the global
-    batch, seeded by the run seed, the iteration and the sample's position in the global batch
-    only: the random draws of a training step (sampled points, style mixing) are the same on any
-    number of processes, and on resume."""
+    """A generator per sample, seeded by (seed, iteration, position): the same on any world size."""
     per_rank = global_batch // dist.world_size
     first = iteration * global_batch + dist.rank * per_rank
     return [torch.Generator(dist.device).manual_seed(_sample_seed(seed, first + k, "step:"))
@@ -1512,8 +1441,7 @@ def step_generators(seed: int, iteration: int, global_batch: int, dist: Dist) ->
 
 
 def global_mean(values: dict[str, float], dist: Dist) -> dict[str, float]:
-    """The mean of each value over the processes (one all-reduce): the loss terms of the global
-    batch, the same on every process, so a non-finite loss stops all of them together."""
+    """Each value averaged over the processes: a non-finite loss stops all of them together."""
     if not dist.enabled:
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist.device)
@@ -1571,9 +1499,7 @@ def set_rng_state(state: dict) -> None:
 
 @contextlib.contextmanager
 def rng_neutral() -> Iterator[None]:
-    """Run a block (an evaluation, a loader's set-up) without moving any global random stream
-    (torch CPU and CUDA, numpy, Python): a run that evaluates, or is interrupted and resumed,
-    draws the same numbers as one that does not."""
+    """Run a block (an evaluation) without moving any global random stream: resume stays exact."""
     state = get_rng_state()
     try:
         yield
@@ -1588,17 +1514,11 @@ def rng_neutral() -> Iterator[None]:
 
 def strip_prefixes(state_dict: dict) -> dict:
     """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: a crash, Ctrl-C or
-    a full disk while writing leaves the previous file untouched. Write errors are one line."""
+    """Temporary file, fsync, os.replace: a crash or a full disk leaves the previous file whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1623,9 +1543,7 @@ def save_checkpoint(path: str | Path, *, method: str, iteration: int, model_stat
                     optimizer: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler | None,
                     args: argparse.Namespace | dict, metrics: dict | None = None,
                     extra: dict | None = None) -> None:  # fmt: skip
-    """One plain dict that loads with torch.load(weights_only=True): method, iter, model (no
-    DDP / compile prefixes), optimizer, scaler, args, rng, metrics, + the method's extras.
-    Only rank 0 writes (the other processes hold the same weights)."""
+    """One plain dict (+ `extra`) that loads with weights_only=True, written by rank 0 only."""
     if not is_main():
         return
     ckpt = {
@@ -1642,8 +1560,7 @@ def save_checkpoint(path: str | Path, *, method: str, iteration: int, model_stat
 
 
 def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
-    """Load a checkpoint written by save_checkpoint; one clear error for a missing or unreadable
-    file, or a checkpoint of another method."""
+    """A save_checkpoint dict; one line for a missing, unreadable or another method's file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check the --resume/--init path)")
@@ -1667,8 +1584,7 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict:
 
 def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
                            scaler: torch.amp.GradScaler | None) -> int:  # fmt: skip
-    """Optimizer, scaler and RNG states from a checkpoint; returns the iteration to continue at.
-    (The model weights are the method's business: load ckpt["model"] yourself.)"""
+    """Optimizer, scaler and RNG states (not the model); returns the iteration to continue at."""
     if optimizer is not None and ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler") is not None:
@@ -1679,9 +1595,7 @@ def restore_training_state(ckpt: dict, optimizer: torch.optim.Optimizer | None,
 
 def check_resume_args(ckpt: dict, args: argparse.Namespace, names: Sequence[str],
                       given: str = "--resume") -> None:  # fmt: skip
-    """A run continued from a checkpoint must build the same model: each flag in `names` must
-    have the value the checkpoint was trained with. `given`: how the checkpoint was passed
-    (--resume, --init)."""
+    """Each flag in `names` must match the checkpoint's (given as --resume/--init): same model."""
     path = getattr(args, given.removeprefix("--").replace("-", "_"), None)
     for name in names:
         if name in ckpt["args"] and ckpt["args"][name] != args_to_primitives(args).get(name):
@@ -1693,9 +1607,8 @@ def check_resume_args(ckpt: dict, args: argparse.Namespace, names: Sequence[str]
 
 
 def prepare_out_dir(args: argparse.Namespace) -> Path:
-    """Check --out before any work: a folder (not a file), writable, and not holding another
-    run's last.pt unless --resume or --overwrite says what to do with it. A new run (not
-    --resume, not --eval-only) starts a fresh log.jsonl / results.json."""
+    """--out before any work: a writable folder, its last.pt kept only with --resume / --overwrite
+    (or --eval-only); a new run starts a fresh log.jsonl and results.json."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder; pass a folder path")
@@ -1721,9 +1634,7 @@ def prepare_out_dir(args: argparse.Namespace) -> Path:
 
 
 def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
-    """torch.load(weights_only=True) of a weights file or checkpoint, on the CPU: ours, an
-    official release, CLIP or DINOv2 weights. Nothing in it can run code. A missing or unreadable
-    file is one line naming `what` and, as the fix, `hint`."""
+    """torch.load(weights_only=True: no code runs) on the CPU; a bad file: one line with `hint`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path} ({hint})")
@@ -1743,10 +1654,8 @@ def read_weights_file(path: str | Path, what: str, hint: str) -> Any:
 
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], source: str, hint: str,
                       may_lack: Sequence[str] = ()) -> int:  # fmt: skip
-    """load_state_dict that fails with one line naming a few missing, unexpected and
-    wrongly-shaped keys, and `hint` (which flag to check). Keys starting with a prefix in
-    `may_lack` may be absent (a frozen backbone a checkpoint leaves out). Returns the number of
-    tensors loaded."""
+    """load_state_dict failing with one line (a few missing, unexpected, misshaped keys; `hint`);
+    keys under a `may_lack` prefix may be absent (a frozen backbone). Returns the count loaded."""
     own = module.state_dict()
     missing = [k for k in own if k not in state and not k.startswith(tuple(may_lack) or ("\0",))]
     unexpected = [k for k in state if k not in own]
@@ -1762,9 +1671,7 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], source: str, 
 
 
 def require_download(what: str, hint: str, host: str = "huggingface.co") -> None:
-    """Weights named by a tag (not a file) are downloaded by open_clip from the Hugging Face hub.
-    Offline, its client retries for about a minute before failing: fail at once instead, with
-    one line saying how to pass a local file. (Call this only for weights not in the cache.)"""
+    """Offline, open_clip's hub client retries for a minute: fail at once instead, with `hint`."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UsageError(f"cannot download {what}: HF_HUB_OFFLINE=1; {hint}")
     try:
@@ -1774,8 +1681,7 @@ def require_download(what: str, hint: str, host: str = "huggingface.co") -> None
 
 
 def require_open_clip_tag(model: str, tag: str, hint: str) -> None:
-    """Before open_clip is asked for weights by tag: the tag must be one of the model's, and the
-    weights in the local cache or downloadable now (offline: one line at once, no retries)."""
+    """Before open_clip loads by tag: a tag of the model, its weights cached or downloadable."""
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(model)
@@ -1869,23 +1775,14 @@ def bench_precision(args: argparse.Namespace, device: torch.device) -> str:
     return "bf16" if args.amp else ("tf32" if args.tf32 else "fp32")
 
 
-def peak_tflops(
-    device: torch.device, precision: str, override: float | None = None
-) -> float | None:
-    """The device's dense peak for `precision` (--peak-tflops wins); None on CPU or an unknown
-    GPU (then no MFU is reported)."""
+def peak_tflops(device: torch.device, precision: str,
+                override: float | None = None) -> float | None:  # fmt: skip
+    """The dense peak for `precision` (`override` wins); None on CPU or an unknown GPU: no MFU."""
     if override is not None or device.type != "cuda":
         return override
     name = torch.cuda.get_device_name(device)
     column = {"bf16": 0, "tf32": 1, "fp32": 2}[precision]
     return next((peaks[column] for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def count_flops(step: Callable[[], Any]) -> int:
@@ -1900,8 +1797,7 @@ def count_flops(step: Callable[[], Any]) -> int:
 
 
 def time_step(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> float:
-    """Median seconds of one call of `step` over `steps` calls after `warmup`, each call
-    synchronised with the GPU."""
+    """Median seconds of `steps` calls of `step` after `warmup`, each synchronised with the GPU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
@@ -1918,14 +1814,16 @@ def time_step(step: Callable[[], Any], device: torch.device, warmup: int, steps:
 def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmup: int, steps: int,
               images_per_step: int, precision: str = "fp32", peak: float | None = None,
               flops: bool = True, extra: dict | None = None) -> dict:  # fmt: skip
-    """Time `step` (median of `steps` synchronised calls after `warmup`), count its FLOPs once,
-    and print one JSON record: step_s, images_per_s, gflop_per_step, achieved TFLOP/s (GPU) or
-    GFLOP/s (CPU), mfu = achieved / the device's peak for `precision` (GPU; `peak` overrides
-    the table), peak memory (GPU allocated, or process RSS on CPU) and `extra`."""
+    """Print (and return) one JSON record: time_step, FLOPs counted once, achieved TFLOP/s (GPU)
+    or GFLOP/s (CPU), mfu = achieved / peak_tflops (GPU), peak memory (GPU allocated, CPU RSS)."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = time_step(step, device, warmup, steps)
+    if cuda:
+        memory = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     record = {
         "bench": name,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -1933,7 +1831,7 @@ def benchmark(name: str, step: Callable[[], Any], *, device: torch.device, warmu
         "step_s": float(f"{seconds:.6g}"),
         "images_per_s": round(images_per_step / seconds, 3),
         "steps": steps,
-        ("peak_mem_mb" if cuda else "peak_rss_mb"): round(peak_memory_mb(device), 1),
+        ("peak_mem_mb" if cuda else "peak_rss_mb"): round(memory, 1),
     }
     if flops:
         n = count_flops(step)
