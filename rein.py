@@ -19,8 +19,8 @@ Paper -> code (the paper's section numbers are [unverified]; the code is the ref
   param_groups, lr_at, train; sliding window -> slide_segment, evaluate; official weights
   (Appendix B) -> build_model, load_vfm_weights, load_official_rein.
 
-Launch (weights are never downloaded: put them in ./checkpoints or pass paths; --pretrained auto =
-checkpoints/<the file VFM_SIZES names for --backbone>, original patch-14 or Rein-converted):
+Launch (--pretrained auto = checkpoints/<the file VFM_SIZES names for --backbone>, original patch-14
+or Rein-converted, else timm's copy from the Hugging Face hub (cache); or pass a path):
   python rein.py --source gta --data ./data          (1 GPU: GTA5 -> Cityscapes/BDD/Mapillary)
   torchrun --nproc_per_node 4 rein.py --source gta --data ./data   (DDP; global batch stays 4)
   torchrun --nproc_per_node 4 rein.py --recipe citys2acdc --data ./data   (Cityscapes -> ACDC)
@@ -54,6 +54,10 @@ Deviations from the official code (`DEVIATION n:` in the code):
  10. --seed defaults to 0 like every script here (official randomness.seed 42); out/last.pt is
      written before each evaluation and at the end (official: every 4000 iterations, keep 3).
  11. GTA5 + SYNTHIA joint training (README: 68.1 on Cityscapes) is not offered: one --source.
+ 12. Mask2Former criterion (the declared copy): each image's random points come from its own
+     generator of the step, and the cross-entropy is divided by the global batch's class-weight
+     sum (official: the process's RNG and its own sum; identical on one process), so that
+     several processes train as one [C criterion.py::SetCriterion].
 """
 
 from __future__ import annotations
@@ -464,9 +468,11 @@ class ReinTrainTransform:
 
 
 def build_source(args: argparse.Namespace) -> torch.utils.data.Dataset:
-    """The training set of --source with the official split and pipeline."""
+    """The training set of --source with the official split and pipeline; its labels checked."""
     split, transform = SOURCE_SPLITS[args.source], ReinTrainTransform(args.crop)
-    return common.build_dataset(args.source, args.data, split, gta_list="all", transform=transform)
+    source = common.build_dataset(args.source, args.data, split, transform=transform)  # gta: all
+    common.check_labels(source)  # a wrong label encoding stops the run now, not after training
+    return source
 
 
 # =============================================================================================
@@ -630,7 +636,8 @@ def train(args: argparse.Namespace, dist: common.Dist, log: common.RunLog, net: 
             # METHOD: learning rate of this iteration [C configs param_scheduler: PolyLR, LinearLR]
             lr = set_lr(optimizer, it, args)
             # METHOD: frozen VFM + Rein -> Mask2Former; every prediction checked before the
-            # matcher sees it; 30 weighted set-prediction loss terms [C rein_mask2former.py]
+            # matcher sees it; 30 weighted set-prediction loss terms [C rein_mask2former.py],
+            # each image's random points drawn from its own generator (2 processes = 1)
             images = batch[0].to(dist.device, non_blocking=True)
             labels = batch[1].to(dist.device, non_blocking=True)
             with amp_ctx():
@@ -638,7 +645,8 @@ def train(args: argparse.Namespace, dist: common.Dist, log: common.RunLog, net: 
             bad = nonfinite_predictions(outputs)
             if bad:
                 raise common.DivergenceError(it + 1, saved, predictions=bad)
-            losses = criterion(outputs, semantic_to_targets(labels, NUM_CLASSES))
+            gens = common.step_generators(args.seed, it, args.batch_size, dist)
+            losses = criterion(outputs, semantic_to_targets(labels, NUM_CLASSES), gens)
             loss = sum(losses.values())
             terms = loss_terms(loss, losses, model)
             # PLUMBING: the global batch's terms (all processes stop together on a non-finite
@@ -841,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
             "batch_size": "official: 4 on one GPU, citys2acdc 2 x 4 GPUs [C configs]",
             "crop": "a multiple of the patch size 16; official: 512, citys2acdc 1024 [C configs]",
             "amp": "official: fp32 OptimWrapper; tools/train.py --amp is optional [C]",
-            "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>",
+            "pretrained": "auto = checkpoints/<official DINOv2/EVA02 file of --backbone>, else "
+                          "timm's copy (hub timm/<name>, TIMM_WEIGHTS)",
             "eval_every": "official: val_interval 10000 [C configs]",
             "log_every": "official: 50 [C default_runtime.py]",
         },
@@ -1531,25 +1540,37 @@ def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(inputs, grid, mode="bilinear", align_corners=False).squeeze(3)
 
 
+def random_coords(counts: Sequence[int], num_points: int, device: torch.device,
+                  generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:  # fmt: skip
+    """Uniform (x, y) in [0, 1]², (Σ counts, num_points, 2): image b's counts[b] rows drawn from
+    generators[b] (the same draws on any number of processes), or all from the global RNG."""
+    if generators is None:
+        counts, generators = [sum(counts)], [None]
+    return torch.cat([torch.rand(n, num_points, 2, device=device, generator=g)
+                      for n, g in zip(counts, generators, strict=True)])  # fmt: skip
+
+
 def uncertain_point_coords(
-    logits: torch.Tensor, num_points: int, oversample: float, importance: float
-) -> torch.Tensor:
+    logits: torch.Tensor, num_points: int, oversample: float, importance: float,
+    counts: Sequence[int] | None = None, generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """PointRend importance sampling: of num_points·oversample uniform candidates keep the
     importance·num_points with the smallest |logit|, then add fresh uniform points to num_points.
 
     logits (N, 1, H, W) -> coords (N, num_points, 2) in [0, 1]², uncertain points first
     [C point_features.py::get_uncertain_point_coords_with_randomness], uncertainty = −|logit|.
+    Image b's counts[b] consecutive masks draw from generators[b] (see random_coords).
     """
-    n = logits.shape[0]
+    counts, device = [len(logits)] if counts is None else counts, logits.device
     num_candidates = int(num_points * oversample)
     num_uncertain = int(importance * num_points)
-    candidates = torch.rand(n, num_candidates, 2, device=logits.device)
+    candidates = random_coords(counts, num_candidates, device, generators)
     uncertainty = -point_sample(logits, candidates).abs()[:, 0]  # (N, num_candidates)
     idx = uncertainty.topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
     coords = candidates.gather(1, idx[:, :, None].expand(-1, -1, 2))  # (N, num_uncertain, 2)
     num_random = num_points - num_uncertain
     if num_random > 0:
-        coords = torch.cat([coords, torch.rand(n, num_random, 2, device=logits.device)], dim=1)
+        coords = torch.cat([coords, random_coords(counts, num_random, device, generators)], dim=1)
     return coords
 
 
@@ -1610,13 +1631,14 @@ class HungarianMatcher:
         pred_logits: torch.Tensor,
         pred_masks: torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]],
+        generators: Sequence[torch.Generator] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> per image
-        (query indices, target indices), int64 on the CPU."""
+        (query indices, target indices), int64 on the CPU; image b's points from generators[b]."""
         b, q = pred_logits.shape[:2]
         probs = pred_logits.float().softmax(-1)  # (B, Q, K+1)
         # one coordinate set per image, read for all Q predictions at once (queries as channels)
-        coords = torch.rand(b, self.num_points, 2, device=pred_masks.device)
+        coords = random_coords([1] * b, self.num_points, pred_masks.device, generators)
         pred_points = point_sample(pred_masks.float(), coords)  # (B, Q, P)
         costs = []
         for i, target in enumerate(targets):
@@ -1642,14 +1664,19 @@ class HungarianMatcher:
         return indices
 
 
-def count_masks(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Target masks in the global batch / world size, ≥ 1 [C criterion.py::SetCriterion.forward]."""
-    num_masks = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world_size = 1
+def global_counts(targets: Sequence[dict[str, torch.Tensor]], num_queries: int, eos_coef: float,
+                  device: torch.device) -> tuple[float, float]:  # fmt: skip
+    """Per process, the global batch's target masks (≥ 1) [C criterion.py::SetCriterion.forward]
+    and CE class weights (1 per matched query, min(Q, K) per image; eos_coef per other query; the
+    official CE uses its process's own sum: equal on one process; this makes 2 processes = 1)."""
+    masks = sum(len(t["labels"]) for t in targets)
+    matched = sum(min(len(t["labels"]), num_queries) for t in targets)
+    weights = matched + eos_coef * (len(targets) * num_queries - matched)
+    t = torch.tensor([masks, weights], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(num_masks)
-        world_size = torch.distributed.get_world_size()
-    return max(num_masks.item() / world_size, 1.0)
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return max(t[0].item(), 1.0), t[1].item()
 
 
 class SetCriterion(nn.Module):
@@ -1673,7 +1700,7 @@ class SetCriterion(nn.Module):
         importance: float = 0.75,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.eos_coef = num_classes, eos_coef
         self.weight_ce, self.weight_mask, self.weight_dice = weight_ce, weight_mask, weight_dice
         self.num_points, self.oversample, self.importance = num_points, oversample, importance
         self.matcher = HungarianMatcher(weight_ce, weight_mask, weight_dice, num_points)
@@ -1696,8 +1723,10 @@ class SetCriterion(nn.Module):
         pred_logits: torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]],
         indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        weight_sum: float,
     ) -> torch.Tensor:
-        """Weighted-mean CE over all B·Q queries; unmatched ones target no-object (num_classes)."""
+        """CE over all B·Q queries weighted by class, / weight_sum (see global_counts); unmatched
+        queries target no-object (num_classes)."""
         logits = pred_logits.float()  # (B, Q, K+1)
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
@@ -1710,7 +1739,8 @@ class SetCriterion(nn.Module):
             matched_labels.to(logits.device)
         )
         class_weight = self.class_weight.to(logits.device)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight)
+        ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+        return ce / weight_sum
 
     def loss_masks(
         self,
@@ -1718,8 +1748,10 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict[str, torch.Tensor]],
         indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
         num_masks: float,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Point-sampled BCE and dice of each matched (prediction, target) pair, / num_masks."""
+        """Point-sampled BCE and dice of each matched (prediction, target) pair, / num_masks; the
+        points of image b's pairs drawn from generators[b] when given (else the global RNG)."""
         batch_idx, query_idx = self.matched_queries(indices)
         if len(batch_idx) == 0:  # no targets in the batch: zero, but still part of the graph
             zero = pred_masks.sum() * 0.0
@@ -1731,7 +1763,8 @@ class SetCriterion(nn.Module):
         )
         target = target.to(pred)[:, None]  # (N, 1, H, W)
         with torch.no_grad():
-            coords = uncertain_point_coords(pred, self.num_points, self.oversample, self.importance)
+            coords = uncertain_point_coords(pred, self.num_points, self.oversample, self.importance,
+                                            [len(r) for r, _ in indices], generators)  # fmt: skip
             target_points = point_sample(target, coords)[:, 0]  # (N, P)
         pred_points = point_sample(pred, coords)[:, 0]  # (N, P)
         return (
@@ -1739,19 +1772,22 @@ class SetCriterion(nn.Module):
             dice_loss(pred_points, target_points, num_masks),
         )
 
-    def forward(
-        self, outputs: dict, targets: Sequence[dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        num_masks = count_masks(targets, outputs["pred_logits"].device)
+    def forward(self, outputs: dict, targets: Sequence[dict[str, torch.Tensor]],
+                generators: Sequence[torch.Generator] | None = None) -> dict:  # fmt: skip
+        """generators: one per image for its random points (2 processes = 1); None: global RNG."""
+        logits = outputs["pred_logits"]
+        num_masks, weight_sum = global_counts(targets, logits.shape[1], self.eos_coef,
+                                              logits.device)  # fmt: skip
         predictions = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])
         ]
         losses = {}
         for suffix, out in predictions:
-            indices = self.matcher(out["pred_logits"], out["pred_masks"], targets)
-            loss_mask, loss_dice = self.loss_masks(out["pred_masks"], targets, indices, num_masks)
+            indices = self.matcher(out["pred_logits"], out["pred_masks"], targets, generators)
+            loss_mask, loss_dice = self.loss_masks(out["pred_masks"], targets, indices, num_masks,
+                                                   generators)  # fmt: skip
             losses["loss_ce" + suffix] = self.weight_ce * self.loss_labels(
-                out["pred_logits"], targets, indices
+                out["pred_logits"], targets, indices, weight_sum
             )
             losses["loss_mask" + suffix] = self.weight_mask * loss_mask
             losses["loss_dice" + suffix] = self.weight_dice * loss_dice
@@ -1771,8 +1807,43 @@ class SetCriterion(nn.Module):
 DINOV2_UNUSED_KEYS = ("mask_token",)
 
 
+# timm's copies of the official VFM weights (timm.list_pretrained('*dinov2*'), 'eva02_large*'):
+# hub repos timm/<name>, file model.safetensors, timm names at patch 14.
+TIMM_WEIGHTS = {f"dinov2_{size[0]}": f"vit_{size}_patch14_dinov2.lvd142m"
+                for size in ("small", "base", "large", "giant")}  # fmt: skip
+TIMM_WEIGHTS["eva02_l"] = "eva02_large_patch14_224.mim_m38m"
+
+
+def auto_weights(backbone: str) -> str:
+    """--pretrained auto: checkpoints/<official file> when it is there, else timm's copy of the
+    same weights from the hub cache or the hub; offline and uncached, one line at once."""
+    official = VFM_SIZES[backbone]["weights"]
+    if official is None:
+        raise common.UsageError(f"--backbone {backbone} has no official weights; use "
+                                "--pretrained none")  # fmt: skip
+    if (Path("checkpoints") / official).is_file():
+        return str(Path("checkpoints") / official)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    repo, name = f"timm/{TIMM_WEIGHTS[backbone]}", "model.safetensors"
+    if isinstance(cached := try_to_load_from_cache(repo, name), str):
+        return cached
+    common.require_download(f"{repo}/{name} (hub)", f"put {official} into checkpoints/, or pass "
+                            "--pretrained PATH, or --pretrained none for random init")  # fmt: skip
+    return hf_hub_download(repo, name)
+
+
 def read_state_dict(path: str | Path, what: str, hint: str) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, out of the mmengine / EVA wrappers (state_dict, model...)."""
+    """The tensors of a weights file, out of the mmengine / EVA wrappers (state_dict, model...);
+    a .safetensors file (timm's hub copies) read with safetensors."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # missing, truncated, not safetensors
+            raise common.CheckpointError(f"cannot read {what} {path} ({type(e).__name__}): not "
+                                         f"safetensors ({hint})") from None  # fmt: skip
     sd = common.read_weights_file(path, what, hint)
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -1838,12 +1909,7 @@ def build_model(args: argparse.Namespace) -> ReinSegmentor:
     before the model is built. Built from a fixed seed so every process (and a resumed run)
     starts from the same random init."""
     path = None if args.pretrained == "none" else args.pretrained
-    if path == "auto":
-        if VFM_SIZES[args.backbone]["weights"] is None:
-            raise common.UsageError(
-                f"--backbone {args.backbone} has no official weights; use --pretrained none"
-            )
-        path = str(Path("checkpoints") / VFM_SIZES[args.backbone]["weights"])
+    path = auto_weights(args.backbone) if path == "auto" else path
     vfm_state = read_state_dict(path, *vfm_file(args.backbone)) if path else None
     release = args.official_ckpt
     release_state = read_state_dict(release, *RELEASE_FILE) if release else None

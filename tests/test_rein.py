@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from conftest import max_tensor_diff, torchrun  # noqa: E402
 
 import common  # noqa: E402
 import rein  # noqa: E402
@@ -927,6 +930,46 @@ def test_script_trains_evaluates_resumes_exactly_and_fast_path_matches(
     assert json.loads((c / "results.json").read_text()) == results
 
 
+def test_two_processes_equal_one(run_script, small_toy, tmp_path):
+    """Global batch 2 as 1 process x 2 images and as 2 processes x 1 (Gloo): A2 = 1 process, 2
+    iterations; A4 = A2 resumed to 4 on 1 process; B3 = A2 resumed to 3 on 2 processes; C4 = B3
+    resumed to 4 on 1 process. A4 = C4: 2 processes train as 1, and checkpoints move between 1
+    and 2 processes; B3 and C4 log the losses of A4. All 4 iterations are warm-up, whose lr does
+    not depend on --iters (PolyLR's does: 2 -> 3 -> 4 would not be 2 -> 4). Two properties of the
+    model at init set the flags: (1) Q/K projections of attention over near-identical queries get
+    near-zero gradients, whose ~1e-7 float differences (a batch of 2 against 2 of 1, the
+    all-reduce's sum) AdamW's normalisation turns into steps of up to ~lr: a small --lr keeps
+    those under 1e-5; (2) LoRA tokens' queries start alike within ~1e-4, so their Hungarian
+    matching would hang on such differences: full-rank tokens differ more."""
+    flags = [*FAST, "--data", small_toy, "--crop", "32", "--num-points", "16", "--full-rank",
+             "--warmup-iters", "10", "--lr", "1e-5", "--log-every", "1"]  # fmt: skip
+
+    def one(out, iters, *more):
+        run = run_script("rein.py", *flags, "--iters", iters, "--out", tmp_path / out, *more)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return tmp_path / out
+
+    a2 = one("a2", 2)
+    a4 = one("a4", 4, "--resume", a2 / "last.pt")
+    b = torchrun("rein.py", *flags, "--iters", 3, "--resume", a2 / "last.pt", "--out", "b3",
+                 cwd=tmp_path)  # fmt: skip
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "(1 per process x 2)" in b.stdout
+    c4 = one("c4", 4, "--resume", tmp_path / "b3" / "last.pt")
+    assert max_tensor_diff(a4 / "last.pt", c4 / "last.pt") <= 1e-5
+    # the Rein layer's tensors (no attention over queries) agree to ~1e-3 of their ~6e-6 steps
+    rein_a, rein_c = (trained(x / "last.pt")["model"] for x in (a4, c4))
+    assert all((rein_a[k] - rein_c[k]).abs().max() <= 1e-7 for k in rein_a if ".reins." in k)
+    (a3,) = [r for r in train_records(a4) if r["iter"] == 3]
+    (b3,) = train_records(tmp_path / "b3")
+    assert b3["iter"] == 3
+    for key in ("loss_ce", "loss_mask", "loss_dice"):
+        assert b3[key] == pytest.approx(a3[key], abs=1e-5)
+    assert b3["loss"] == pytest.approx(a3["loss"], rel=1e-6)  # ~110: 1e-5 is float32's step
+    (a4_log,), (c4_log,) = train_records(a4)[-1:], train_records(c4)
+    assert c4_log["iter"] == 4 and c4_log["loss"] == pytest.approx(a4_log["loss"], rel=1e-6)
+
+
 def test_fused_adamw_step_equals_the_plain_step():
     """The fast path's only CPU switch: fused AdamW. One step from the same gradients gives the
     same weights up to rounding (the fused kernel orders its float operations differently)."""
@@ -972,6 +1015,48 @@ def test_divergence_stops_before_the_matcher(run_script, small_toy, tmp_path):
     assert "not finite" in line and "training stopped" in line and "lower --lr" in line
     assert "invalid numeric entries" not in run.stderr  # scipy never saw the NaNs
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_pretrained_auto_reads_timms_copy_from_the_hub_cache(tmp_path, monkeypatch):
+    """--pretrained auto without checkpoints/<official file>: timm's model.safetensors from the
+    hub cache (here timm's own ViT-S/14 at 56 px with random weights, in a cache laid out as
+    huggingface_hub writes it), converted as the official file: patch 14 -> 16, position grid
+    resampled. Offline and not cached: one line at once naming both files (exit 2)."""
+    import huggingface_hub
+    import timm
+    from safetensors.torch import save_file
+
+    name = rein.TIMM_WEIGHTS["dinov2_s"]
+    assert name in timm.list_pretrained("*dinov2*")
+    assert set(rein.TIMM_WEIGHTS.values()) <= set(timm.list_pretrained("*"))
+    torch.manual_seed(0)
+    sd = timm.create_model(name.split(".")[0], pretrained=False, img_size=56).state_dict()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / f"models--timm--{name}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(sd, str(repo / "snapshots" / commit / "model.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = rein.parse_args(["--backbone", "dinov2_s", "--pretrained", "auto", "--crop", "32"])
+    vfm = rein.build_model(args).backbone.vfm
+    assert torch.equal(vfm.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
+    assert torch.equal(vfm.blocks[11].ls2.gamma, sd["blocks.11.ls2.gamma"])
+    patch = F.interpolate(sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic")
+    assert torch.equal(vfm.patch_embed.proj.weight, patch)
+    assert vfm.pos_embed.shape == (1, 1 + 2 * 2, 384)  # 4x4 -> 2x2 patch grid, class kept
+    assert torch.equal(vfm.pos_embed[0, 0], sd["pos_embed"][0, 0])
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(common.UsageError) as error:
+        rein.build_model(args)
+    assert str(error.value) == (
+        f"cannot download timm/{name}/model.safetensors (hub): HF_HUB_OFFLINE=1; put "
+        "dinov2_vits14_pretrain.pth into checkpoints/, or pass --pretrained PATH, or "
+        "--pretrained none for random init"
+    )
 
 
 def test_bad_targets_and_weights_fail_at_start(run_script, toy_data, tmp_path):
@@ -1032,6 +1117,26 @@ def test_corrupt_training_image_ends_in_one_line(run_script, small_toy, tmp_path
     run = run_script("rein.py", *FAST, "--data", data, "--out", tmp_path / "out2")
     assert one_error_line(run).startswith(f"error: cannot read label {label}")
     assert "Namespace" not in run.stdout and "parameters" not in run.stdout  # before the model
+
+
+def test_bad_file_on_one_rank_stops_every_rank(small_toy, tmp_path):
+    """Rank 1's first image is cut off: rank 1 says so in one line, rank 0 (waiting for it in the
+    step's all-reduce) stops quietly, torchrun ends at once with a failure."""
+    data = tmp_path / "data"
+    shutil.copytree(small_toy, data)
+    pairs = common.build_dataset("toy", data, "train").pairs
+    order = common.epoch_indices(len(pairs), 0, 0, None)  # --seed 0; rank r reads position r
+    image = pairs[order[1]][0]
+    image.write_bytes(image.read_bytes()[:200])  # header intact, pixels cut off
+    start = time.monotonic()
+    run = torchrun("rein.py", *FAST, "--data", data, "--crop", "32", "--num-points", "16",
+                   "--iters", "2", "--out", "out", cwd=tmp_path, timeout=120)  # fmt: skip
+    seconds, output = time.monotonic() - start, run.stdout + run.stderr
+    assert run.returncode != 0 and seconds < 60, (seconds, output[-3000:])
+    lines = [p for p in re.split(r"[\r\n]", output) if "error: cannot read image" in p]
+    assert len(lines) == 1 and str(image) in lines[0], output[-3000:]
+    assert 'rein.py", line' not in output  # no traceback of the script itself
+    assert not (tmp_path / "out" / "last.pt").exists()
 
 
 # ================================================================================================
@@ -1377,7 +1482,9 @@ def test_class_weight_vector_and_weighted_mean():
     indices = [(torch.tensor([0]), torch.tensor([0]))]  # query 0 -> class 1; 1, 2 -> no-object
     logp = logits[0].log_softmax(-1)
     expected = -(1.0 * logp[0, 1] + 0.1 * logp[1, 2] + 0.1 * logp[2, 2]) / (1.0 + 0.1 + 0.1)
-    assert small.loss_labels(logits, targets, indices).item() == pytest.approx(
+    weight_sum = m2f.global_counts(targets, 3, 0.1, torch.device("cpu"))[1]
+    assert weight_sum == pytest.approx(1.0 + 0.1 + 0.1)
+    assert small.loss_labels(logits, targets, indices, weight_sum).item() == pytest.approx(
         expected.item(), abs=1e-6
     )
 
@@ -1408,13 +1515,21 @@ def test_criterion_30_weighted_terms():
     assert len(losses) == 30
     # replay the same random draws term by term, unweighted, then apply 2/5/5
     torch.manual_seed(1)
-    num_masks = m2f.count_masks(targets, torch.device("cpu"))
+    num_masks, weight_sum = m2f.global_counts(targets, 6, 0.1, torch.device("cpu"))
     assert num_masks == sum(len(t["labels"]) for t in targets)
+    assert weight_sum == pytest.approx(num_masks + 0.1 * (2 * 6 - num_masks))
     total = 0.0
     for s, out in zip(suffixes, [outputs] + outputs["aux_outputs"]):
         indices = criterion.matcher(out["pred_logits"], out["pred_masks"], targets)
         mask, dice = criterion.loss_masks(out["pred_masks"], targets, indices, num_masks)
-        ce = criterion.loss_labels(out["pred_logits"], targets, indices)
+        ce = criterion.loss_labels(out["pred_logits"], targets, indices, weight_sum)
+        target_classes = torch.full((2, 6), 4)  # no-object unless matched
+        for b, (rows, cols) in enumerate(indices):
+            target_classes[b, rows] = targets[b]["labels"][cols]
+        logits = out["pred_logits"].transpose(1, 2)
+        official = F.cross_entropy(logits, target_classes, criterion.class_weight)
+        assert ce.item() == pytest.approx(official.item(), rel=1e-6)  # the official weighted mean
+
         assert losses["loss_ce" + s].item() == pytest.approx(2.0 * ce.item(), rel=1e-6)
         assert losses["loss_mask" + s].item() == pytest.approx(5.0 * mask.item(), rel=1e-6)
         assert losses["loss_dice" + s].item() == pytest.approx(5.0 * dice.item(), rel=1e-6)
@@ -1422,12 +1537,74 @@ def test_criterion_30_weighted_terms():
     assert sum(losses.values()).item() == pytest.approx(total, rel=1e-6)
 
 
+def test_per_image_generators_make_a_batch_equal_its_images(monkeypatch):
+    """With one generator per image, images [a, b] through one criterion call draw the same
+    matcher points, the same mask-loss points and get the same matching per image as [a] and [b]
+    through two calls: what makes 2 processes x 1 image train as 1 process x 2 images."""
+    torch.manual_seed(0)
+    outputs = make_outputs(b=2, q=6)
+    labels = torch.randint(0, 4, (2, 32, 32))
+    labels[0, :, :20] = 0  # image a: other classes (3 of 4) than image b, fewer masks
+    labels[0, :, 20:] = torch.randint(1, 3, (32, 12))
+    targets = m2f.semantic_to_targets(labels, num_classes=4)
+    assert [len(t["labels"]) for t in targets] == [3, 4]
+    criterion = m2f.SetCriterion(num_classes=4, num_points=50)
+    draws, matches = [], []
+    random_coords, matcher = m2f.random_coords, criterion.matcher
+
+    def record_draw(counts, *args):
+        coords = random_coords(counts, *args)
+        draws.append(coords.split(list(counts)))  # per image
+        return coords
+
+    def record_match(*args):
+        matches.append(matcher(*args))
+        return matches[-1]
+
+    monkeypatch.setattr(m2f, "random_coords", record_draw)
+    monkeypatch.setattr(criterion, "matcher", record_match)
+
+    def run(images, seeds):
+        draws.clear(), matches.clear()
+        view = {k: v[images] for k, v in outputs.items() if k != "aux_outputs"}
+        view["aux_outputs"] = [
+            {k: v[images] for k, v in aux.items()} for aux in outputs["aux_outputs"]
+        ]
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        state = torch.get_rng_state()
+        losses = criterion(view, [targets[i] for i in images], gens)
+        assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the global RNG
+        per_image = [[d[k] for d in draws] for k in range(len(images))]
+        matched = [[m[k] for m in matches] for k in range(len(images))]
+        return losses, per_image, matched
+
+    both, both_draws, both_matches = run([0, 1], [10, 11])
+    a, a_draws, a_matches = run([0], [10])
+    b, b_draws, b_matches = run([1], [11])
+    assert len(a_draws[0]) == 30  # matcher, candidates, fresh points for each of the 10 layers
+    for one, pair in ((a_draws[0], both_draws[0]), (b_draws[0], both_draws[1])):
+        assert all(torch.equal(x, y) for x, y in zip(one, pair, strict=True))
+    for one, pair in ((a_matches[0], both_matches[0]), (b_matches[0], both_matches[1])):
+        assert all(
+            torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+            for x, y in zip(one, pair, strict=True)
+        )
+    # per-image terms: each loss times its normaliser adds up over the images
+    norms = {n: m2f.global_counts([targets[i] for i in images], 6, 0.1, torch.device("cpu"))
+             for n, images in (("both", [0, 1]), ("a", [0]), ("b", [1]))}  # fmt: skip
+    for key in both:
+        which = 1 if key.startswith("loss_ce") else 0
+        total = a[key] * norms["a"][which] + b[key] * norms["b"][which]
+        assert (both[key] * norms["both"][which]).item() == pytest.approx(total.item(), rel=1e-5)
+
+
 def test_zero_target_batch():
     torch.manual_seed(0)
     outputs = make_outputs(requires_grad=True)
     targets = m2f.semantic_to_targets(torch.full((2, 32, 32), 255), num_classes=4)
     criterion = m2f.SetCriterion(num_classes=4, num_points=50)
-    assert m2f.count_masks(targets, torch.device("cpu")) == 1.0  # clamped
+    counts = m2f.global_counts(targets, 6, 0.1, torch.device("cpu"))
+    assert counts == pytest.approx((1.0, 0.1 * 12))  # masks clamped to 1
     losses = criterion(outputs, targets)
     assert all(losses[k].item() == 0.0 for k in losses if not k.startswith("loss_ce"))
     no_object = torch.full((2, 6), 4)
