@@ -45,12 +45,16 @@ Deviations from the official code (`DEVIATION n:` in the code):
   5. SSD colour jitter in torch, no OpenCV: the uint8 HSV conversions follow opencv-python 4.8
      bit for bit except rare float ties (7 of 196,608 random pixels differ by one grey level);
      Python's `random` draws come from the loader's per-sample torch.Generator instead.
-  6. SAM point draws come from a numpy Generator seeded by (seed, iteration, rank) (official:
-     numpy's global RNG, not reproducible).
+  6. SAM point draws come from the image's own generator of the step (seeded by the seed, the
+     iteration and the image's place in the global batch) (official: numpy's global RNG).
   7. Generation gets a --seed (official: none, images not reproducible).
   8. Evaluation: one confusion-matrix mIoU at short side 1024 for every target, Cityscapes
      included (official: cityscapesScripts at full resolution, identical for 1024x2048 images).
   9. Debug writes of the official loop (matplotlib figure and PNG per refined image) removed.
+ 10. Mask2Former criterion (the declared copy): each image's random points come from its own
+     generator of the step, and the cross-entropy is divided by the global batch's class-weight
+     sum (official: the process's RNG and its own sum; identical on one process), so that
+     several processes train as one [C criterion.py::SetCriterion].
 Choices where the official code is silent: the toy settings (TOY_DEFAULTS), the --num-queries,
 --num-points and --eval-before flags (official values by default), the 16- and 13-class means
 logged beside SYNTHIA's 19-class mIoU, bf16 autocast with --amp (official: fp32, the default).
@@ -293,7 +297,6 @@ class CLOUDS:
     teacher: EMATeacher | None = None
     sam: SamPredictor | None = None  # real SAM backends only (fake and none need no model)
     autocast: Callable = contextlib.nullcontext
-    rank: int = 0
 
 
 def pad_to(x: torch.Tensor, size_hw: Sequence[int], value: float) -> torch.Tensor:
@@ -304,9 +307,12 @@ def pad_to(x: torch.Tensor, size_hw: Sequence[int], value: float) -> torch.Tenso
 PREDICTIONS = ("pred_logits", "pred_masks")  # what the matcher reads of each prediction
 
 
-def train_step(model: CLOUDS, batch: tuple, iteration: int, args: argparse.Namespace) -> tuple:
+def train_step(model: CLOUDS, batch: tuple, generators: Sequence[torch.Generator],
+               args: argparse.Namespace) -> tuple:  # fmt: skip
     """Forward pass and loss of one mixed batch (student images, clean teacher views of the
-    generated ones, labels, is_generated) -> (loss, terms for the log), or NonFinitePredictions."""
+    generated ones, labels, is_generated) -> (loss, terms for the log), or NonFinitePredictions.
+    Image b of the batch, source or generated, draws all its random numbers (SAM points, then
+    the criterion's points) from generators[b]."""
     images, clean, labels, is_generated = batch
     device = next(model.head.parameters()).device
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -334,9 +340,10 @@ def train_step(model: CLOUDS, batch: tuple, iteration: int, args: argparse.Names
         clean = clean.to(device, non_blocking=True)
         with model.autocast():
             pseudo = model.teacher.pseudo_labels(model.backbone, clean)  # (G, H, W)
-        # DEVIATION 6: SAM points from a generator seeded by (seed, iteration, rank)
-        rng = np.random.default_rng([args.seed, iteration, model.rank])
         for k, b in enumerate(generated):
+            # DEVIATION 6: SAM points from the image's generator (official: numpy's global RNG)
+            g = generators[b]
+            rng = np.random.default_rng(int(torch.randint(2**62, (), generator=g, device=g.device)))
             if args.sam == "none":  # the "without SAM" ablation: the teacher's targets as they are
                 target = semantic_to_targets(pseudo[k : k + 1])[0]
             else:
@@ -349,7 +356,7 @@ def train_step(model: CLOUDS, batch: tuple, iteration: int, args: argparse.Names
             targets[b] = target
     # L = sum_t w_t * L_t over source and generated images alike (30 set-loss terms, no weighting)
     with model.autocast():
-        losses = model.criterion(outputs, targets)
+        losses = model.criterion(outputs, targets, generators=generators)
     loss = sum(losses.values())
     terms = {k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")}
     return loss, {"loss": loss.item(), **terms, "generated": len(generated)}
@@ -399,9 +406,12 @@ class FrozenCLIPEncoder(nn.Module):
         else:
             import open_clip  # imported here so that `--backbone test` runs without it
 
-            tag = None if pretrained == "none" else pretrained
             with torch.device(device):  # "meta" in the tests: shapes and names without memory
-                clip = open_clip.create_model(model_name, pretrained=tag, device=device)
+                if pretrained == "none":  # from the config: create_model would log "No pretrained
+                    # weights loaded ... initialized randomly" before a --pretrained FILE loads
+                    clip = open_clip.CLIP(**open_clip.get_model_config(model_name))
+                else:
+                    clip = open_clip.create_model(model_name, pretrained=pretrained, device=device)
             self.visual = clip.visual
             if self.is_convnext:
                 del self.visual.head, self.visual.trunk.head  # projection MLP, pooling + norm
@@ -658,6 +668,7 @@ def build_train_set(args: argparse.Namespace) -> tuple[JointTrainSet, list[float
     repeat factors (None in the warm-up)."""
     split = SOURCE_SPLIT[args.source]
     source = common.build_dataset(args.source, args.data, split, gta_list="clouds")
+    common.check_labels(source)  # a wrong label encoding stops here, not as a flat loss
     generated = GeneratedImages(args.generated) if args.phase == "joint" else None
     train_set = JointTrainSet(source, generated, args.crop, RESIZE_TARGET[args.source])
     data, factors = f"data: {len(source)} source images ({args.source} {split})", None
@@ -720,9 +731,11 @@ def train(args, dist, log, model: CLOUDS, optimizer, scaler, loader, targets, st
             optimizer.zero_grad(set_to_none=True)
             # METHOD: learning rate of this iteration [C train_net.py::build_lr_scheduler]
             lr = set_lr(optimizer, it, args)
-            # METHOD: EMA teacher, student, pseudo-labels, SAM, set criterion [C clouds.py::CLOUDS]
+            # METHOD: EMA teacher, student, pseudo-labels, SAM, set criterion [C clouds.py::CLOUDS];
+            # sample k of the global batch draws from a generator of (seed, it, k) only
+            gens = common.step_generators(args.seed, it, args.batch_size, dist)
             try:
-                loss, terms = train_step(model, batch, it, args)
+                loss, terms = train_step(model, batch, gens, args)
             except NonFinitePredictions as e:  # stopped before the matcher
                 raise common.DivergenceError(it + 1, saved, predictions=e.args) from None
             # PLUMBING: the global batch's terms (all processes stop together on a non-finite
@@ -1514,25 +1527,37 @@ def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(inputs, grid, mode="bilinear", align_corners=False).squeeze(3)
 
 
+def random_coords(counts: Sequence[int], num_points: int, device: torch.device,
+                  generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:  # fmt: skip
+    """Uniform (x, y) in [0, 1]², (Σ counts, num_points, 2): image b's counts[b] rows drawn from
+    generators[b] (the same draws on any number of processes), or all from the global RNG."""
+    if generators is None:
+        counts, generators = [sum(counts)], [None]
+    return torch.cat([torch.rand(n, num_points, 2, device=device, generator=g)
+                      for n, g in zip(counts, generators, strict=True)])  # fmt: skip
+
+
 def uncertain_point_coords(
-    logits: torch.Tensor, num_points: int, oversample: float, importance: float
-) -> torch.Tensor:
+    logits: torch.Tensor, num_points: int, oversample: float, importance: float,
+    counts: Sequence[int] | None = None, generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """PointRend importance sampling: of num_points·oversample uniform candidates keep the
     importance·num_points with the smallest |logit|, then add fresh uniform points to num_points.
 
     logits (N, 1, H, W) -> coords (N, num_points, 2) in [0, 1]², uncertain points first
     [C point_features.py::get_uncertain_point_coords_with_randomness], uncertainty = −|logit|.
+    Image b's counts[b] consecutive masks draw from generators[b] (see random_coords).
     """
-    n = logits.shape[0]
+    counts, device = [len(logits)] if counts is None else counts, logits.device
     num_candidates = int(num_points * oversample)
     num_uncertain = int(importance * num_points)
-    candidates = torch.rand(n, num_candidates, 2, device=logits.device)
+    candidates = random_coords(counts, num_candidates, device, generators)
     uncertainty = -point_sample(logits, candidates).abs()[:, 0]  # (N, num_candidates)
     idx = uncertainty.topk(num_uncertain, dim=1).indices  # (N, num_uncertain)
     coords = candidates.gather(1, idx[:, :, None].expand(-1, -1, 2))  # (N, num_uncertain, 2)
     num_random = num_points - num_uncertain
     if num_random > 0:
-        coords = torch.cat([coords, torch.rand(n, num_random, 2, device=logits.device)], dim=1)
+        coords = torch.cat([coords, random_coords(counts, num_random, device, generators)], dim=1)
     return coords
 
 
@@ -1593,13 +1618,14 @@ class HungarianMatcher:
         pred_logits: torch.Tensor,
         pred_masks: torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]],
+        generators: Sequence[torch.Generator] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """pred_logits (B, Q, K+1), pred_masks (B, Q, h, w) -> per image
-        (query indices, target indices), int64 on the CPU."""
+        (query indices, target indices), int64 on the CPU; image b's points from generators[b]."""
         b, q = pred_logits.shape[:2]
         probs = pred_logits.float().softmax(-1)  # (B, Q, K+1)
         # one coordinate set per image, read for all Q predictions at once (queries as channels)
-        coords = torch.rand(b, self.num_points, 2, device=pred_masks.device)
+        coords = random_coords([1] * b, self.num_points, pred_masks.device, generators)
         pred_points = point_sample(pred_masks.float(), coords)  # (B, Q, P)
         costs = []
         for i, target in enumerate(targets):
@@ -1625,14 +1651,19 @@ class HungarianMatcher:
         return indices
 
 
-def count_masks(targets: Sequence[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Target masks in the global batch / world size, ≥ 1 [C criterion.py::SetCriterion.forward]."""
-    num_masks = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world_size = 1
+def global_counts(targets: Sequence[dict[str, torch.Tensor]], num_queries: int, eos_coef: float,
+                  device: torch.device) -> tuple[float, float]:  # fmt: skip
+    """Per process, the global batch's target masks (≥ 1) [C criterion.py::SetCriterion.forward]
+    and CE class weights (1 per matched query, min(Q, K) per image; eos_coef per other query; the
+    official CE uses its process's own sum: equal on one process; this makes 2 processes = 1)."""
+    masks = sum(len(t["labels"]) for t in targets)
+    matched = sum(min(len(t["labels"]), num_queries) for t in targets)
+    weights = matched + eos_coef * (len(targets) * num_queries - matched)
+    t = torch.tensor([masks, weights], dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(num_masks)
-        world_size = torch.distributed.get_world_size()
-    return max(num_masks.item() / world_size, 1.0)
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return max(t[0].item(), 1.0), t[1].item()
 
 
 class SetCriterion(nn.Module):
@@ -1656,7 +1687,7 @@ class SetCriterion(nn.Module):
         importance: float = 0.75,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.eos_coef = num_classes, eos_coef
         self.weight_ce, self.weight_mask, self.weight_dice = weight_ce, weight_mask, weight_dice
         self.num_points, self.oversample, self.importance = num_points, oversample, importance
         self.matcher = HungarianMatcher(weight_ce, weight_mask, weight_dice, num_points)
@@ -1679,8 +1710,10 @@ class SetCriterion(nn.Module):
         pred_logits: torch.Tensor,
         targets: Sequence[dict[str, torch.Tensor]],
         indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        weight_sum: float,
     ) -> torch.Tensor:
-        """Weighted-mean CE over all B·Q queries; unmatched ones target no-object (num_classes)."""
+        """CE over all B·Q queries weighted by class, / weight_sum (see global_counts); unmatched
+        queries target no-object (num_classes)."""
         logits = pred_logits.float()  # (B, Q, K+1)
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
@@ -1693,7 +1726,8 @@ class SetCriterion(nn.Module):
             matched_labels.to(logits.device)
         )
         class_weight = self.class_weight.to(logits.device)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight)
+        ce = F.cross_entropy(logits.transpose(1, 2), target_classes, class_weight, reduction="sum")
+        return ce / weight_sum
 
     def loss_masks(
         self,
@@ -1701,8 +1735,10 @@ class SetCriterion(nn.Module):
         targets: Sequence[dict[str, torch.Tensor]],
         indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
         num_masks: float,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Point-sampled BCE and dice of each matched (prediction, target) pair, / num_masks."""
+        """Point-sampled BCE and dice of each matched (prediction, target) pair, / num_masks; the
+        points of image b's pairs drawn from generators[b] when given (else the global RNG)."""
         batch_idx, query_idx = self.matched_queries(indices)
         if len(batch_idx) == 0:  # no targets in the batch: zero, but still part of the graph
             zero = pred_masks.sum() * 0.0
@@ -1714,7 +1750,8 @@ class SetCriterion(nn.Module):
         )
         target = target.to(pred)[:, None]  # (N, 1, H, W)
         with torch.no_grad():
-            coords = uncertain_point_coords(pred, self.num_points, self.oversample, self.importance)
+            coords = uncertain_point_coords(pred, self.num_points, self.oversample, self.importance,
+                                            [len(r) for r, _ in indices], generators)  # fmt: skip
             target_points = point_sample(target, coords)[:, 0]  # (N, P)
         pred_points = point_sample(pred, coords)[:, 0]  # (N, P)
         return (
@@ -1722,19 +1759,22 @@ class SetCriterion(nn.Module):
             dice_loss(pred_points, target_points, num_masks),
         )
 
-    def forward(
-        self, outputs: dict, targets: Sequence[dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        num_masks = count_masks(targets, outputs["pred_logits"].device)
+    def forward(self, outputs: dict, targets: Sequence[dict[str, torch.Tensor]],
+                generators: Sequence[torch.Generator] | None = None) -> dict:  # fmt: skip
+        """generators: one per image for its random points (2 processes = 1); None: global RNG."""
+        logits = outputs["pred_logits"]
+        num_masks, weight_sum = global_counts(targets, logits.shape[1], self.eos_coef,
+                                              logits.device)  # fmt: skip
         predictions = [("", outputs)] + [
             (f"_{i}", aux) for i, aux in enumerate(outputs["aux_outputs"])
         ]
         losses = {}
         for suffix, out in predictions:
-            indices = self.matcher(out["pred_logits"], out["pred_masks"], targets)
-            loss_mask, loss_dice = self.loss_masks(out["pred_masks"], targets, indices, num_masks)
+            indices = self.matcher(out["pred_logits"], out["pred_masks"], targets, generators)
+            loss_mask, loss_dice = self.loss_masks(out["pred_masks"], targets, indices, num_masks,
+                                                   generators)  # fmt: skip
             losses["loss_ce" + suffix] = self.weight_ce * self.loss_labels(
-                out["pred_logits"], targets, indices
+                out["pred_logits"], targets, indices, weight_sum
             )
             losses["loss_mask" + suffix] = self.weight_mask * loss_mask
             losses["loss_dice" + suffix] = self.weight_dice * loss_dice
@@ -1911,8 +1951,10 @@ def load_weights(args: argparse.Namespace) -> tuple[FrozenCLIPEncoder, Mask2Form
     kind = pretrained_kind(args)
     obj = read_weights(args.pretrained) if kind == "file" else None
     init = read_init(args) if args.init else None  # every file read before anything is built
-    backbone = FrozenCLIPEncoder(args.backbone, args.pretrained if kind == "tag" else "none")
-    head = build_head(backbone, args.num_queries)
+    with torch.random.fork_rng(devices=[]):  # the same random init on every process, on resume
+        torch.manual_seed(args.seed)
+        backbone = FrozenCLIPEncoder(args.backbone, args.pretrained if kind == "tag" else "none")
+        head = build_head(backbone, args.num_queries)
     report = {}
     if obj is not None and is_official_checkpoint(obj):  # a released CLOUDS .pth
         report.update(load_official_checkpoint(obj, backbone, head))
@@ -1921,7 +1963,7 @@ def load_weights(args: argparse.Namespace) -> tuple[FrozenCLIPEncoder, Mask2Form
     if init is not None and is_official_checkpoint(init):
         report.update(load_official_checkpoint(init, backbone, head))
     elif init is not None:
-        load_model_state(backbone, head, init, f"--init {args.init}")
+        load_model_state(backbone, head, init, f"--init {args.init}", args.pretrained)
         report.update(init=args.init, init_iter=init["iter"], init_phase=init["args"].get("phase"))
     return backbone, head, report
 
@@ -1939,9 +1981,9 @@ def build_model(args: argparse.Namespace, dist: common.Dist, resume: dict | None
     criterion = SetCriterion(num_classes=NUM_CLASSES, num_points=args.num_points).to(dist.device)
     autocast, scaler = common.autocast(dist.device, args.amp)
     student = common.wrap_ddp(common.maybe_compile(head, args), dist)
-    model = CLOUDS(backbone, head, student, criterion, teacher, sam, autocast, dist.rank)
+    model = CLOUDS(backbone, head, student, criterion, teacher, sam, autocast)
     if resume is not None:
-        restore_run(model, resume, f"--resume {args.resume}")
+        restore_run(model, resume, f"--resume {args.resume}", args.pretrained)
     return model, scaler, weights
 
 
@@ -1959,7 +2001,9 @@ def save_checkpoint(args, iteration: int, model: CLOUDS, optimizer, scaler) -> N
     # DEVIATION 4: the teacher and its counter are saved (official: not), for an exact --resume
     t = model.teacher
     teacher = {"head": t.head.state_dict(), "iteration": t.iteration} if t is not None else None
-    extra = {"teacher": teacher, "backbone_omitted": model.backbone.size != "test"}
+    omitted = model.backbone.size != "test"
+    fingerprint = encoder_fingerprint(model.backbone) if omitted else None
+    extra = {"teacher": teacher, "backbone_omitted": omitted, "encoder_fingerprint": fingerprint}
     common.save_checkpoint(os.path.join(args.out, "last.pt"), method="clouds", iteration=iteration,
                            model_state=model_state(model), optimizer=optimizer, scaler=scaler,
                            args=args, extra=extra)  # fmt: skip
@@ -1976,17 +2020,33 @@ def read_resume(args: argparse.Namespace) -> dict:
     return ckpt
 
 
-def restore_run(model: CLOUDS, ckpt: dict, source: str) -> None:
+def restore_run(model: CLOUDS, ckpt: dict, source: str, pretrained: str) -> None:
     """A checkpoint of this file onto the model: head, test encoder, teacher and its counter."""
-    load_model_state(model.backbone, model.head, ckpt, source)
+    load_model_state(model.backbone, model.head, ckpt, source, pretrained)
     if model.teacher is not None and ckpt.get("teacher") is not None:
         model.teacher.head.load_state_dict(ckpt["teacher"]["head"])
         model.teacher.iteration = int(ckpt["teacher"]["iteration"])
 
 
-def load_model_state(backbone: FrozenCLIPEncoder, head: nn.Module, ckpt: dict, source: str) -> int:
-    """A checkpoint of this file onto the head (+ the test encoder); when it does not fit, one line
-    naming the model flags it was trained with."""
+def encoder_fingerprint(backbone: FrozenCLIPEncoder) -> float:
+    """float64 sum of |w| over the frozen encoder's first and last tensors (no cancellation: the
+    same on any device to ~1e-12), kept in checkpoints that leave the encoder out: a run on other
+    --pretrained weights is refused."""
+    params = list(backbone.parameters())
+    return float(params[0].double().abs().sum() + params[-1].double().abs().sum())
+
+
+def load_model_state(backbone: FrozenCLIPEncoder, head: nn.Module, ckpt: dict, source: str,
+                     pretrained: str) -> int:  # fmt: skip
+    """A checkpoint of this file onto the head (+ the test encoder), trained on this encoder (no
+    fingerprint: an older file, not checked); else one line naming its model flags or weights."""
+    fp = ckpt.get("encoder_fingerprint")
+    if fp is not None and not math.isclose(fp, ours := encoder_fingerprint(backbone), rel_tol=1e-9):
+        theirs, seed = ckpt["args"].get("pretrained"), " and --seed" * (pretrained == "none")
+        raise common.CheckpointError(
+            f"{source} was trained on the frozen encoder of --pretrained {theirs} (fingerprint "
+            f"{fp:.10g}), this run has --pretrained {pretrained} (fingerprint {ours:.10g}): pass "
+            f"the same --pretrained{seed}")  # fmt: skip
     trained = [ckpt["args"].get(k) for k in MODEL_FLAGS]  # backbone, num_queries
     hint = "it was trained with --backbone {} --num-queries {}".format(*trained)
     n = common.load_state_strict(head, strip(ckpt["model"], "head."), source, hint)
@@ -2250,7 +2310,8 @@ def run_bench(args: argparse.Namespace, dist: common.Dist) -> None:
 
         def step(model: CLOUDS = model, data: tuple = data, step_args=step_args) -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = train_step(model, data, 1, step_args)
+            gens = [torch.Generator(device).manual_seed(k) for k in range(batch)]
+            loss, _ = train_step(model, data, gens, step_args)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.head.parameters(), GRAD_CLIP)

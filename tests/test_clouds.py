@@ -1041,6 +1041,33 @@ def test_openai_torchscript_file_is_loaded(tmp_path):
         clouds.load_weights(args)
 
 
+def test_encoder_fingerprint_guards_checkpoints():
+    """A checkpoint records the fingerprint of the frozen encoder it was trained on (it leaves
+    the encoder out): another encoder is refused with one line naming both --pretrained values;
+    a checkpoint from before the fingerprint (none recorded) loads as before."""
+    encoder = clouds.FrozenCLIPEncoder("test")
+    head = clouds.build_head(encoder, num_queries=3)
+    fp = clouds.encoder_fingerprint(encoder)
+    assert isinstance(fp, float)
+    state = {f"head.{k}": v for k, v in head.state_dict().items()}
+    state |= {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
+    ckpt = {"model": state, "args": {"pretrained": "a.pt", "backbone": "test", "num_queries": 3}}
+    for recorded in (None, fp):  # an older checkpoint; one trained on this encoder
+        if recorded is not None:
+            ckpt["encoder_fingerprint"] = recorded
+        assert clouds.load_model_state(encoder, head, ckpt, "--resume r.pt", "a.pt") > 0
+    with torch.no_grad():
+        encoder.visual.stem[0].weight.add_(0.01)  # the first tensor: other weights
+    with pytest.raises(common.CheckpointError) as info:
+        clouds.load_model_state(encoder, head, ckpt, "--resume r.pt", "b.pt")
+    line = str(info.value)
+    assert line.startswith("--resume r.pt was trained on the frozen encoder of --pretrained a.pt")
+    assert f"(fingerprint {fp:.10g}), this run has --pretrained b.pt (fingerprint" in line
+    assert line.endswith("pass the same --pretrained") and "\n" not in line
+    with pytest.raises(common.CheckpointError, match="pass the same --pretrained and --seed$"):
+        clouds.load_model_state(encoder, head, ckpt, "--init r.pt", "none")
+
+
 def test_checkpoint_keys_have_no_wrapper_prefixes():
     """The forward pass may run a wrapped head (DDP, torch.compile); checkpoints name the head's
     own keys, and the test encoder's."""
@@ -1206,12 +1233,13 @@ def test_checkpoint_is_written_before_each_evaluation(toy_data, tmp_path, monkey
 
 def test_ctrl_c_says_where_the_run_stopped(toy_data, tmp_path, monkeypatch):
     """Ctrl-C in the loop: common.Interrupted with the iterations done and the last checkpoint."""
-    step = clouds.train_step
+    step, calls = clouds.train_step, []
 
-    def interrupted_at_3(model, batch, iteration, args):
-        if iteration == 2:
+    def interrupted_at_3(model, batch, generators, args):
+        calls.append(len(calls))
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return step(model, batch, iteration, args)
+        return step(model, batch, generators, args)
 
     monkeypatch.setattr(clouds, "train_step", interrupted_at_3)
     argv = toy_args(toy_data, tmp_path / "c", "--iters", "4", "--eval-every", "1", "--targets", "")
@@ -1244,7 +1272,8 @@ def test_fast_path_gives_the_plain_results(toy_data):
         assert scaler is None  # CPU: fp32, no GradScaler
         for it, batch in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
-            loss, terms = clouds.train_step(model, batch, it, args)
+            gens = common.step_generators(args.seed, it, 2, dist)
+            loss, terms = clouds.train_step(model, batch, gens, args)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.head.parameters(), clouds.GRAD_CLIP)
             optimizer.step()
@@ -1275,7 +1304,7 @@ def test_step_shares_of_the_benchmark(toy_data):
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = clouds.train_step(model, data, 1, args)
+        loss, _ = clouds.train_step(model, data, common.step_generators(0, 1, 2, dist), args)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.head.parameters(), clouds.GRAD_CLIP)
         optimizer.step()
@@ -1390,3 +1419,118 @@ def test_unused_values_get_one_warning(toy_data, tmp_path, capsys):
         run_main(*toy_args(toy_data, tmp_path / "u", "--gen-factor", "3", "--targets", "nope"))
     err = capsys.readouterr().err
     assert err.count("warning: ") == 1 and "--gen-factor" in err
+
+
+# =============================================================================================
+# Inputs that cannot be mixed up, and two processes
+# =============================================================================================
+
+
+def test_source_labels_are_checked_before_training(toy_data, monkeypatch):
+    """The source reader (not the joint wrapper) is checked: labels that decode to 255 everywhere
+    (a wrong encoding) stop the run with one line before training."""
+    build = common.build_dataset
+
+    def blank_labels(*args, **kwargs):
+        dataset = build(*args, **kwargs)
+        dataset.decode = lambda path: torch.full((4, 4), 255)
+        return dataset
+
+    monkeypatch.setattr(common, "build_dataset", blank_labels)
+    args, _ = clouds.parse_args(["--source", "toy", "--data", str(toy_data)])
+    with pytest.raises(common.DataFileError, match="hold no pixel of the 19 classes"):
+        clouds.build_train_set(args)
+
+
+def test_clip_file_run_and_encoder_fingerprint(toy_data, tmp_path, caplog, capsys):
+    """--pretrained FILE (random RN50 weights in open_clip's state-dict form): open_clip's "No
+    pretrained weights loaded ... initialized randomly" is not logged before the file loads. The
+    run's checkpoint (encoder left out) keeps the encoder's fingerprint: --resume with another
+    file and --init on a random encoder (--pretrained none) are refused with one line."""
+    encoder = clouds.FrozenCLIPEncoder("RN50-quickgelu")
+    state = {f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, delta in ((a, 0.01), (b, 0.02)):  # neither is the random init of --seed 0
+        conv1 = state["visual.conv1.weight"] + delta
+        torch.save(state | {"visual.conv1.weight": conv1, "logit_scale": torch.tensor(4.6)}, path)
+    out = tmp_path / "run"
+    rn50 = ("--backbone", "RN50-quickgelu", "--no-eval-before", "--targets", "")
+    caplog.clear()
+    stdout = run_main(*toy_args(toy_data, out, *rn50, "--pretrained", str(a), "--iters", "1"))
+    assert f"CLIP weights: loaded {len(state)} tensors from {a}" in stdout
+    assert "initialized randomly" not in caplog.text + capsys.readouterr().err
+    last = out / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["backbone_omitted"] and isinstance(ckpt["encoder_fingerprint"], float)
+    trained = f"was trained on the frozen encoder of --pretrained {a} (fingerprint "
+    fp = f"{ckpt['encoder_fingerprint']:.10g}), this run has --pretrained"
+    cases = [(["--pretrained", str(b), "--resume", str(last), "--iters", "2"], "--resume", str(b)),
+             (["--eval-only", "--init", str(last)], "--init", "none")]  # fmt: skip
+    for k, (extra, flag, ours) in enumerate(cases):
+        with pytest.raises(common.CheckpointError) as info:
+            run_main(*toy_args(toy_data, tmp_path / f"o{k}", *rn50, *extra))
+        assert str(info.value).startswith(f"{flag} {last} {trained}{fp} {ours} (fingerprint ")
+        assert "pass the same --pretrained" in str(info.value)
+
+
+def test_two_processes_equal_one(toy_data, warmup_run, tmp_path):
+    """Joint phase (EMA teacher every step, fake SAM, batches of source and generated images),
+    global batch 2: one process 2 steps (A2), resumed to 4 (A4); two processes x 1 image resumed
+    from A2 to 3 (B3, the one torchrun call), then one process from B3 to 4 (C4). A4 == C4 within
+    1e-5 (student and teacher) and B3's logged loss at iteration 3 == A4's: 2 processes = 1, and a
+    checkpoint of either resumes in the other. Image k of the global batch draws its SAM points
+    and criterion points from the generator of (seed, iteration, k), on any number of processes."""
+    from conftest import max_tensor_diff, torchrun
+
+    warm, gen = str(warmup_run[0] / "last.pt"), tmp_path / "g"
+    flags = [*joint_flags(gen), "--gen-factor", "30", "--log-every", "1"]
+
+    def run(name: str, iters: int, *start: str) -> Path:
+        run_main(*toy_args(toy_data, tmp_path / name, "--iters", str(iters), *start, *flags))
+        return tmp_path / name / "last.pt"
+
+    a2 = run("a2", 2, "--init", warm)
+    a4 = run("a4", 4, "--resume", str(a2))
+    argv = toy_args(toy_data, tmp_path / "b3", "--iters", "3", "--resume", str(a2), *flags)
+    proc = torchrun("clouds.py", *argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch: 2 global, 1 per process x 2" in proc.stdout
+    c4 = run("c4", 4, "--resume", str(tmp_path / "b3" / "last.pt"))
+    assert max_tensor_diff(a4, c4) <= 1e-5
+    ta, tc = (torch.load(p, weights_only=True)["teacher"] for p in (a4, c4))
+    assert ta["iteration"] == tc["iteration"] == 4
+    assert max((ta["head"][k] - tc["head"][k]).abs().max().item() for k in ta["head"]) <= 1e-5
+    logs = {}
+    for name in ("a4", "b3"):
+        lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        logs[name] = {r["iter"]: r for r in map(json.loads, lines) if r.get("type") == "train"}
+    # the loss (~130, a sum of 30 float32 terms) agrees to 2e-5 absolute: a few float32 ulps
+    assert logs["b3"][3]["loss"] == pytest.approx(logs["a4"][3]["loss"], rel=1e-6)
+    assert 0 < sum(logs["a4"][i]["generated"] for i in (3, 4)) < 4  # source and generated
+
+
+def test_step_draws_only_from_the_image_generators(monkeypatch):
+    """A training step draws nothing from the global RNGs, and the SAM prompts of a generated
+    image come from its own generator: the same points in a batch of two (place 1) as alone
+    with that generator, other points with another."""
+    argv = ["--source", "toy", "--phase", "joint", "--bench", "--num-queries", "3", *TINY[:4]]
+    args, _ = clouds.parse_args([*argv, "--sam-min-area", "0"])
+    model, _, _ = clouds.build_model(args, common.Dist())
+    images, clean, labels, is_gen = clouds.synthetic_batch(2, 32, 2)
+    fake, points = clouds.fake_sam_predictor, []
+
+    def recording(label_map):
+        predict = fake(label_map)
+        return lambda image, xy: (points.append(xy), predict(image, xy))[1]
+
+    monkeypatch.setattr(clouds, "fake_sam_predictor", recording)
+    state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    gens = [torch.Generator().manual_seed(k) for k in (10, 11)]
+    clouds.train_step(model, (images, clean, labels, is_gen), gens, args)
+    alone = (images[1:], clean[1:], labels[1:], is_gen[1:])
+    for seed in (11, 12):
+        clouds.train_step(model, alone, [torch.Generator().manual_seed(seed)], args)
+    assert len(points) == 4 and np.array_equal(points[1], points[2])
+    assert not np.array_equal(points[2], points[3])
+    assert torch.equal(torch.get_rng_state(), state[0])
+    assert np.array_equal(np.random.get_state()[1], state[1])
