@@ -34,13 +34,14 @@ Deviations and choices (marked `DEVIATION n:` where they happen):
      SYNTHIA is mined with its training augmentation (the official 768 crop crashes on it).
   5. After evaluating, the trained parts return to train mode for every source (official: GTA5).
   6. SGD holds only the trainable parameters (official: all backbone ones): same updates.
-  7. Mining under DDP splits whole batches over the processes (official: one GPU).
+  7. Mining under DDP splits whole batches over the processes (official: one GPU): same bank.
   8. Ablations without official code, defined here: --style mixstyle (the same patch of another
-     image) and noise (Gaussian, SNR in dB of the mean square statistic), --mix-with
+     image of the process) and noise (Gaussian, SNR in dB of the mean square statistic), --mix-with
      mined+source, --prompt chars* / style / class, --num-styles < 20, freeze L1, L2, L4.
   9. The code's s weights the source, the poster's alpha the style: s = 1 - alpha (same law).
-  10. Dominant class by one bincount (= torch.mode); evaluation, mining and loader set-up leave
-      the training random stream alone (exact --resume; the same run with or without a bank).
+  10. Dominant class by one bincount (= torch.mode); a step draws from one generator per image
+      (seed, iteration, sample: N processes draw as one); evaluation, mining and loader set-up
+      leave the training random stream alone (exact --resume; the same run with or without a bank).
   11. Style bank file: flat tensors mu, sigma (N, C), cls (N,) + metadata (official: a pickle of
       per-class lists, read with --style-bank *.pkl); checkpoints hold the frozen encoder too.
   12. "test" size: a tiny random-init CLIP ResNet for CPU tests and the toy run (which also
@@ -60,6 +61,7 @@ import math
 import os
 import pickle
 import random
+import re
 import string
 import sys
 import time
@@ -241,39 +243,10 @@ def make_prompt(cls: int, prompt: str, styles: tuple[str, ...], rng: random.Rand
     return f"{r} {CLASS_NAMES[cls]}" if with_class else r
 
 
-# [C patch_PIN.py] the 80 ImageNet prompt templates of OpenAI CLIP, in the official order.
-TEMPLATES = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
-    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
-    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
-    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
-    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
-    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
-    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
-    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
-    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
-    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
-    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
-    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
-)  # fmt: skip
-
-
 @torch.no_grad()
 def encode_prompts(clip_model, tokenizer, prompts: list[str], templates: tuple, device) -> Tensor:
     """Text targets [C patch_PIN.py]: t = normalize(mean_k E_text(template_k(prompt))), the raw
-    embeddings of every template averaged, then L2-normalised. (N, embed_dim) unit vectors.
+    embeddings of every template (TEMPLATES, Appendix B) averaged, then L2-normalised: (N, D).
     DEVIATION 1: fp32 (official: fp16 CLIP on GPU). DEVIATION 2: embed_dim from the model."""
     texts = [t.format(p) for p in prompts for t in templates]
     chunks = tokenizer(texts).split(TEXT_BATCH)  # (N*T, 77) tokens; bounded memory per call
@@ -315,7 +288,7 @@ def mine_styles(
 ) -> dict:  # fmt: skip
     """Local style mining, one pass [C patch_PIN.py]. `encoder`: the CLIP image tower (OS32,
     attnpool, frozen); `batches` yields normalised images (B,3,H,W) and labels (B,H,W); `prompt_for`
-    maps a class to its prompt. Returns {"mu": (N, C), "sigma": (N, C), "cls": (N,)} on the CPU."""
+    maps a class to its prompt. Returns one (mu (K, C), sigma (K, C), cls (K,)) per batch, CPU."""
     # [C patch_PIN.py --resize_feat] patches are pooled so that layer4 (OS32) gives the 7x7 grid
     # attnpool's positional embedding was trained on: 7 * 8 = 56.
     grid7 = round((encoder.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
@@ -338,7 +311,7 @@ def mine_styles(
         found.append((mu.cpu(), sigma.cpu(), cls.cpu()))
         loss = f"1 - cos {losses[0]:.4f} -> {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)"
         log(f"mining batch {i + 1}/{n_batches}: {len(cls)} patches, {loss}")
-    return {k: torch.cat(t) for k, t in zip(("mu", "sigma", "cls"), zip(*found))}
+    return found
 
 
 class StyleBank:
@@ -359,18 +332,33 @@ class StyleBank:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def sample(self, dom: Tensor) -> tuple[Tensor, Tensor]:
+    def sample(self, dom: Tensor, gens: list | None = None) -> tuple[Tensor, Tensor]:
         """A uniformly drawn style of each patch's class; empty class -> void bank
-        [C network/utils.py]. dom (B, P) -> mu_t, sigma_t (B, P, C)."""
+        [C network/utils.py]. dom (B, P) -> mu_t, sigma_t (B, P, C); image k draws from gens[k]."""
         c = torch.where(self.count[dom] > 0, dom, VOID)
         c = torch.where(self.count[c] > 0, c, self.ALL)
-        u = torch.rand(dom.shape, device=dom.device)
+        u = per_sample(lambda g: torch.rand(dom.shape[1:], generator=g, device=dom.device),
+                       gens or [None] * len(dom))  # fmt: skip
         offset = torch.minimum((u * self.count[c]).long(), self.count[c] - 1)
         idx = self.start[c] + offset
         return self.mu[idx], self.sigma[idx]
 
 
 # ---- Mix: patch-wise style mixing -----------------------------------------------------------
+def per_sample(draw: Callable[[torch.Generator | None], Tensor], gens: list) -> Tensor:
+    """One draw per image, image k's from gens[k] (None: the global stream), stacked."""
+    return torch.stack([draw(g) for g in gens])
+
+
+def sample_beta(a: float, shape: tuple, g: torch.Generator | None, device) -> Tensor:
+    """Beta(a, a) drawn from g. torch's Beta (its Gamma) takes no generator: it samples the CPU
+    stream, seeded here from g inside fork_rng, which puts the global stream back after."""
+    seed = int(torch.randint(2**62, (), generator=g, device=device))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return torch.distributions.Beta(float(a), float(a)).sample(shape).to(device)
+
+
 def mix_statistics(x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor,
                    s: Tensor) -> Tensor:  # fmt: skip
     """sigma_mix * x_hat + mu_mix, before the ReLU. DEVIATION 9: (a convention) the code's s
@@ -384,51 +372,58 @@ def mix_statistics(x_hat: Tensor, mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, s
 
 def target_statistics(
     mode: str, mu_s: Tensor, sigma_s: Tensor, labels: Tensor, bank: StyleBank | None, grid: int,
-    noise_snr: float, mix_with: str = "mined",
+    noise_snr: float, mix_with: str = "mined", gens: list | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The statistics each patch (B, P, C, 1, 1) is mixed with. famix / pure: a mined style of its
     dominant class (label patch (r, c) <-> feature patch (r, c)) [C network/utils.py].
-    DEVIATION 8: mixstyle, the same patch of another image; noise, its own statistics plus
+    DEVIATION 8: mixstyle, the same patch of another image of the process's batch (itself if
+    alone: N processes draw among fewer images than one); noise, its own statistics plus
     Gaussian noise at `noise_snr` dB; mix_with "mined+source" [P poster: source u mined], a fair
-    coin per (image, patch) picks the mined style or the mixstyle partner."""
+    coin per (image, patch) picks the mined style or the mixstyle partner. Image k: gens[k]."""
+    b, dev, gens = mu_s.shape[0], mu_s.device, gens or [None] * mu_s.shape[0]
     if mode in ("famix", "pure"):
-        mu_t, sigma_t = bank.sample(dominant_classes(labels, grid))  # (B, P, C)
+        mu_t, sigma_t = bank.sample(dominant_classes(labels, grid), gens)  # (B, P, C)
         mu_t, sigma_t = mu_t[..., None, None], sigma_t[..., None, None]
         if mix_with == "mined":
             return mu_t, sigma_t
-        mu_o, sigma_o = target_statistics("mixstyle", mu_s, sigma_s, labels, bank, grid, noise_snr)
-        source = torch.rand(mu_s.shape[:2], device=mu_s.device)[..., None, None, None] < 0.5
+        mu_o, sigma_o = target_statistics("mixstyle", mu_s, sigma_s, labels, bank, grid, noise_snr,
+                                          gens=gens)  # fmt: skip
+        coin = per_sample(lambda g: torch.rand(mu_s.shape[1], generator=g, device=dev), gens)
+        source = coin[..., None, None, None] < 0.5  # (B, P, 1, 1, 1)
         return torch.where(source, mu_o, mu_t), torch.where(source, sigma_o, sigma_t)
-    if mode == "mixstyle":
-        perm = torch.randperm(mu_s.shape[0], device=mu_s.device)
+    if mode == "mixstyle":  # image k -> (k + 1 + j) mod B, j uniform in [0, B - 2]
+        j = per_sample(lambda g: torch.randint(max(b - 1, 1), (), generator=g, device=dev), gens)
+        perm = (torch.arange(b, device=dev) + 1 + j) % b
         return mu_s[perm], sigma_s[perm]
     if mode == "noise":  # v + N(0, mean(v^2) / snr), the mean square over the C channels
         snr = 10 ** (noise_snr / 10)
-        mu_n, sigma_n = [v + torch.randn_like(v) * (v.pow(2).mean(2, keepdim=True) / snr).sqrt()
-                         for v in (mu_s, sigma_s)]  # fmt: skip
+        n = per_sample(lambda g: torch.randn(2, *mu_s.shape[1:], generator=g, device=dev), gens)
+        mu_n, sigma_n = [v + n[:, i] * (v.pow(2).mean(2, keepdim=True) / snr).sqrt()
+                         for i, v in enumerate((mu_s, sigma_s))]  # fmt: skip
         return mu_n, sigma_n
     raise ValueError(f"unknown style mode {mode!r}")
 
 
 def stylize(
     f1: Tensor, labels: Tensor, bank: StyleBank | None, mode: str, grid: int, beta: float,
-    noise_snr: float, mix_with: str = "mined",
+    noise_snr: float, mix_with: str = "mined", gens: list | None = None,
 ) -> Tensor:  # fmt: skip
     """Patch-wise style mixing of every image, every iteration [C network/utils.py], in fp32.
-    f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop."""
+    f1 (B, C, H, W) post-ReLU layer1 features; labels (B, 4H, 4W) of the same crop; gens: one
+    generator per image, drawing all its random numbers (None: the global stream)."""
+    gens = gens or [None] * f1.shape[0]
     with torch.autocast(f1.device.type, enabled=False):
         patches = patchify(f1.float(), grid)  # (B, P, C, h, w)
         mu_s, sigma_s = calc_mean_std(patches)  # (B, P, C, 1, 1)
         x_hat = (patches - mu_s) / sigma_s  # [P poster] (f - mu(f)) / sigma(f)
         mu_t, sigma_t = target_statistics(mode, mu_s, sigma_s, labels, bank, grid, noise_snr,
-                                          mix_with)  # fmt: skip
+                                          mix_with, gens)  # fmt: skip
         b, c = f1.shape[:2]
         if mode == "pure":
             s = f1.new_zeros(b, c, 1, 1, dtype=torch.float32)  # (B, C, 1, 1)
         else:
             # [C network/utils.py] s ~ Beta(0.1, 0.1), one per image and channel
-            conc = torch.tensor(beta, device=f1.device)
-            s = torch.distributions.Beta(conc, conc).sample((b, c, 1, 1))  # (B, C, 1, 1)
+            s = per_sample(lambda g: sample_beta(beta, (c, 1, 1), g, f1.device), gens)  # (B,C,1,1)
         # f' = ReLU(sigma_mix * x_hat + mu_mix) [C network/utils.py]; s shared by the P patches
         out = F.relu(mix_statistics(x_hat, mu_s, sigma_s, mu_t, sigma_t, s[:, None]))
         return unpatchify(out, grid).to(f1.dtype)
@@ -442,8 +437,8 @@ def stylize(
 
 class FAMixSegmenter(nn.Module):
     """CLIP ResNet (OS16) + DeepLabv3+. `stylize`, if given, replaces the layer1 features (input
-    of layer2 AND of the decoder's low-level skip) [C network/utils.py]. The frozen part (up to
-    `frozen_depth` blocks after layer1, set by freeze) runs under no_grad."""
+    of layer2 AND of the decoder's low-level skip) [C network/utils.py]; `gens` draw the dropout.
+    The frozen part (up to `frozen_depth` blocks after layer1, set by freeze) runs under no_grad."""
 
     def __init__(self, backbone: str = "RN50-quickgelu", num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -453,7 +448,7 @@ class FAMixSegmenter(nn.Module):
         self.head = DeepLabV3PlusHead(low, high, cfg["aspp"], cfg["low_proj"], num_classes)
         self.frozen_depth: int | None = None  # None = nothing frozen
 
-    def forward(self, x: Tensor, stylize: Callable | None = None) -> Tensor:
+    def forward(self, x: Tensor, stylize: Callable | None = None, gens: list | None = None):
         with torch.no_grad() if self.frozen_depth is not None else nullcontext():
             low = self.encoder.layer1(self.encoder.stem(x))  # (B, 256, H/4, W/4)
             if stylize is not None:
@@ -461,14 +456,14 @@ class FAMixSegmenter(nn.Module):
             high = low
             for _, block in self.encoder.blocks()[: self.frozen_depth or 0]:
                 high = block(high)
-        logits = self.trained(low, high)  # (B, 19, H/4, W/4)
+        logits = self.trained(low, high, gens)  # (B, 19, H/4, W/4)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def trained(self, low: Tensor, high: Tensor) -> Tensor:
+    def trained(self, low: Tensor, high: Tensor, gens: list | None = None) -> Tensor:
         """The trained part: the encoder blocks after the frozen ones, then the decoder."""
         for _, block in self.encoder.blocks()[self.frozen_depth or 0 :]:
             high = block(high)  # ends at (B, 2048, H/16, W/16)
-        return self.head(low, high)
+        return self.head(low, high, gens)
 
 
 # =============================================================================================
@@ -599,14 +594,15 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
         raise common.UsageError(f"fewer source images than one mining batch of {global_batch}")
     loader = common.TrainLoader(dataset, global_batch, dist, args.seed + 1, args.workers)
 
-    def batches():
-        while True:
+    def batches():  # DEVIATION 7: the prompts of a batch drawn from (seed, its index on 1 process)
+        for i in range(n_batches):
+            rng.seed(f"{args.seed}:{i * dist.world_size + dist.rank}")
             images, labels, _ = next(loader)
             images = common.normalize(images.to(device), common.CLIP_MEAN, common.CLIP_STD)
             yield images.contiguous(memory_format=fmt), labels.to(device)
 
     styles = style_words(args.prompt, args.num_styles, args.seed)
-    rng = random.Random(args.seed + dist.rank)
+    rng = random.Random()
     prompt_for = partial(make_prompt, prompt=args.prompt, styles=styles, rng=rng)
     common.print0(f"mining styles: {n_batches} batches of {args.mine_batch_size} per process, "
                   f"{args.pin_iters} PIN steps, {len(templates)} templates, prompt {args.prompt}, "
@@ -614,12 +610,13 @@ def run_mining(args, dist, clip_model, encoder_state: dict, dataset, bank_path: 
     pin_cfg = {"iters": args.pin_iters, "lr": args.pin_lr, "momentum": args.pin_momentum,
                "weight_decay": args.pin_weight_decay}  # fmt: skip
     t0 = time.perf_counter()
-    bank = mine_styles(encoder, text_targets, batches(), n_batches, args.grid, pin_cfg, prompt_for,
-                       common.print0)  # fmt: skip
-    if dist.enabled:  # DEVIATION 7: gather the per-process banks
+    found = mine_styles(encoder, text_targets, batches(), n_batches, args.grid, pin_cfg,
+                        prompt_for, common.print0)  # fmt: skip
+    if dist.enabled:  # DEVIATION 7: every rank gets every batch, in the order of one process
         gathered = [None] * dist.world_size
-        torch_dist.all_gather_object(gathered, bank)
-        bank = {k: torch.cat([g[k] for g in gathered]) for k in bank}
+        torch_dist.all_gather_object(gathered, found)
+        found = [batch for group in zip(*gathered) for batch in group]
+    bank = {k: torch.cat(t) for k, t in zip(("mu", "sigma", "cls"), zip(*found))}
     meta = {"backbone": args.backbone, "pretrained": args.pretrained, "crop": args.crop,
             "grid": args.grid, "fingerprint": encoder_fingerprint(encoder_state),
             "pin_iters": args.pin_iters, "pin_lr": args.pin_lr, "templates": len(templates),
@@ -683,12 +680,15 @@ def train(args, dist, log, model, optimizer, scaler, loader, targets, start, net
             images = common.normalize(images.to(dist.device, non_blocking=True), common.CLIP_MEAN,
                                       common.CLIP_STD).contiguous(memory_format=fmt)  # fmt: skip
             labels = labels.to(dist.device, non_blocking=True)
+            # every draw of image k (style, Beta weights, dropout) from gens[k]: (seed, it, sample)
+            gens = common.step_generators(args.seed, it, args.batch_size, dist)
             mix = None if args.style == "none" else partial(
                 stylize, labels=labels, bank=bank, mode=args.style, grid=args.grid,
-                beta=args.beta, noise_snr=args.noise_snr, mix_with=args.mix_with)  # fmt: skip
+                beta=args.beta, noise_snr=args.noise_snr, mix_with=args.mix_with,
+                gens=gens)  # fmt: skip
             # METHOD: forward (the frozen part without gradients) and cross-entropy [C main.py]
             with amp_ctx():
-                logits = net(images, stylize=mix)
+                logits = net(images, stylize=mix, gens=gens)
             if labelled:
                 loss = segmentation_loss(logits, labels, args.label_smoothing)
             else:  # DEVIATION 13: no labelled pixel, no CE (0 / 0); zero, DDP processes in step
@@ -888,10 +888,9 @@ def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
     unit = LAYER1_STRIDE * args.grid  # DEVIATION 2: the patch grid follows the crop
     if args.crop % unit:
         fix = max(args.crop // unit, 1) * unit
-        raise common.UsageError(
-            f"--crop {args.crop} must be divisible by {unit} (layer1 stride 4 x --grid "
-            f"{args.grid}) so the patch grid tiles it; e.g. --crop {fix}"
-        )
+        raise common.UsageError(f"--crop {args.crop} must be divisible by {unit} (layer1 stride 4 "
+                                f"x --grid {args.grid}) so the patch grid tiles it; e.g. --crop "
+                                f"{fix}")  # fmt: skip
     if args.batch_size // dist.world_size < 2 and not (dist.enabled and dist.device.type == "cuda"):
         raise common.UsageError("--batch-size: the decoder's BatchNorm needs 2+ images per process")
     if args.scale > 1:  # the ranges argparse's types do not state
@@ -915,12 +914,14 @@ def check_args(args: argparse.Namespace, dist, defaults: dict) -> None:
     mining = args.style in ("famix", "pure") or args.mine == "only"
     unused = [
         (not mining, [*MINING_FLAGS, "style_bank", "mine"], f"--style {args.style} (no mining)"),
+        (args.style_bank.endswith(".pkl"), [*MINING_FLAGS, *["mine"] * (args.mine != "only")],
+         f"--style-bank {args.style_bank} (an official bank is read, never mined)"),
         (args.style in ("none", "pure"), ["beta"], f"--style {args.style} (no Beta mixing)"),
         (args.style != "noise", ["noise_snr"], f"--style {args.style}"),
         (args.prompt == "class", ["num_styles"], "--prompt class"),
         (bool(args.resume), ["pretrained"], "--resume (the weights come from the checkpoint)"),
         (not args.bench, ["bench_paper"], "no --bench"),
-    ]
+    ]  # fmt: skip
     for applies, names, reason in unused:
         flags = ["--" + n.replace("_", "-") for n in names if n in changed and applies]
         changed -= set(names) if applies else set()  # one warning per flag
@@ -945,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
     targets = {name: eval_dataset(name, args) for name in names}
     transform = train_transform(args.source, args.crop)
     train_set = None if args.eval_only else source_dataset(args, transform)
+    if train_set is not None:  # labels in another encoding decode to 255 everywhere
+        common.check_labels(train_set)
     sizes = {"source-train": len(train_set or []), **{k: len(v) for k, v in targets.items()}}
     common.print0("datasets: " + ", ".join(f"{k} {n}" for k, n in sizes.items()))
     model = FAMixSegmenter(args.backbone)
@@ -966,7 +969,8 @@ def main(argv: list[str] | None = None) -> None:
     del clip_model
     if args.mine == "only":
         return
-    # SyncBN + DDP; --compile the trained part only (checkpoints keep its names: no _orig_mod)
+    # SyncBN + DDP (CPU, Gloo: no SyncBN, each process normalises over its own images, so 2 x 2
+    # trains near 1 x 4: bound in tests); --compile the trained part (names kept: no _orig_mod)
     _, scaler = common.autocast(dist.device, args.amp)
     model.to(dist.device, memory_format=common.memory_format(args, dist))
     net = common.wrap_ddp(common.convert_sync_bn(model, dist), dist)
@@ -1123,14 +1127,19 @@ class ASPP(nn.Module):
         )
         self.pool_branch = conv_bn_relu(cin, cout, 1)
         self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
-        self.dropout = nn.Dropout(ASPP_DROPOUT)
+        self.dropout_p = ASPP_DROPOUT
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gens: list | None = None) -> Tensor:
         outs = [branch(x) for branch in self.branches]
         pooled = self.pool_branch(F.adaptive_avg_pool2d(x, 1))  # (B, 256, 1, 1)
         outs.append(F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=False))
-        # dropout draws its mask in memory order: NCHW, so that channels_last draws the same mask
-        return self.dropout(self.project(torch.cat(outs, 1)).contiguous())
+        y = self.project(torch.cat(outs, 1))  # (B, 256, h, w)
+        if not self.training:
+            return y
+        # nn.Dropout(0.1), its mask drawn per image from gens[k] (the same on N processes)
+        u = per_sample(lambda g: torch.rand(y.shape[1:], generator=g, device=y.device),
+                       gens or [None] * len(y))  # fmt: skip
+        return y * (u >= self.dropout_p) / (1 - self.dropout_p)
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -1151,9 +1160,9 @@ class DeepLabV3PlusHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, low: Tensor, high: Tensor) -> Tensor:
+    def forward(self, low: Tensor, high: Tensor, gens: list | None = None) -> Tensor:
         low = self.low_level_proj(low)  # (B, 48, H/4, W/4)
-        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear",
+        high = F.interpolate(self.aspp(high, gens), size=low.shape[-2:], mode="bilinear",
                              align_corners=False)  # fmt: skip
         return self.classifier(self.fuse(torch.cat([low, high], 1)))  # (B, 19, H/4, W/4)
 
@@ -1161,8 +1170,37 @@ class DeepLabV3PlusHead(nn.Module):
 # =============================================================================================
 # Appendix B: Official weights
 # =============================================================================================
-# CLIP weights (open_clip tags, OpenAI .pt files, CLIP state dicts), the released FAMix
-# checkpoints, and the official style bank (saved_params.pkl).
+# CLIP weights (open_clip tags, OpenAI .pt files, CLIP state dicts), CLIP's prompt templates,
+# the released FAMix checkpoints, and the official style bank (saved_params.pkl).
+
+# [C patch_PIN.py] the 80 ImageNet prompt templates of OpenAI CLIP, in the official order: each
+# mining prompt is encoded in all of them (encode_prompts, section 1).
+TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a dark photo of the {}.", "a drawing of a {}.", "a photo of my {}.", "the plastic {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
+    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
+    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.", "the {} in a video game.",
+    "a sketch of a {}.", "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
+    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.", "a photo of a large {}.",
+    "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
+    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)  # fmt: skip
 
 # [C network/_deeplab.py] official state-dict names -> ours (first matching prefix wins).
 OFFICIAL_KEY_MAP = (
@@ -1350,9 +1388,17 @@ def load_style_bank(path: Path, backbone: str, fingerprint: float | None,
     return StyleBank(raw["mu"], raw["sigma"], raw["cls"]), meta
 
 
+def _refuse(name: str) -> pickle.UnpicklingError:  # our words (torch's advise an unsafe load)
+    return pickle.UnpicklingError(f"it holds a call to {name}, which a style bank never needs")
+
+
 def _storage_from_bytes(data: bytes):
     # A pickled tensor's storage is a small torch.save archive: read it without running code.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise _refuse(found[1] if found else "something in a tensor's storage") from None
 
 
 class _BankUnpickler(pickle.Unpickler):
@@ -1368,43 +1414,53 @@ class _BankUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a style bank")
+            raise _refuse(f"{module}.{name}")
         return self.ALLOWED[(module, name)]
 
 
 def read_official_bank(path: Path, channels: int) -> dict:
     """[C patch_PIN.py] saved_params.pkl: {"<class name>_mu" / "_std": list of (C, 1, 1) tensors,
     "255_mu" / "255_std": the void bank} -> {"mu": (N, C), "sigma": (N, C), "cls": (N,)}, rows
-    in class order, each class's styles in the file's order (the same statistics)."""
+    in class order, each class's styles in the file's order (the same statistics). It names no
+    encoder: only its width is checked against `channels`, the encoder's layer1 width (RN50 and
+    RN101: 256). Anything else is one DataFileError line naming the file."""
     ids = {**{name: c for c, name in enumerate(CLASS_NAMES)}, str(VOID): VOID}
     try:
         with open(path, "rb") as f:
             raw = _BankUnpickler(f).load()
     except Exception as e:
-        raise common.UsageError(
-            f"cannot read official style bank {path}: {common.one_line(e)} (a saved_params.pkl "
-            "holds a dict of lists of tensors)"
-        ) from None
-    keys = {f"{name}_{s}" for name in ids for s in ("mu", "std")}
-    if not isinstance(raw, dict) or not set(raw) <= keys:
-        extra = sorted(set(raw) - keys)[:3] if isinstance(raw, dict) else type(raw).__name__
-        raise common.UsageError(f"{path} is not an official style bank (unexpected: {extra})")
-    mus, sigmas, classes = [], [], []
-    for name, c in ids.items():
-        mu, std = raw.get(f"{name}_mu", []), raw.get(f"{name}_std", [])
-        shapes = {tuple(t.shape) if torch.is_tensor(t) else None for t in [*mu, *std]}
-        if len(mu) != len(std) or not shapes <= {(channels, 1, 1)}:
-            raise common.UsageError(
-                f"{path}: {name} holds {len(mu)} mu and {len(std)} std entries of shapes "
-                f"{sorted(shapes, key=str)}; expected pairs of ({channels}, 1, 1) tensors "
-                "(check --backbone)"
-            )
-        mus += [t.flatten().float() for t in mu]
-        sigmas += [t.flatten().float() for t in std]
-        classes += [c] * len(mu)
-    if not mus:
-        raise common.UsageError(f"{path} holds no style")
-    return {"mu": torch.stack(mus), "sigma": torch.stack(sigmas), "cls": torch.tensor(classes)}
+        raise common.DataFileError(f"cannot read official style bank {path}: "
+                                   f"{common.one_line(e)}") from None  # fmt: skip
+    keys = [f"{name}_{s}" for name in ids for s in ("mu", "std")]
+    if not isinstance(raw, dict):
+        raise common.DataFileError(f"{path} holds a {type(raw).__name__}, not an official style "
+                                   "bank (a dict of lists of tensors)")  # fmt: skip
+    extra, missing = sorted(set(raw) - set(keys), key=str), [k for k in keys if k not in raw]
+    if extra or missing:
+        what = f"unexpected keys {extra[:3]}" if extra else f"no keys {missing[:3]}"
+        raise common.DataFileError(f"{path} is not an official style bank ({what}; it holds the "
+                                   "40 keys <class name>_mu / _std, 255_* for void)")  # fmt: skip
+    for name in ids:
+        for key in (f"{name}_mu", f"{name}_std"):
+            if not isinstance(raw[key], list) or not all(torch.is_tensor(t) for t in raw[key]):
+                raise common.DataFileError(f"{path}: {key} is not a list of tensors")
+            shape = next((tuple(t.shape) for t in raw[key] if t.shape != (channels, 1, 1)), None)
+            if shape is not None:  # (C', 1, 1): the statistics of another encoder's layer1
+                raise common.DataFileError(f"{path}: {key} holds a tensor of shape {shape}, this "
+                                           f"run's encoder needs ({channels}, 1, 1): its layer1 "
+                                           "channels (another CLIP size?)")  # fmt: skip
+        mu, std = raw[f"{name}_mu"], raw[f"{name}_std"]
+        if len(mu) != len(std):
+            raise common.DataFileError(f"{path}: {name} has {len(mu)} mu but {len(std)} std")
+    rows = [(c, m, s) for name, c in ids.items() for m, s in zip(raw[f"{name}_mu"],
+                                                                 raw[f"{name}_std"])]  # fmt: skip
+    if not rows:
+        raise common.DataFileError(f"{path} holds no style")
+    cls, mu, sigma = zip(*rows)
+    mu, sigma = (torch.stack([t.flatten().float() for t in ts]) for ts in (mu, sigma))  # (N, C)
+    if not (mu.isfinite().all() and sigma.isfinite().all()):
+        raise common.DataFileError(f"{path} holds non-finite statistics (nan or inf)")
+    return {"mu": mu, "sigma": sigma, "cls": torch.tensor(cls)}
 
 
 # =============================================================================================
