@@ -1952,7 +1952,7 @@ def load_weights(args: argparse.Namespace) -> tuple[FrozenCLIPEncoder, Mask2Form
     obj = read_weights(args.pretrained) if kind == "file" else None
     init = read_init(args) if args.init else None  # every file read before anything is built
     with torch.random.fork_rng(devices=[]):  # the same random init on every process, on resume
-        torch.manual_seed(args.seed)
+        torch.default_generator.manual_seed(args.seed)  # the CPU stream only: fork_rng restores it
         backbone = FrozenCLIPEncoder(args.backbone, args.pretrained if kind == "tag" else "none")
         head = build_head(backbone, args.num_queries)
     report = {}

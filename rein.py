@@ -1914,7 +1914,7 @@ def build_model(args: argparse.Namespace) -> ReinSegmentor:
     release = args.official_ckpt
     release_state = read_state_dict(release, *RELEASE_FILE) if release else None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
+        torch.default_generator.manual_seed(args.seed)  # the CPU stream only: fork_rng restores it
         model = ReinSegmentor(
             args.backbone, args.crop, args.rein_tokens, None if args.full_rank else args.rein_rank
         )
